@@ -1,0 +1,48 @@
+# avatarforge — the verbs. `make help` lists them.
+# The venv is made from the system python3.11 on purpose: Triton's 3.11 python-backend stub
+# links the system libpython3.11.so.1.0, so this venv also works as a Triton EXECUTION_ENV_PATH.
+SYSTEM_PYTHON ?= $(shell command -v /usr/bin/python3.11 || command -v python3.11)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+AF     := $(VENV)/bin/avatarforge
+STAMP  := $(VENV)/.avatarforge-installed
+USER   ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help setup demo test lint clean base env package local-triton local-mme deploy-mme training-image bench
+
+help:  ## list the verbs
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+
+setup: $(STAMP)  ## create .venv and install everything (idempotent; quick when done)
+
+$(STAMP): pyproject.toml
+	@test -n "$(SYSTEM_PYTHON)" || { echo "error: python3.11 not found (the Triton stub needs the system 3.11)"; exit 1; }
+	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	# torch first: the local CPU build; anything else would pull a multi-GB CUDA build
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
+	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 -e ".[all]"
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps \
+	  $$($(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['avatarforge']['no-deps']))")
+	touch $@
+
+base: $(STAMP)  ## build the embedded tiny SD 2.1-shaped base into build/base/tiny-sd21
+	$(AF) base build
+
+demo: $(STAMP)  ## run the whole path on the tiny base and sample photos; results in build/demo/
+	$(AF) demo
+
+lint: $(STAMP)  ## ruff + hadolint
+	$(VENV)/bin/ruff check src tests bench model_repository training_container conda_envs
+	$(VENV)/bin/ruff format --check src tests bench model_repository training_container conda_envs
+	@if ls training_container/Dockerfile >/dev/null 2>&1; then $(VENV)/bin/hadolint training_container/Dockerfile; fi
+
+test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration with real servers)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:  ## remove build/ (keeps .venv)
+	rm -rf build .pytest_cache .ruff_cache
+
+env package local-triton local-mme deploy-mme training-image bench:
+	@echo "make $@: not built yet (a later issue adds it)"; exit 2

@@ -1,0 +1,7 @@
+"""CLI commands of the serve step (filled in by its issue)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    """Add this step's commands to the root app."""

@@ -1,0 +1,111 @@
+"""Text-to-image with a (possibly adapted) pipeline: one function for every caller.
+
+`avatarforge generate-local`, the Triton user model and the demo all call
+:func:`generate_images`, so an image from the server can be compared bit for bit with the
+reference path. Request parameters are a validated :class:`GenArgs`; a bad field is a
+:class:`~avatarforge.settings.ConfigError` that names it.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from PIL import Image
+
+from .settings import ConfigError, Settings, setting
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "dpmpp": "DPMSolverMultistepScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+@dataclass
+class GenArgs(Settings):
+    """Generation parameters a request may set (JSON `gen_args`); bounds keep a GPU safe."""
+
+    section = "gen_args"
+    steps: int = setting(30, "denoising steps", ge=1, le=150)
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale", ge=0.0, le=30.0)
+    seed: int = setting(0, "random seed; same seed, same image", ge=0, le=2**32 - 1)
+    height: int = setting(512, "image height in pixels (multiple of 8)", ge=64, le=1024)
+    width: int = setting(512, "image width in pixels (multiple of 8)", ge=64, le=1024)
+    num_images: int = setting(1, "images per prompt", ge=1, le=8)
+    scheduler: str = setting("ddim", "sampler", choices=tuple(SCHEDULERS))
+
+    def validate(self) -> None:
+        for name in ("steps", "seed", "height", "width", "num_images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"gen_args.{name}: must be an integer (got {value!r})")
+        for name in ("height", "width"):
+            if (value := getattr(self, name)) % 8:
+                raise ConfigError(f"gen_args.{name}: must be a multiple of 8 (got {value})")
+
+    @classmethod
+    def parse(cls, text: str | bytes | dict[str, Any] | None) -> GenArgs:
+        """From a request's JSON text (empty or None -> defaults); errors name the field."""
+        if text is None or (isinstance(text, str | bytes) and not text.strip()):
+            return cls()
+        if isinstance(text, dict):
+            data = text
+        else:
+            try:
+                data = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"gen_args: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"gen_args: must be a JSON object (got {type(data).__name__})")
+        return cls.from_dict(data)
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Swap the sampler, keeping the base's noise schedule (its scheduler config)."""
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    if type(pipe.scheduler) is not cls:
+        pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+
+def generate_images(
+    pipe, prompt: str, negative_prompt: str | None = None, args: GenArgs | None = None
+) -> list[Image.Image]:
+    """Run the pipeline; the generator is seeded on the CPU so CPU and GPU runs share noise."""
+    import torch
+
+    args = args or GenArgs()
+    if not prompt or not prompt.strip():
+        raise ConfigError("prompt: must not be empty")
+    set_scheduler(pipe, args.scheduler)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    result = pipe(
+        prompt=prompt,
+        negative_prompt=negative_prompt or None,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images,
+        generator=generator,
+    )
+    return list(result.images)
+
+
+def to_jpeg_base64(image: Image.Image, quality: int = 95) -> str:
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def from_jpeg_base64(text: str | bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(text)))
+    image.load()
+    return image

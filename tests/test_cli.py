@@ -1,0 +1,58 @@
+"""The `avatarforge` CLI: help on every command, clear errors, base build and doctor."""
+
+from __future__ import annotations
+
+import click
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from avatarforge.cli import app
+
+runner = CliRunner()
+
+
+def _all_commands(group: click.Group, prefix=()):
+    for name, cmd in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(cmd, click.Group):
+            yield from _all_commands(cmd, (*prefix, name))
+
+
+COMMANDS = sorted(_all_commands(get_command(app)))
+
+
+def test_root_help_lists_commands():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("base", "doctor"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert len(result.output.splitlines()) > 3
+
+
+def test_base_build_and_info(tmp_path, tiny_base):
+    result = runner.invoke(app, ["base", "build", "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert tiny_base.content_hash in result.output.replace("\n", "")
+    result = runner.invoke(app, ["base", "info", str(tmp_path / "b")])
+    assert result.exit_code == 0 and tiny_base.content_hash in result.output
+
+
+def test_unknown_base_is_a_clear_error_not_a_traceback():
+    result = runner.invoke(app, ["base", "info", "someone/not-local"])
+    assert result.exit_code == 1
+    assert "allow_download" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_doctor_reports_tritonserver_and_gpu():
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.output
+    assert "tritonserver" in result.output and "GPU" in result.output

@@ -8,6 +8,7 @@ AF     := $(VENV)/bin/avatarforge
 STAMP  := $(VENV)/.avatarforge-installed
 USER   ?=
 PYTEST_ARGS ?=
+LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo test lint clean base env package local-triton local-mme deploy-mme training-image bench
@@ -34,8 +35,8 @@ demo: $(STAMP)  ## run the whole path on the tiny base and sample photos; result
 	$(AF) demo
 
 lint: $(STAMP)  ## ruff + hadolint
-	$(VENV)/bin/ruff check src tests bench model_repository training_container conda_envs
-	$(VENV)/bin/ruff format --check src tests bench model_repository training_container conda_envs
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	@if ls training_container/Dockerfile >/dev/null 2>&1; then $(VENV)/bin/hadolint training_container/Dockerfile; fi
 
 test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration with real servers)

@@ -33,12 +33,28 @@ PROMPTS = (
 class DemoState:
     out: Path
     base: BaseInfo | None = None
+    dataset: Path | None = None
     images: list[tuple[str, Path]] = field(default_factory=list)  # (label, path)
 
 
 def _step_base(state: DemoState) -> None:
     base = state.base = resolve_base(BaseConfig())
     console.print(f"  base {base.base_id} ({base.content_hash[:12]}) at {base.path}")
+
+
+def _step_preprocess(state: DemoState) -> None:
+    from .preprocess import preprocess_dir
+    from .samples import write_samples
+
+    photos = state.out / "photos"
+    write_samples(photos)
+    state.dataset = state.out / "dataset"
+    manifest = preprocess_dir(photos, state.dataset)
+    console.print(
+        f"  {len(manifest.kept_sources)} photos kept, {len(manifest.rejected)} rejected, "
+        f"{len(manifest.kept)} training images"
+    )
+    console.print(f"  before/after sheet: [bold]{state.dataset / 'contact_sheet.png'}[/]")
 
 
 def _step_generate_base(state: DemoState) -> None:
@@ -69,6 +85,7 @@ def _step_contact_sheet(state: DemoState) -> None:
 
 STEPS: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
     ("build the embedded tiny SD 2.1-shaped base", _step_base),
+    ("preprocess the sample selfies", _step_preprocess),
     ("generate from the base", _step_generate_base),
     ("draw the contact sheet", _step_contact_sheet),
 )

@@ -1,7 +1,140 @@
-"""CLI commands of the train step (filled in by its issue)."""
+"""`avatarforge train` and `avatarforge generate-local`.
+
+The train command's options are made from :class:`~avatarforge.train.TrainConfig`'s fields, so a
+default, bound or help text is written once, in the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import typing
+from pathlib import Path
 
 import typer
+
+from ..train.config import TrainConfig
+from .base import console, fail
+
+USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # becomes a folder and a model name
+
+
+def _config_parameters(cls) -> list[inspect.Parameter]:
+    """One keyword-only Typer option per config field (``--no-x`` for booleans)."""
+    hints = typing.get_type_hints(cls)
+    params = []
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        decls = [f"{flag}/--no-{flag[2:]}"] if hints[f.name] is bool else [flag]
+        option = typer.Option(
+            f.default, *decls, help=f.metadata.get("help"), rich_help_panel=cls.section
+        )
+        params.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[f.name]
+            )
+        )
+    return params
+
+
+def train_command(
+    dataset_dir: Path = typer.Argument(
+        ..., help="preprocessed dataset (folder with manifest.json)"
+    ),
+    user: str = typer.Option(..., "--user", help="user name: names the output folder and model"),
+    out: Path = typer.Option(
+        None, help="output folder (default: build/users/USER); the adapter goes to <out>/adapter"
+    ),
+    **options,
+) -> None:
+    """Train a DreamBooth LoRA (UNet + text encoder) on the serving base; resumable."""
+    from ..base import BaseError
+    from ..paths import build_dir
+    from ..settings import ConfigError
+    from ..train import TrainingError, TrainingStopped, train
+
+    if not USER_NAME.match(user):
+        fail(
+            f"--user: {user!r} must be 1-64 letters, digits, '_', '-' or '.', starting alphanumeric"
+        )
+    try:
+        config = TrainConfig(**options)
+        result = train(dataset_dir, out or build_dir() / "users" / user, config)
+    except TrainingStopped as exc:
+        console.print(f"[yellow]stopped:[/] {exc}")
+        raise typer.Exit(3) from None
+    except (TrainingError, ConfigError, BaseError) as exc:
+        fail(str(exc))
+    console.print(f"adapter [bold]{result.adapter_dir}[/]")
+    console.print(
+        f"{result.steps} steps, final loss {result.losses[-1]:.4f}, "
+        f"{result.step_seconds:.3f} s/step, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
+        f"({result.device}), {result.seconds:.1f} s"
+    )
+
+
+train_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [
+        *list(inspect.signature(train_command).parameters.values())[:3],
+        *_config_parameters(TrainConfig),
+    ]
+)
+
+
+def generate_local(
+    adapter: Path = typer.Option(
+        ..., "--adapter", help="adapter folder made by `avatarforge train`"
+    ),
+    prompt: str = typer.Option(
+        ..., "--prompt", help="prompt; name the person with the token, e.g. <<TOK>>"
+    ),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="negative prompt"),
+    gen_args: str = typer.Option(
+        "", "--gen-args", help='generation parameters as JSON, e.g. {"steps": 30, "seed": 1}'
+    ),
+    out: Path = typer.Option(
+        None, help="output folder (default: build/generate-local/ADAPTER-PARENT)"
+    ),
+    image_format: str = typer.Option("jpeg", "--format", help="jpeg or png"),
+    base: str = typer.Option(
+        "",
+        "--base",
+        help="where the base is, if not where the adapter says (its hash is still checked)",
+    ),
+    device: str = typer.Option("", help="torch device ('' : cuda when available, else cpu)"),
+) -> None:
+    """Generate with diffusers directly: the reference the Triton path is compared against."""
+    from ..adapter import AdapterError, base_config_for, load_adapter, read_adapter
+    from ..base import BaseConfig, BaseError, load_pipeline, resolve_base
+    from ..generate import GenArgs, generate_images
+    from ..paths import build_dir
+    from ..settings import ConfigError
+
+    if image_format not in ("jpeg", "png"):
+        fail(f"--format: must be jpeg or png (got {image_format!r})")
+    try:
+        args = GenArgs.parse(gen_args)
+        meta = read_adapter(adapter)
+        info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
+        pipe = load_pipeline(info, device=device or None)
+        load_adapter(pipe, adapter, info, "user")
+        images = generate_images(pipe, prompt, negative_prompt or None, args)
+    except (AdapterError, BaseError, ConfigError) as exc:
+        fail(str(exc))
+    folder = out or build_dir() / "generate-local" / Path(adapter).resolve().parent.name
+    folder.mkdir(parents=True, exist_ok=True)
+    ext = "jpg" if image_format == "jpeg" else "png"
+    for i, image in enumerate(images):
+        path = folder / f"{i:02d}-seed{args.seed}.{ext}"
+        if image_format == "jpeg":
+            image.convert("RGB").save(path, format="JPEG", quality=95)
+        else:
+            image.save(path, format="PNG")
+        print(path)
 
 
 def register(app: typer.Typer) -> None:
     """Add this step's commands to the root app."""
+    app.command("train")(train_command)
+    app.command("generate-local")(generate_local)

@@ -1,0 +1,232 @@
+"""The one adapter format: a diffusers LoRA folder plus our metadata, checked on load.
+
+An adapter folder holds
+- ``pytorch_lora_weights.safetensors``: diffusers' LoRA format (keys ``unet.*`` and
+  ``text_encoder.*``, peft's rank/alpha kept in the safetensors header), so stock
+  ``pipe.load_lora_weights(dir)`` loads it;
+- ``avatarforge_adapter.json``: :class:`AdapterMetadata` — which base it was trained on (id and
+  content hash), ranks, alphas, token, prompts, steps, dataset hash, trainer version, seed, and
+  the sha256 of the weights file so a truncated copy is caught before it is served.
+
+:func:`load_adapter` refuses an adapter whose base hash differs from the serving base (the
+reference implementation trained on one SD 2.1 variant and served another).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .base import TINY, TINY_ID_PREFIX, BaseConfig, BaseInfo, check_same_base
+
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name
+METADATA_FILE = "avatarforge_adapter.json"
+FORMAT_VERSION = 1
+
+
+class AdapterError(ValueError):
+    """An adapter folder is missing, incomplete, corrupt, or not loaded where expected."""
+
+
+@dataclass
+class AdapterMetadata:
+    """What an adapter is and how it was made; written beside the weights."""
+
+    base_id: str
+    base_hash: str
+    unet_rank: int
+    unet_alpha: float
+    text_encoder_rank: int  # 0: no text encoder adapter
+    text_encoder_alpha: float
+    token: str
+    instance_prompt: str
+    class_prompt: str
+    steps: int
+    dataset_hash: str
+    trainer_version: str
+    seed: int
+    resolution: int = 512
+    prior_preservation: bool = True
+    weights_dtype: str = "float16"
+    weights_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AdapterMetadata:
+        if not isinstance(data, dict):
+            raise AdapterError(
+                f"adapter metadata must be a JSON object (got {type(data).__name__})"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        required = {
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        }
+        if missing := sorted(required - set(data)):
+            raise AdapterError(f"adapter metadata lacks field(s) {', '.join(missing)}")
+        if (version := data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise AdapterError(
+                f"adapter format version {version} is newer than this avatarforge "
+                f"understands ({FORMAT_VERSION}); upgrade avatarforge"
+            )
+        # unknown keys from a newer minor writer are kept, not dropped
+        extra = dict(data.get("extra", {}))
+        extra.update({k: v for k, v in data.items() if k not in known})
+        values = {k: v for k, v in data.items() if k in known and k != "extra"}
+        return cls(**values, extra=extra)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonicalize_header(path: Path) -> None:
+    """Rewrite a safetensors header with sorted keys, in place.
+
+    safetensors writes its header from a hash map, so the same tensors and metadata can give
+    different bytes from run to run; sorting makes "same seed -> same adapter bytes" hold. The
+    tensor data and its offsets are unchanged; the header stays space-padded to 8 bytes.
+    """
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+
+
+def save_adapter(
+    adapter_dir: Path,
+    unet_layers: dict[str, Any],
+    text_encoder_layers: dict[str, Any] | None,
+    metadata: AdapterMetadata,
+    *,
+    unet_lora_config: dict[str, Any] | None = None,
+    text_encoder_lora_config: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write an adapter folder atomically (replacing an old one); returns its path.
+
+    ``*_layers`` are diffusers-format LoRA state dicts (see ``avatarforge.train.lora``);
+    ``*_lora_config`` are peft ``LoraConfig.to_dict()`` — saved in the safetensors header, where
+    diffusers reads rank and alpha back (a bare state dict would lose alpha).
+    ``extra_files`` maps file names to text written beside the weights (e.g. the train config).
+    """
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    if not unet_layers:
+        raise AdapterError("save_adapter: no UNet LoRA weights to save")
+    dtype = getattr(torch, metadata.weights_dtype)
+    # contiguous copies: safetensors refuses views, and the bytes must not depend on strides
+    unet_layers = {k: v.detach().to("cpu", dtype).contiguous() for k, v in unet_layers.items()}
+    if text_encoder_layers:
+        text_encoder_layers = {
+            k: v.detach().to("cpu", dtype).contiguous() for k, v in text_encoder_layers.items()
+        }
+    adapter_dir = Path(adapter_dir)
+    adapter_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{adapter_dir.name}-", dir=adapter_dir.parent))
+    try:
+        StableDiffusionPipeline.save_lora_weights(
+            tmp,
+            unet_lora_layers=unet_layers,
+            text_encoder_lora_layers=text_encoder_layers or None,
+            weight_name=WEIGHTS_FILE,
+            unet_lora_adapter_metadata=unet_lora_config,
+            text_encoder_lora_adapter_metadata=text_encoder_lora_config
+            if text_encoder_layers
+            else None,
+        )
+        _canonicalize_header(tmp / WEIGHTS_FILE)
+        metadata = dataclasses.replace(metadata, weights_sha256=_sha256(tmp / WEIGHTS_FILE))
+        (tmp / METADATA_FILE).write_text(
+            json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"
+        )
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        os.replace(tmp, adapter_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return adapter_dir
+
+
+def read_adapter(adapter_dir: Path) -> AdapterMetadata:
+    """The metadata of an adapter folder, after checking that its weights are intact."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise AdapterError(f"{adapter_dir} is not an adapter folder (no such directory)")
+    meta_path, weights = adapter_dir / METADATA_FILE, adapter_dir / WEIGHTS_FILE
+    for path in (meta_path, weights):
+        if not path.is_file():
+            raise AdapterError(f"{adapter_dir} is not a complete adapter: {path.name} is missing")
+    try:
+        data = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterError(f"{meta_path} is not valid JSON ({exc})") from None
+    try:
+        meta = AdapterMetadata.from_dict(data)
+    except TypeError as exc:
+        raise AdapterError(f"{meta_path}: {exc}") from None
+    if meta.weights_sha256 and _sha256(weights) != meta.weights_sha256:
+        raise AdapterError(
+            f"{weights} does not match the sha256 recorded in {METADATA_FILE} "
+            "(truncated or altered copy)"
+        )
+    return meta
+
+
+def base_config_for(meta: AdapterMetadata) -> BaseConfig:
+    """The BaseConfig that finds the base an adapter was trained on (its hash is checked later)."""
+    prefix = f"{TINY_ID_PREFIX}@seed"
+    if meta.base_id.startswith(prefix) and meta.base_id[len(prefix) :].isdigit():
+        return BaseConfig(base=TINY, seed=int(meta.base_id[len(prefix) :]))
+    return BaseConfig(base=meta.base_id)
+
+
+def load_adapter(pipe, adapter_dir: Path, base: BaseInfo, adapter_name: str) -> AdapterMetadata:
+    """Check the adapter was trained on ``base``, then load it into ``pipe`` as ``adapter_name``.
+
+    ``pipe`` must be a pipeline of ``base`` (see :func:`avatarforge.base.load_pipeline`).
+    """
+    meta = read_adapter(adapter_dir)
+    check_same_base(meta.to_dict(), base)
+    if adapter_name in _loaded_adapters(pipe):
+        raise AdapterError(f"an adapter named {adapter_name!r} is already loaded")
+    pipe.load_lora_weights(str(adapter_dir), weight_name=WEIGHTS_FILE, adapter_name=adapter_name)
+    return meta
+
+
+def _loaded_adapters(pipe) -> set[str]:
+    return {name for names in pipe.get_list_adapters().values() for name in names}
+
+
+def unload_adapter(pipe, adapter_name: str) -> None:
+    """Remove one adapter; with none left, the LoRA layers go too and the base is exact again."""
+    loaded = _loaded_adapters(pipe)
+    if adapter_name not in loaded:
+        raise AdapterError(
+            f"no adapter named {adapter_name!r} is loaded (loaded: {sorted(loaded) or 'none'})"
+        )
+    if loaded == {adapter_name}:
+        pipe.unload_lora_weights()  # removes the peft wrappers: the original modules come back
+    else:
+        pipe.delete_adapters(adapter_name)

@@ -1,0 +1,526 @@
+"""The training run: DreamBooth with prior preservation, LoRA on UNet and text encoder.
+
+``train()`` reads the preprocessed dataset, makes (or reuses) the class images, loads the base's
+components, caches what does not change (VAE latents; text embeddings when the text encoder is
+frozen), adds LoRA, and runs the optimizer steps with accumulation, optional autocast (CUDA
+only), gradient checkpointing, checkpoints and resume. The result is an adapter folder in the
+one format of :mod:`avatarforge.adapter`; anything else raises :class:`TrainingError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import resource
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..adapter import AdapterMetadata, save_adapter
+from ..base import BaseConfig, BaseError, BaseInfo, best_device, quiet_hf, resolve_base
+from . import checkpoint as ckpt
+from .class_images import class_images
+from .config import TrainConfig
+from .data import (
+    encode_latent_params,
+    load_pixels,
+    read_dataset,
+    sample_indices,
+    sample_latents,
+    tokenize,
+)
+from .errors import TrainingError, TrainingStopped
+from .lora import (
+    TEXT_ENCODER_TARGETS,
+    UNET_TARGETS,
+    adapter_config_dict,
+    add_lora,
+    diffusers_layers,
+    peft_state,
+    restore_peft_state,
+)
+from .optim import lr_at, make_optimizer
+
+log = logging.getLogger(__name__)
+
+ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoints"
+TRAIN_CONFIG_FILE = "train_config.json"
+TRAIN_LOG_FILE = "train_log.json"
+
+
+@dataclass
+class StepInfo:
+    """Passed to ``on_step`` after every optimizer step (progress reporting, tests)."""
+
+    step: int  # optimizer steps completed
+    total: int
+    loss: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    steps: int
+    losses: list[float]  # one per optimizer step, from step 1 (resumed runs included)
+    peak_memory_bytes: int  # CUDA: max allocated; CPU: peak RSS of this process
+    seconds: float  # wall time of this call
+    metadata: AdapterMetadata
+    resumed_from: int = 0
+    step_seconds: float = 0.0  # mean optimizer-step time in this call
+    optimizer: str = "adamw"
+    device: str = "cpu"
+    log: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def _precision(config: TrainConfig, device: str) -> str:
+    """'no', 'fp16' or 'bf16': autocast only on CUDA (CPU autocast is slow and unneeded)."""
+    import torch
+
+    if not device.startswith("cuda") or config.mixed_precision == "no":
+        return "no"
+    if config.mixed_precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return config.mixed_precision
+
+
+def _step_seed(seed: int, step: int, micro: int) -> int:
+    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _peak_memory(device: str) -> int:
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device))
+    # ru_maxrss is KiB on Linux, bytes on macOS
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _progress(config: TrainConfig, start: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=config.steps, initial=start, disable=not config.progress, desc="train", unit="step"
+    )
+
+
+# ---------------------------------------------------------------- the models
+
+
+@dataclass
+class _Models:
+    tokenizer: Any
+    text_encoder: Any
+    vae: Any
+    unet: Any
+    scheduler: Any
+
+
+def _load_models(base: BaseInfo, device: str, weight_dtype) -> _Models:
+    import torch
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = base.path
+    try:
+        models = _Models(
+            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
+            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
+            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
+            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
+            scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
+        )
+    except (OSError, ValueError) as exc:
+        raise TrainingError(f"cannot load base {base.base_id} from {path}: {exc}") from None
+    for m in (models.text_encoder, models.vae, models.unet):
+        m.requires_grad_(False)
+        m.to(device, weight_dtype)
+    # the VAE stays fp32: fp16 SD VAEs overflow, and it only runs once when latents are cached
+    models.vae.to(device, torch.float32)
+    return models
+
+
+def _enable_checkpointing(models: _Models, train_text_encoder: bool) -> None:
+    models.unet.enable_gradient_checkpointing()  # diffusers uses use_reentrant=False
+    if train_text_encoder:
+        te = models.text_encoder
+        enable = getattr(te, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:  # transformers < 5
+            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+# ---------------------------------------------------------------- the data on device
+
+
+@dataclass
+class _Data:
+    instance_latents: Any  # cached latent-distribution params [N, 8, h, w], or None
+    class_latents: Any
+    instance_pixels: Any  # when latents are not cached
+    class_pixels: Any
+    instance_ids: Any  # [1, 77]
+    class_ids: Any
+    instance_embeds: Any  # cached when the text encoder is frozen
+    class_embeds: Any
+    n_instance: int
+    n_class: int
+
+
+def _prepare_data(models: _Models, images, class_paths, config: TrainConfig, device: str) -> _Data:
+    import torch
+
+    inst_px = load_pixels(images, config.resolution)
+    cls_px = load_pixels(class_paths, config.resolution) if class_paths else None
+    inst_lat = cls_lat = None
+    if config.cache_latents:
+        inst_lat = encode_latent_params(models.vae, inst_px)
+        cls_lat = encode_latent_params(models.vae, cls_px) if cls_px is not None else None
+        inst_px = cls_px = None
+    inst_ids = tokenize(models.tokenizer, config.instance_prompt)
+    cls_ids = tokenize(models.tokenizer, config.class_prompt)
+    inst_emb = cls_emb = None
+    if not config.train_text_encoder:
+        with torch.no_grad():
+            inst_emb = models.text_encoder(inst_ids.to(device))[0]
+            cls_emb = models.text_encoder(cls_ids.to(device))[0]
+    return _Data(
+        inst_lat,
+        cls_lat,
+        inst_px,
+        cls_px,
+        inst_ids,
+        cls_ids,
+        inst_emb,
+        cls_emb,
+        len(images),
+        len(class_paths),
+    )
+
+
+def _latents(models: _Models, cached, pixels, idx: list[int], generator, device: str):
+    import torch
+
+    if cached is not None:
+        params = cached[idx]
+    else:
+        with torch.no_grad():
+            params = encode_latent_params(models.vae, pixels[idx], batch=len(idx))
+    return sample_latents(params, models.vae.config.scaling_factor, generator).to(device)
+
+
+def _micro_loss(models: _Models, data: _Data, config: TrainConfig, step: int, micro: int, device):
+    """The DreamBooth loss of one micro-batch: instance MSE + weight x prior MSE."""
+    import torch
+    import torch.nn.functional as F
+
+    b = config.batch_size
+    g = torch.Generator().manual_seed(_step_seed(config.seed, step, micro))
+    position = (step * config.gradient_accumulation + micro) * b
+    idx = sample_indices(config.seed, position, b, data.n_instance)
+    latents = _latents(models, data.instance_latents, data.instance_pixels, idx, g, device)
+    prior = config.prior_preservation and data.n_class > 0
+    if prior:
+        cidx = sample_indices(config.seed + 1, position, b, data.n_class)
+        cls = _latents(models, data.class_latents, data.class_pixels, cidx, g, device)
+        latents = torch.cat([latents, cls])
+    n = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=g).to(device)
+    timesteps = torch.randint(0, models.scheduler.config.num_train_timesteps, (n,), generator=g)
+    timesteps = timesteps.to(device)
+    noisy = models.scheduler.add_noise(latents, noise, timesteps)
+
+    if config.train_text_encoder:
+        ids = torch.cat([data.instance_ids.repeat(b, 1)] + ([data.class_ids.repeat(b, 1)] * prior))
+        embeds = models.text_encoder(ids.to(device))[0]
+    else:
+        embeds = torch.cat(
+            [data.instance_embeds.repeat(b, 1, 1)] + ([data.class_embeds.repeat(b, 1, 1)] * prior)
+        )
+    dtype = next(models.unet.parameters()).dtype
+    pred = models.unet(noisy.to(dtype), timesteps, embeds.to(dtype)).sample.float()
+
+    kind = models.scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = models.scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise TrainingError(f"base scheduler prediction_type {kind!r} is not supported")
+    loss = F.mse_loss(pred[:b], target[:b].float())
+    if prior:
+        loss = loss + config.prior_loss_weight * F.mse_loss(pred[b:], target[b:].float())
+    return loss
+
+
+# ---------------------------------------------------------------- the run
+
+
+def train(
+    dataset_dir: Path,
+    out_dir: Path,
+    config: TrainConfig,
+    base: BaseInfo | None = None,
+    *,
+    on_step: Callable[[StepInfo], None] | None = None,
+) -> TrainResult:
+    """Train a DreamBooth LoRA for the photos in ``dataset_dir``; the adapter goes to
+    ``out_dir/adapter`` and resumable checkpoints to ``out_dir/checkpoints``.
+
+    Raises :class:`TrainingError` when it cannot produce a trustworthy adapter and
+    :class:`TrainingStopped` (a TrainingError) when ``max_steps_this_run`` ended the run early.
+    """
+    import torch
+
+    started = time.perf_counter()
+    quiet_hf()
+    out_dir = Path(out_dir)
+    instances = read_dataset(Path(dataset_dir))
+    if base is None:
+        try:
+            base = resolve_base(BaseConfig(base=config.base))
+        except BaseError as exc:
+            raise TrainingError(str(exc)) from None
+    device = config.device or best_device()
+    precision = _precision(config, device)
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+
+    identity = {
+        "config": config.result_fields(),
+        "dataset_hash": instances.dataset_hash,
+        "base_hash": base.content_hash,
+    }
+    ckpt_root = out_dir / CHECKPOINT_DIR
+    resume_from = ckpt.latest(ckpt_root) if config.resume else None
+    if not config.resume and ckpt_root.exists():
+        shutil.rmtree(ckpt_root)
+    checkpoint, lora_state, optim_state = (None, None, None)
+    if resume_from is not None:
+        checkpoint, lora_state, optim_state = ckpt.load(resume_from, identity)
+        log.info("resuming from %s (step %d)", resume_from, checkpoint.step)
+
+    class_paths: list[Path] = []
+    if config.prior_preservation:
+        class_paths = class_images(
+            base,
+            config.class_prompt,
+            config.num_class_images,
+            config.resolution,
+            steps=config.class_image_steps,
+            guidance=config.class_image_guidance,
+            device=device,
+        )
+
+    models = _load_models(base, device, weight_dtype)
+    data = _prepare_data(models, instances.images, class_paths, config, device)
+    if config.cache_latents:
+        models.vae = models.vae.to("cpu")  # only its config is needed from here on
+    if not config.train_text_encoder:
+        models.text_encoder = None
+    gc.collect()
+
+    torch.manual_seed(config.seed)  # LoRA init is the only use of the global generator
+    params = add_lora(
+        models.unet,
+        models.text_encoder,
+        unet_rank=config.unet_rank,
+        unet_alpha=config.unet_alpha,
+        text_encoder_rank=config.text_encoder_rank,
+        text_encoder_alpha=config.text_encoder_alpha,
+    )
+    for p in params:  # trainable weights in fp32 even when the frozen base is fp16/bf16
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        _enable_checkpointing(models, config.train_text_encoder)
+    models.unet.train()
+    if models.text_encoder is not None:
+        models.text_encoder.train()
+
+    optimizer, optimizer_name = make_optimizer(
+        params,
+        lr=config.learning_rate,
+        weight_decay=config.adam_weight_decay,
+        use_8bit=config.use_8bit_adam,
+        device=device,
+    )
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    start, losses = 0, []
+    if checkpoint is not None:
+        restore_peft_state(models.unet, _unprefix(lora_state, "unet."))
+        if models.text_encoder is not None:
+            restore_peft_state(models.text_encoder, _unprefix(lora_state, "text_encoder."))
+        optimizer.load_state_dict(optim_state["optimizer"])
+        if scaler is not None and optim_state.get("scaler"):
+            scaler.load_state_dict(optim_state["scaler"])
+        start, losses = checkpoint.step, list(checkpoint.losses)
+    log.info(
+        "training %d steps on %s (precision %s, %s, attention SDPA, checkpointing %s)",
+        config.steps,
+        device,
+        precision,
+        optimizer_name,
+        "on" if config.gradient_checkpointing else "off",
+    )
+
+    autocast = (
+        torch.autocast("cuda", dtype=weight_dtype)
+        if precision != "no"
+        else contextlib.nullcontext()
+    )
+    stop_at = config.steps
+    if config.max_steps_this_run:
+        stop_at = min(config.steps, start + config.max_steps_this_run)
+    step_times: list[float] = []
+    bar = _progress(config, start)
+    try:
+        for step in range(start, stop_at):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config.learning_rate, config.lr_warmup_steps)
+            total = 0.0
+            for micro in range(config.gradient_accumulation):
+                with autocast:
+                    loss = _micro_loss(models, data, config, step, micro, device)
+                loss = loss / config.gradient_accumulation
+                (scaler.scale(loss) if scaler else loss).backward()
+                total += float(loss.detach())
+            if not math.isfinite(total):
+                raise TrainingError(
+                    f"loss is {total} at step {step + 1}; lower learning_rate or use "
+                    "mixed_precision=bf16/no"
+                )
+            if scaler:
+                scaler.unscale_(optimizer)
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total)
+            done = step + 1
+            step_times.append(time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{total:.4f}", step_s=f"{step_times[-1]:.2f}")
+            bar.update(1)
+            if on_step is not None:
+                on_step(StepInfo(done, config.steps, total, step_times[-1]))
+            if done < config.steps and (done % config.checkpoint_every == 0 or done == stop_at):
+                _save_checkpoint(ckpt_root, done, models, optimizer, scaler, losses, identity)
+    finally:
+        bar.close()
+
+    if stop_at < config.steps:
+        raise TrainingStopped(stop_at, config.steps, ckpt.latest(ckpt_root) or ckpt_root)
+
+    metadata = _metadata(config, base, instances.dataset_hash, optimizer_name, precision)
+    adapter_dir = save_adapter(
+        out_dir / ADAPTER_DIR,
+        diffusers_layers(models.unet),
+        diffusers_layers(models.text_encoder) if models.text_encoder is not None else None,
+        metadata,
+        unet_lora_config=adapter_config_dict(models.unet),
+        text_encoder_lora_config=adapter_config_dict(models.text_encoder)
+        if models.text_encoder is not None
+        else None,
+        extra_files={TRAIN_CONFIG_FILE: json.dumps(config.to_dict(), indent=2, sort_keys=True)},
+    )
+    seconds = time.perf_counter() - started
+    result = TrainResult(
+        adapter_dir=adapter_dir,
+        steps=config.steps,
+        losses=losses,
+        peak_memory_bytes=_peak_memory(device),
+        seconds=seconds,
+        metadata=metadata,
+        resumed_from=start,
+        step_seconds=sum(step_times) / len(step_times) if step_times else 0.0,
+        optimizer=optimizer_name,
+        device=device,
+    )
+    result.log = {
+        "steps": result.steps,
+        "resumed_from": start,
+        "losses": losses,
+        "step_seconds": result.step_seconds,
+        "peak_memory_bytes": result.peak_memory_bytes,
+        "peak_memory_kind": "cuda max_memory_allocated" if device.startswith("cuda") else "rss",
+        "seconds": seconds,
+        "device": device,
+        "precision": precision,
+        "optimizer": optimizer_name,
+        "adapter_bytes": (adapter_dir / "pytorch_lora_weights.safetensors").stat().st_size,
+    }
+    (out_dir / TRAIN_LOG_FILE).write_text(json.dumps(result.log, indent=1) + "\n")
+    shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter supersedes them
+    log.info(
+        "adapter at %s (%d steps, final loss %.4f, peak memory %.1f MiB)",
+        adapter_dir,
+        result.steps,
+        losses[-1],
+        result.peak_memory_bytes / 2**20,
+    )
+    return result
+
+
+def _unprefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _save_checkpoint(root, step, models: _Models, optimizer, scaler, losses, identity) -> Path:
+    lora = {f"unet.{k}": v for k, v in peft_state(models.unet).items()}
+    if models.text_encoder is not None:
+        lora |= {f"text_encoder.{k}": v for k, v in peft_state(models.text_encoder).items()}
+    state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict() if scaler else {}}
+    return ckpt.save(root, step, lora, state, losses, identity)
+
+
+def _metadata(config: TrainConfig, base: BaseInfo, dataset_hash: str, optimizer: str, precision):
+    te = config.train_text_encoder
+    return AdapterMetadata(
+        base_id=base.base_id,
+        base_hash=base.content_hash,
+        unet_rank=config.unet_rank,
+        unet_alpha=config.unet_alpha,
+        text_encoder_rank=config.text_encoder_rank if te else 0,
+        text_encoder_alpha=config.text_encoder_alpha if te else 0.0,
+        token=config.token,
+        instance_prompt=config.instance_prompt,
+        class_prompt=config.class_prompt,
+        steps=config.steps,
+        dataset_hash=dataset_hash,
+        trainer_version=f"avatarforge {__version__}",
+        seed=config.seed,
+        resolution=config.resolution,
+        prior_preservation=config.prior_preservation,
+        weights_dtype=config.save_dtype,
+        extra={
+            "unet_targets": list(UNET_TARGETS),
+            "text_encoder_targets": list(TEXT_ENCODER_TARGETS) if te else [],
+            "prior_loss_weight": config.prior_loss_weight,
+            "num_class_images": config.num_class_images if config.prior_preservation else 0,
+            "learning_rate": config.learning_rate,
+            "optimizer": optimizer,
+            "precision": precision,
+        },
+    )

@@ -1,0 +1,158 @@
+"""The trainer on the tiny base: learning, reproducibility, resume, failures, class-image cache."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from fixtures.train import FIXTURE_TRAIN, write_dataset
+
+from avatarforge.adapter import WEIGHTS_FILE, read_adapter
+from avatarforge.settings import ConfigError
+from avatarforge.train import TrainConfig, TrainingError, TrainingStopped, train
+from avatarforge.train import class_images as class_images_module
+from avatarforge.train import loop as loop_module
+from avatarforge.train.class_images import class_images
+
+
+def _config(**changes) -> TrainConfig:
+    return TrainConfig(**{**FIXTURE_TRAIN, "steps": 4, **changes})
+
+
+def test_loss_falls_against_the_untrained_model_on_the_same_batches(
+    train_dataset, tiny_base, tmp_path
+):
+    # Diffusion losses swing with the random timestep of each step, so a single curve of a short
+    # run is noise. Noise, timesteps and data order are a function of (seed, step): a run with
+    # learning rate 0 sees the very same batches, and the difference is what training did.
+    cfg = {"steps": 30, "learning_rate": 3e-2, "max_grad_norm": 0.0}
+    trained = np.array(train(train_dataset, tmp_path / "a", _config(**cfg), tiny_base).losses)
+    frozen = cfg | {"learning_rate": 0.0}
+    untrained = np.array(train(train_dataset, tmp_path / "b", _config(**frozen), tiny_base).losses)
+    assert trained[0] == untrained[0]  # LoRA starts as the identity (B = 0)
+    gain = untrained - trained
+    assert gain[-10:].mean() > 0.02 and (gain[-10:] > 0).sum() >= 8
+    assert gain[-10:].mean() > gain[:10].mean()  # and the gap widens
+
+
+def test_same_seed_same_adapter_bytes_other_seed_other_bytes(train_dataset, tiny_base, tmp_path):
+    a = train(train_dataset, tmp_path / "a", _config(), tiny_base).adapter_dir
+    b = train(train_dataset, tmp_path / "b", _config(), tiny_base).adapter_dir
+    c = train(train_dataset, tmp_path / "c", _config(seed=1), tiny_base).adapter_dir
+    assert (a / WEIGHTS_FILE).read_bytes() == (b / WEIGHTS_FILE).read_bytes()
+    assert (a / WEIGHTS_FILE).read_bytes() != (c / WEIGHTS_FILE).read_bytes()
+    saved = json.loads((c / "train_config.json").read_text())
+    assert TrainConfig.from_dict(saved) == _config(seed=1)
+
+
+def test_resume_after_a_crash_continues_and_matches_an_uninterrupted_run(
+    train_dataset, tiny_base, tmp_path
+):
+    cfg = _config(steps=6, checkpoint_every=2)
+    whole = train(train_dataset, tmp_path / "whole", cfg, tiny_base)
+
+    def crash(info):
+        if info.step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(train_dataset, tmp_path / "crashed", cfg, tiny_base, on_step=crash)
+    assert not (tmp_path / "crashed" / "adapter").exists()
+    assert [p.name for p in (tmp_path / "crashed" / "checkpoints").iterdir()] == ["step-0000004"]
+
+    resumed = train(train_dataset, tmp_path / "crashed", cfg, tiny_base)
+    assert resumed.resumed_from == 4 and resumed.steps == 6
+    assert resumed.losses == whole.losses
+    assert (resumed.adapter_dir / WEIGHTS_FILE).read_bytes() == (
+        whole.adapter_dir / WEIGHTS_FILE
+    ).read_bytes()
+    assert not (tmp_path / "crashed" / "checkpoints").exists()  # the adapter supersedes them
+
+
+def test_time_boxed_runs_stop_as_errors_and_resume(train_dataset, tiny_base, tmp_path):
+    cfg = _config(steps=5, max_steps_this_run=3)
+    with pytest.raises(TrainingStopped, match="stopped after step 3 of 5") as stopped:
+        train(train_dataset, tmp_path, cfg, tiny_base)
+    assert stopped.value.checkpoint.name == "step-0000003"
+    assert not (tmp_path / "adapter").exists()  # no half-trained adapter looks finished
+    result = train(train_dataset, tmp_path, cfg, tiny_base)
+    assert result.resumed_from == 3 and len(result.losses) == 5
+    assert read_adapter(result.adapter_dir).steps == 5
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_settings(train_dataset, tiny_base, tmp_path):
+    with pytest.raises(TrainingStopped):
+        train(train_dataset, tmp_path, _config(max_steps_this_run=2), tiny_base)
+    with pytest.raises(TrainingError, match="other settings .*learning_rate"):
+        train(train_dataset, tmp_path, _config(learning_rate=1e-4), tiny_base)
+    result = train(train_dataset, tmp_path, _config(learning_rate=1e-4, resume=False), tiny_base)
+    assert result.resumed_from == 0
+
+
+def test_caching_and_checkpointing_do_not_change_the_result(train_dataset, tiny_base, tmp_path):
+    plain = train(train_dataset, tmp_path / "a", _config(steps=3), tiny_base).losses
+    other = _config(steps=3, cache_latents=False, gradient_checkpointing=True)
+    assert np.allclose(train(train_dataset, tmp_path / "b", other, tiny_base).losses, plain, 1e-4)
+
+
+def test_frozen_text_encoder_makes_a_unet_only_adapter(train_dataset, tiny_base, tmp_path):
+    from safetensors import safe_open
+
+    cfg = _config(steps=2, train_text_encoder=False, prior_preservation=False)
+    result = train(train_dataset, tmp_path, cfg, tiny_base)
+    with safe_open(result.adapter_dir / WEIGHTS_FILE, "pt") as f:
+        assert {k.split(".")[0] for k in f.keys()} == {"unet"}  # noqa: SIM118
+    meta = read_adapter(result.adapter_dir)
+    assert meta.text_encoder_rank == 0 and meta.prior_preservation is False
+    assert result.peak_memory_bytes > 0 and result.seconds > 0
+
+
+def test_failures_raise_instead_of_looking_like_success(tmp_path, tiny_base, monkeypatch):
+    with pytest.raises(TrainingError, match="manifest.json is missing"):
+        train(tmp_path, tmp_path / "out", _config(), tiny_base)
+    dataset = write_dataset(tmp_path / "ds", count=1)
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    for item in manifest["items"]:
+        item["status"] = "rejected"
+    (dataset / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match="no kept images"):
+        train(dataset, tmp_path / "out", _config(), tiny_base)
+
+    good = write_dataset(tmp_path / "good", count=1)
+    monkeypatch.setattr(
+        loop_module, "_micro_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+    )
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        train(good, tmp_path / "nan", _config(), tiny_base)
+    assert not (tmp_path / "nan" / "adapter").exists()
+
+
+def test_config_is_checked_where_it_enters():
+    with pytest.raises(ConfigError, match="instance_prompt: must contain the token"):
+        TrainConfig(instance_prompt="a photo of person")
+    with pytest.raises(ConfigError, match="resolution: must be a multiple of 8"):
+        TrainConfig(resolution=100)
+    with pytest.raises(ConfigError, match="unet_rank: must be >= 1"):
+        TrainConfig(unet_rank=0)
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+
+
+def test_class_images_are_cached_and_only_missing_ones_are_made(tiny_base, tmp_path, monkeypatch):
+    made = []
+    real = class_images_module._generate
+    monkeypatch.setattr(
+        class_images_module,
+        "_generate",
+        lambda *a: (made.append(list(a[-1])), real(*a)),
+    )
+    kw = {"steps": 1, "cache_root": tmp_path, "device": "cpu"}
+    two = class_images(tiny_base, "a photo of person", 2, 64, **kw)
+    assert made == [[0, 1]] and all(p.is_file() for p in two)
+    assert class_images(tiny_base, "a photo of person", 2, 64, **kw) == two
+    three = class_images(tiny_base, "a photo of person", 3, 64, **kw)
+    assert made == [[0, 1], [2]] and three[:2] == two  # the second user pays only for one more
+    other = class_images(tiny_base, "a photo of woman", 1, 64, **kw)
+    assert other[0].parent != two[0].parent

@@ -45,5 +45,18 @@ test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration wi
 clean:  ## remove build/ (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache
 
-env package local-triton local-mme deploy-mme training-image bench:
+env: $(STAMP)  ## serving env for EXECUTION_ENV_PATH: conda-pack if conda, else build/envs/serve venv (PACK=1: tar.gz)
+	$(PY) conda_envs/build_env.py $(if $(PACK),--pack)
+
+local-mme: $(STAMP)  ## tritonserver with the SageMaker front end + TargetModel loader on build/package (Ctrl-C stops)
+	$(AF) mme serve $(if $(SOURCE),--source $(SOURCE)) $(if $(MAX_LOADED),--max-loaded $(MAX_LOADED))
+
+package: $(STAMP)  ## package a user's adapter as build/package/USER.tar.gz (make package USER=x)
+	@test -n "$(USER)" || { echo "usage: make package USER=name"; exit 2; }
+	$(AF) package --user $(USER)
+
+local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver; Ctrl-C stops
+	$(AF) serve local-triton
+
+deploy-mme training-image bench:
 	@echo "make $@: not built yet (a later issue adds it)"; exit 2

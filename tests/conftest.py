@@ -12,7 +12,14 @@ REPO = Path(__file__).resolve().parents[1]
 # under build/test-cache, keyed by their inputs; tests never write into the user's build/.
 os.environ.setdefault("AVATARFORGE_BUILD", str(REPO / "build" / "test-cache"))
 
-pytest_plugins = ["fixtures.base", "fixtures.preprocess", "fixtures.train", "fixtures.serving"]
+pytest_plugins = [
+    "fixtures.base",
+    "fixtures.preprocess",
+    "fixtures.train",
+    "fixtures.serving",
+    "fixtures.aws",
+    "fixtures.mme",
+]
 
 
 @pytest.fixture(scope="session")

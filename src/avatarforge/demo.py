@@ -22,6 +22,17 @@ from .paths import build_dir
 log = logging.getLogger(__name__)
 console = Console()
 
+DEMO_USER = "demo"
+# A short run at low resolution: the path, not the quality, is what the demo shows on a CPU.
+DEMO_TRAIN = {
+    "resolution": 128,
+    "steps": 60,
+    "learning_rate": 1e-2,  # high, so a short CPU run visibly moves the output
+    "num_class_images": 8,
+    "class_image_steps": 10,
+    "checkpoint_every": 30,
+}
+DEMO_ARGS = GenArgs(steps=12, height=256, width=256, seed=7)
 PROMPTS = (
     "a photo of <<TOK>> person as an astronaut",
     "an oil painting of <<TOK>> person",
@@ -34,7 +45,9 @@ class DemoState:
     out: Path
     base: BaseInfo | None = None
     dataset: Path | None = None
-    images: list[tuple[str, Path]] = field(default_factory=list)  # (label, path)
+    adapter: Path | None = None
+    # one row per prompt: label -> image path, in column order (base, adapter, ...)
+    rows: dict[str, dict[str, Path]] = field(default_factory=dict)
 
 
 def _step_base(state: DemoState) -> None:
@@ -57,26 +70,51 @@ def _step_preprocess(state: DemoState) -> None:
     console.print(f"  before/after sheet: [bold]{state.dataset / 'contact_sheet.png'}[/]")
 
 
-def _step_generate_base(state: DemoState) -> None:
-    assert state.base is not None
-    pipe = load_pipeline(state.base)
-    args = GenArgs(steps=10, height=256, width=256, seed=0)
-    folder = state.out / "base"
+def _step_train(state: DemoState) -> None:
+    from .train import TrainConfig, train
+
+    assert state.dataset is not None and state.base is not None
+    config = TrainConfig(**DEMO_TRAIN)
+    result = train(state.dataset, state.out / "users" / DEMO_USER, config, state.base)
+    state.adapter = result.adapter_dir
+    size = sum(f.stat().st_size for f in state.adapter.iterdir()) / 1024
+    console.print(
+        f"  {result.steps} steps, mean loss of the first/last 10 steps "
+        f"{sum(result.losses[:10]) / 10:.3f} -> {sum(result.losses[-10:]) / 10:.3f}, "
+        f"{result.step_seconds:.2f} s/step; adapter {size:.0f} KiB at {state.adapter}"
+    )
+
+
+def _save_column(state: DemoState, column: str, images) -> None:
+    folder = state.out / column
     folder.mkdir(parents=True, exist_ok=True)
-    for i, prompt in enumerate(PROMPTS):
-        (image,) = generate_images(pipe, prompt.replace("<<TOK>> ", ""), None, args)
-        path = folder / f"base_{i}.jpg"
+    for i, (prompt, image) in enumerate(zip(PROMPTS, images, strict=True)):
+        path = folder / f"{i}.jpg"
         image.save(path, quality=95)
-        state.images.append((f"base: {prompt}", path))
-    console.print(f"  {len(PROMPTS)} images from the base in {folder}")
+        state.rows.setdefault(prompt, {})[column] = path
+
+
+def _step_generate_local(state: DemoState) -> None:
+    from .adapter import load_adapter
+
+    assert state.base is not None and state.adapter is not None
+    pipe = load_pipeline(state.base)
+    before = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
+    load_adapter(pipe, state.adapter, state.base, DEMO_USER)
+    after = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
+    _save_column(state, "base", before)
+    _save_column(state, "local", after)
+    console.print(f"  before/after with diffusers: {state.out / 'base'}, {state.out / 'local'}")
 
 
 def _step_contact_sheet(state: DemoState) -> None:
+    columns = list(next(iter(state.rows.values())))
     sheet = contact_sheet(
-        [[path] for _, path in state.images],
-        [label for label, _ in state.images],
+        [list(row.values()) for row in state.rows.values()],
+        [f"{prompt}  [{' | '.join(columns)}]" for prompt in state.rows],
         cell=192,
-        title="avatarforge demo (tiny random base: textures, not faces)",
+        title="avatarforge demo: base | adapter (diffusers) | adapter (Triton); tiny random "
+        "base, so textures, not faces",
     )
     path = state.out / "contact_sheet.png"
     sheet.save(path)
@@ -86,7 +124,8 @@ def _step_contact_sheet(state: DemoState) -> None:
 STEPS: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
     ("build the embedded tiny SD 2.1-shaped base", _step_base),
     ("preprocess the sample selfies", _step_preprocess),
-    ("generate from the base", _step_generate_base),
+    ("train a DreamBooth LoRA for the demo user", _step_train),
+    ("generate before/after with diffusers", _step_generate_local),
     ("draw the contact sheet", _step_contact_sheet),
 )
 

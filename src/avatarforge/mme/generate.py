@@ -1,0 +1,60 @@
+"""Generate images through the local MME front: the served user model's schema as KServe JSON.
+
+The request and response follow :mod:`avatarforge.serving.schema` (one declaration of inputs and
+outputs): one row, BYTES tensors of shape [1, 1]; an optional input is sent only when given.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from PIL import Image
+
+from ..generate import from_jpeg_base64
+from ..serving import schema
+from .front import invoke_endpoint
+
+
+def generate_request(
+    prompt: str, negative_prompt: str | None = None, gen_args: str | dict[str, Any] | None = None
+) -> dict[str, Any]:
+    values = {schema.PROMPT.name: prompt, schema.NEGATIVE_PROMPT.name: negative_prompt}
+    if gen_args is not None:
+        values[schema.GEN_ARGS.name] = (
+            gen_args if isinstance(gen_args, str) else json.dumps(gen_args)
+        )
+    inputs = [
+        {
+            "name": spec.name,
+            "datatype": spec.wire_type,
+            "shape": [1, 1],
+            "data": [values[spec.name]],
+        }
+        for spec in schema.INPUTS
+        if values.get(spec.name) is not None
+    ]
+    outputs = [{"name": spec.name} for spec in schema.OUTPUTS]
+    return {"inputs": inputs, "outputs": outputs}
+
+
+def images_from_response(response: dict[str, Any]) -> list[Image.Image]:
+    name = schema.GENERATED_IMAGE.name
+    output = next((o for o in response.get("outputs", []) if o["name"] == name), None)
+    if output is None:
+        raise ValueError(f"response has no {name!r} output: {sorted(response)}")
+    return [from_jpeg_base64(text) for text in output["data"]]
+
+
+def generate(
+    url: str,
+    target_model: str,
+    prompt: str,
+    negative_prompt: str | None = None,
+    gen_args: str | dict[str, Any] | None = None,
+    *,
+    timeout: float = 600.0,
+) -> list[Image.Image]:
+    """Images for one prompt from TargetModel ``target_model`` behind the MME front at ``url``."""
+    request = generate_request(prompt, negative_prompt, gen_args)
+    return images_from_response(invoke_endpoint(url, target_model, request, timeout=timeout))

@@ -1,0 +1,253 @@
+"""What SageMaker does with a TargetModel, against Triton's SageMaker front end.
+
+``invoke(target_model, payload)`` loads the model on first use, as SageMaker does: fetch
+``<source>/<target_model>`` (a folder or an ``s3://`` prefix), extract it safely into
+``<root>/<hash>/model``, ``POST /models``. At most ``max_loaded`` models stay loaded; loading one
+more first unloads the least recently used (``DELETE /models/<hash>``, files removed). A 507
+(out of memory) from Triton evicts the least recently used and retries, as SageMaker does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..safe_tar import MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, safe_extract
+from ..settings import Settings, setting
+from ..storage import ObjectNotFoundError, fetch, join_uri
+from .protocol import Response, SageMakerTritonClient, TritonMMEError, error_message
+
+log = logging.getLogger(__name__)
+
+# SageMaker: TargetModel is a relative S3 key under the endpoint's prefix (≤ 1024 chars).
+_TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\.tar\.gz$")
+
+
+class MMEError(Exception):
+    """Base of the loader's errors; ``status`` is the HTTP status a front end should answer."""
+
+    status = 500
+
+
+class InvalidTargetModelError(MMEError, ValueError):
+    status = 400
+
+
+class UnknownTargetModelError(MMEError, LookupError):
+    """The source holds no archive of that name."""
+
+    status = 404
+
+
+class ModelLoadError(MMEError):
+    """The archive was refused, or Triton could not load it (its message is included)."""
+
+    status = 424  # SageMaker's ModelError status
+
+
+class InvokeError(MMEError):
+    """Triton answered an invocation with an error; ``triton_status`` is its HTTP status."""
+
+    def __init__(self, message: str, triton_status: int) -> None:
+        super().__init__(message)
+        self.triton_status = triton_status
+        self.status = 507 if triton_status == 507 else 400
+
+
+@dataclass
+class MMEConfig(Settings):
+    section = "mme"
+    max_loaded: int = setting(
+        8, "models kept loaded; one more evicts the least recently used", ge=1
+    )
+    max_member_bytes: int = setting(MAX_MEMBER_BYTES, "largest file in a model archive", ge=1)
+    max_total_bytes: int = setting(MAX_TOTAL_BYTES, "largest unpacked model archive", ge=1)
+    load_timeout_s: float = setting(600.0, "wait for one load/unload (SageMaker: 360 s)", ge=1)
+    invoke_timeout_s: float = setting(60.0, "wait for one invocation (SageMaker: 60 s)", ge=1)
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    target_model: str
+    model_hash: str
+    repo_dir: Path  # <root>/<hash>/model: the folder holding the model folder (Triton's "url")
+    load_seconds: float  # fetch + extract + Triton load
+
+
+def model_hash(target_model: str) -> str:
+    """The name SageMaker gives a TargetModel on the instance (a hash, path- and name-safe)."""
+    return hashlib.sha256(target_model.encode()).hexdigest()[:32]
+
+
+def check_target_model(target_model: str) -> str:
+    if len(target_model) > 1024 or not _TARGET_RE.match(target_model):
+        raise InvalidTargetModelError(
+            f"invalid TargetModel {target_model!r}: expected a relative name like "
+            "'<user>.tar.gz' (letters, digits, '.', '_', '-', '/' between parts; no '..')"
+        )
+    return target_model
+
+
+class MultiModelLoader:
+    """Loads TargetModels from ``source`` into Triton's SageMaker front end at ``sagemaker_url``.
+
+    ``root`` plays /opt/ml/models: one ``<hash>/model`` folder per loaded model. Thread-safe:
+    loads and evictions are serialised; invocations of loaded models run in parallel, also
+    while another model loads.
+    """
+
+    def __init__(
+        self, sagemaker_url: str, source: str, root: Path, config: MMEConfig | None = None
+    ) -> None:
+        self.config = config or MMEConfig()
+        self.source = source
+        self.root = Path(root).resolve()
+        self.client = SageMakerTritonClient(
+            sagemaker_url, self.config.load_timeout_s, self.config.invoke_timeout_s
+        )
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # oldest use first
+        # _load_lock serialises loads and unloads (slow: Triton calls); _lru_lock guards the
+        # dict only, so invocations of loaded models never wait behind a load.
+        self._load_lock = threading.RLock()
+        self._lru_lock = threading.Lock()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def loaded(self) -> list[str]:
+        """Loaded TargetModels, least recently used first."""
+        with self._lru_lock:
+            return list(self._loaded)
+
+    def load(self, target_model: str) -> LoadedModel:
+        """Load ``target_model`` unless it is loaded; marks it most recently used."""
+        check_target_model(target_model)
+        if (found := self._touch(target_model)) is not None:
+            return found  # the common case never waits for a load in progress
+        with self._load_lock:
+            if (found := self._touch(target_model)) is not None:
+                return found  # loaded by another thread meanwhile
+            while len(self.loaded()) >= self.config.max_loaded:
+                self._evict_lru()
+            model = self._load_new(target_model)
+            with self._lru_lock:
+                self._loaded[target_model] = model
+            return model
+
+    def unload(self, target_model: str) -> bool:
+        """Unload and delete its files; False if it was not loaded."""
+        with self._load_lock:
+            with self._lru_lock:
+                model = self._loaded.pop(target_model, None)
+            if model is None:
+                return False
+            try:
+                self.client.unload(model.model_hash, target_model)
+            finally:
+                shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
+            log.info("unloaded %s", target_model)
+            return True
+
+    def _touch(self, target_model: str) -> LoadedModel | None:
+        with self._lru_lock:
+            found = self._loaded.get(target_model)
+            if found is not None:
+                self._loaded.move_to_end(target_model)
+            return found
+
+    def unload_all(self) -> None:
+        # One at a time: Triton's front end holds its model-list lock through each unload.
+        for target in self.loaded():
+            self.unload(target)
+
+    def invoke_raw(
+        self, target_model: str, body: bytes, content_type: str = "application/json"
+    ) -> Response:
+        """Load if needed, then invoke; Triton's response as is when it is 200."""
+        for attempt in range(2):
+            model = self.load(target_model)
+            response = self.client.invoke(model.model_hash, target_model, body, content_type)
+            if response.status == 404 and attempt == 0:
+                # Gone behind our back (server restarted, unloaded by hand): load it again.
+                log.warning("%s was not loaded in Triton; loading it again", target_model)
+                with self._load_lock, self._lru_lock:
+                    if self._loaded.get(target_model) is model:
+                        self._loaded.pop(target_model)
+                        shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
+                continue
+            if response.status != 200:
+                raise InvokeError(
+                    f"invoke {target_model}: HTTP {response.status}: {error_message(response)}",
+                    response.status,
+                )
+            return response
+        raise InvokeError(f"invoke {target_model}: not found in Triton after loading it", 404)
+
+    def invoke(self, target_model: str, payload: dict[str, Any]) -> dict[str, Any]:
+        """KServe v2 JSON in, KServe v2 JSON out."""
+        return self.invoke_raw(target_model, json.dumps(payload).encode()).json()
+
+    def _evict_lru(self) -> None:
+        oldest = self.loaded()[0]
+        log.info("evicting least recently used %s", oldest)
+        self.unload(oldest)
+
+    def _load_new(self, target_model: str) -> LoadedModel:
+        started = time.perf_counter()
+        name_hash = model_hash(target_model)
+        work = self.root / name_hash
+        shutil.rmtree(work, ignore_errors=True)  # leftovers of a crash
+        try:
+            repo_dir = self._fetch_and_extract(target_model, work)
+            self._triton_load(target_model, name_hash, repo_dir)
+        except BaseException:
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        seconds = time.perf_counter() - started
+        log.info("loaded %s in %.2f s", target_model, seconds)
+        return LoadedModel(target_model, name_hash, repo_dir, seconds)
+
+    def _fetch_and_extract(self, target_model: str, work: Path) -> Path:
+        archive = work / "archive.tar.gz"
+        try:
+            fetch(join_uri(self.source, target_model), archive)
+        except ObjectNotFoundError as exc:
+            raise UnknownTargetModelError(
+                f"TargetModel {target_model!r} not found in {self.source}"
+            ) from exc
+        repo_dir = work / "model"
+        safe_extract(
+            archive,
+            repo_dir,
+            max_member_bytes=self.config.max_member_bytes,
+            max_total_bytes=self.config.max_total_bytes,
+        )  # UnsafeArchiveError (a ValueError) propagates as is: the caller should see why
+        archive.unlink()
+        configs = sorted(p.parent.name for p in repo_dir.glob("*/config.pbtxt"))
+        if len(configs) != 1:
+            raise ModelLoadError(
+                f"{target_model}: the archive must hold exactly one model folder with a "
+                f"config.pbtxt (<name>/config.pbtxt, <name>/1/model.py); found {configs or 'none'}"
+            )
+        return repo_dir
+
+    def _triton_load(self, target_model: str, name_hash: str, repo_dir: Path) -> None:
+        while True:
+            try:
+                self.client.load(name_hash, str(repo_dir), target_model)
+                return
+            except TritonMMEError as exc:
+                if exc.status == 507 and self.loaded():
+                    log.warning("out of memory loading %s: evicting and retrying", target_model)
+                    self._evict_lru()
+                    continue
+                raise ModelLoadError(
+                    f"Triton could not load {target_model!r}: {exc.message or exc}"
+                ) from exc

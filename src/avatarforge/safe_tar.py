@@ -1,0 +1,253 @@
+"""Tar archives we unpack from elsewhere, checked; tar archives we make, byte-for-byte reproducible.
+
+:func:`safe_extract` never calls ``extractall``: every header is checked first (paths, member
+types, declared sizes, member count) so a refused archive writes nothing; then regular files are
+copied out while their bytes are counted (a sparse or lying member cannot pass the size limits),
+into a temporary folder beside ``dest`` that is renamed into place only when all went well.
+
+:func:`write_reproducible_tar` makes the archives we ship (per-user models, environments): same
+input folder, same bytes — sorted members, fixed mtimes, root owners, normalised modes, and a
+gzip header without timestamp or file name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import uuid
+from pathlib import Path, PurePosixPath
+
+MAX_MEMBER_BYTES = 2 * 1024**3  # one LoRA adapter is < 100 MB; base weights are a few GB
+MAX_TOTAL_BYTES = 8 * 1024**3
+MAX_MEMBERS = 10_000
+FIXED_MTIME = 0  # the epoch: archives carry no build time
+_CHUNK = 1024 * 1024
+
+
+class UnsafeArchiveError(ValueError):
+    """The archive was refused; the message names the member and the reason."""
+
+
+def safe_extract(
+    tar_path: Path,
+    dest: Path,
+    *,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+    max_total_bytes: int = MAX_TOTAL_BYTES,
+    max_members: int = MAX_MEMBERS,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Extract ``tar_path`` (any compression tarfile reads) into the new folder ``dest``.
+
+    Only regular files and folders with relative paths are accepted; links, devices, FIFOs,
+    absolute paths, ``..``, duplicate names, oversized members, too many members or too many
+    bytes in total raise :class:`UnsafeArchiveError` and leave nothing behind. ``dest`` must not
+    exist unless ``overwrite`` (then it is replaced only after the new contents are complete).
+    Returns the extracted files (not folders) in archive order.
+    """
+    tar_path, dest = Path(tar_path), Path(dest)
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"{dest} exists (pass overwrite=True to replace it)")
+    try:
+        tar = tarfile.open(tar_path, mode="r:*")  # noqa: SIM115 (closed by `with tar` below)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UnsafeArchiveError(f"{tar_path}: not a readable tar archive ({exc})") from exc
+    with tar:
+        members = _checked_members(tar, tar_path, max_member_bytes, max_total_bytes, max_members)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+        try:
+            files = _extract(tar, tar_path, members, tmp, max_member_bytes, max_total_bytes)
+            _move_into_place(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return [dest / f.relative_to(tmp) for f in files]
+
+
+def _checked_members(
+    tar: tarfile.TarFile, tar_path: Path, max_member: int, max_total: int, max_members: int
+) -> list[tarfile.TarInfo]:
+    """Read and check every header before anything is written."""
+    members: list[tarfile.TarInfo] = []
+    seen: set[PurePosixPath] = set()
+    total = 0
+    try:
+        while (member := tar.next()) is not None:
+            if len(members) >= max_members:
+                raise UnsafeArchiveError(f"{tar_path}: more than {max_members} members")
+            rel = _checked_path(member, tar_path)
+            _check_type(member, tar_path)
+            if member.size > max_member:
+                raise UnsafeArchiveError(
+                    f"{tar_path}: member {member.name!r} declares {member.size} bytes "
+                    f"(limit {max_member})"
+                )
+            total += member.size
+            if total > max_total:
+                raise UnsafeArchiveError(
+                    f"{tar_path}: members declare more than {max_total} bytes in total"
+                )
+            if rel in seen:
+                raise UnsafeArchiveError(f"{tar_path}: duplicate member {member.name!r}")
+            seen.add(rel)
+            members.append(member)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise UnsafeArchiveError(f"{tar_path}: corrupt or truncated archive ({exc})") from exc
+    return members
+
+
+def _checked_path(member: tarfile.TarInfo, tar_path: Path) -> PurePosixPath:
+    name = member.name
+    path = PurePosixPath(name)
+    if not name or name.startswith("/") or path.is_absolute():
+        raise UnsafeArchiveError(f"{tar_path}: absolute path {name!r}")
+    if ".." in path.parts:
+        raise UnsafeArchiveError(f"{tar_path}: path traversal in {name!r}")
+    parts = [p for p in path.parts if p != "."]
+    if not parts and not member.isdir():
+        raise UnsafeArchiveError(f"{tar_path}: empty member name")
+    return PurePosixPath(*parts) if parts else PurePosixPath(".")
+
+
+def _check_type(member: tarfile.TarInfo, tar_path: Path) -> None:
+    name = member.name
+    if member.issym():
+        raise UnsafeArchiveError(f"{tar_path}: symlink {name!r} -> {member.linkname!r}")
+    if member.islnk():
+        raise UnsafeArchiveError(f"{tar_path}: hardlink {name!r} -> {member.linkname!r}")
+    if member.ischr() or member.isblk():
+        raise UnsafeArchiveError(f"{tar_path}: device file {name!r}")
+    if member.isfifo():
+        raise UnsafeArchiveError(f"{tar_path}: FIFO {name!r}")
+    if member.issparse():
+        raise UnsafeArchiveError(f"{tar_path}: sparse file {name!r}")
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(f"{tar_path}: unsupported member type {member.type!r}: {name!r}")
+
+
+def _extract(
+    tar: tarfile.TarFile,
+    tar_path: Path,
+    members: list[tarfile.TarInfo],
+    root: Path,
+    max_member: int,
+    max_total: int,
+) -> list[Path]:
+    files: list[Path] = []
+    total = 0
+    for member in members:
+        target = root / _checked_path(member, tar_path)
+        if member.isdir():
+            target.mkdir(mode=0o755, parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        source = tar.extractfile(member)
+        if source is None:  # cannot happen for regular files; be explicit rather than crash
+            raise UnsafeArchiveError(f"{tar_path}: no data for {member.name!r}")
+        written = 0
+        # O_EXCL: a name that already exists (e.g. through a case-folding filesystem) is refused.
+        with source, open(target, "xb") as out:
+            while chunk := source.read(_CHUNK):
+                written += len(chunk)
+                total += len(chunk)
+                if written > max_member or total > max_total:
+                    raise UnsafeArchiveError(
+                        f"{tar_path}: {member.name!r} expands past the size limits"
+                    )
+                out.write(chunk)
+        target.chmod(0o755 if member.mode & 0o111 else 0o644)
+        files.append(target)
+    return files
+
+
+def _move_into_place(tmp: Path, dest: Path) -> None:
+    if not dest.exists():
+        os.rename(tmp, dest)
+        return
+    # Swap the old folder out first so dest is never a half-written mix of both.
+    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(dest, old)
+    os.rename(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def write_reproducible_tar(
+    src_dir: Path,
+    out_path: Path,
+    arcname: str,
+    *,
+    allow_symlinks: bool = False,
+    compresslevel: int = 9,
+) -> Path:
+    """Write ``src_dir`` as ``out_path`` (tar.gz) with its contents under ``arcname/``.
+
+    Reproducible: members sorted by path, mtime fixed, uid/gid 0 with empty owner names, modes
+    0755 (folders, executables) or 0644, gzip header without mtime or file name. Symlinks are
+    refused unless ``allow_symlinks`` (a venv's ``bin/python``; such an archive is not for
+    :func:`safe_extract`, which refuses links); special files always are. ``arcname="."`` puts
+    the contents at the top. Written to a temporary name and renamed, so a reader never sees
+    half an archive.
+    """
+    src_dir, out_path = Path(src_dir), Path(out_path)
+    if not src_dir.is_dir():
+        raise NotADirectoryError(f"{src_dir} is not a folder")
+    arc = PurePosixPath(arcname)
+    if not arcname or arc.is_absolute() or ".." in arc.parts:
+        raise ValueError(f"arcname must be a relative path without '..' (got {arcname!r})")
+    entries = _sorted_entries(src_dir, allow_symlinks)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with (
+            open(tmp, "wb") as raw,
+            gzip.GzipFile(
+                filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=compresslevel
+            ) as gz,
+            tarfile.open(fileobj=gz, mode="w", format=tarfile.PAX_FORMAT) as tar,
+        ):
+            tar.addfile(_info(str(arc), src_dir.stat(), is_dir=True))  # arcname "." too
+            for rel, st in entries:
+                info = _info(str(arc / rel), st, is_dir=stat.S_ISDIR(st.st_mode))
+                if stat.S_ISLNK(st.st_mode):
+                    info.type, info.size, info.mode = tarfile.SYMTYPE, 0, 0o777
+                    info.linkname = os.readlink(src_dir / rel)
+                    tar.addfile(info)
+                elif info.isdir():
+                    tar.addfile(info)
+                else:
+                    with open(src_dir / rel, "rb") as data:
+                        tar.addfile(info, data)
+        os.replace(tmp, out_path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _sorted_entries(src_dir: Path, allow_symlinks: bool) -> list[tuple[str, os.stat_result]]:
+    entries = []
+    for folder, dirs, files in os.walk(src_dir):  # does not follow symlinked folders
+        for name in dirs + files:
+            path = Path(folder) / name
+            st = path.lstat()
+            ok = stat.S_ISDIR(st.st_mode) or stat.S_ISREG(st.st_mode)
+            if not ok and not (allow_symlinks and stat.S_ISLNK(st.st_mode)):
+                raise ValueError(f"{path}: only regular files and folders can be archived")
+            entries.append((path.relative_to(src_dir).as_posix(), st))
+    return sorted(entries, key=lambda e: e[0])
+
+
+def _info(name: str, st: os.stat_result, *, is_dir: bool) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE if is_dir else tarfile.REGTYPE
+    info.size = 0 if is_dir else st.st_size
+    info.mode = 0o755 if is_dir or st.st_mode & 0o100 else 0o644
+    info.mtime = FIXED_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info

@@ -1,0 +1,176 @@
+"""The MME emulation through the real tritonserver with its SageMaker front end."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from fixtures.mme import USERS, output_of, scale_request
+
+from avatarforge.mme import (
+    InvalidTargetModelError,
+    ModelLoadError,
+    UnknownTargetModelError,
+    model_hash,
+)
+from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
+from avatarforge.mme.launch import sagemaker_options
+from avatarforge.mme.loader import check_target_model
+from avatarforge.safe_tar import UnsafeArchiveError
+from avatarforge.storage import upload
+
+
+def test_target_model_names_and_hashes() -> None:
+    assert check_target_model("alice.tar.gz") == "alice.tar.gz"
+    assert check_target_model("team/alice-2.tar.gz") == "team/alice-2.tar.gz"
+    for bad in ("../alice.tar.gz", "/abs.tar.gz", "a//b.tar.gz", "alice.zip", "", ".tar.gz"):
+        with pytest.raises(InvalidTargetModelError, match="invalid TargetModel"):
+            check_target_model(bad)
+    assert model_hash("alice.tar.gz") == model_hash("alice.tar.gz")
+    assert model_hash("alice.tar.gz") != model_hash("bob.tar.gz")
+    assert len(model_hash("x.tar.gz")) == 32
+
+
+def test_sagemaker_launch_options() -> None:
+    options = sagemaker_options(8080)
+    assert "--allow-sagemaker=true" in options.args
+    assert "--sagemaker-port=8080" in options.args
+    assert options.env == {"SAGEMAKER_MULTI_MODEL": "true"}
+
+
+@pytest.mark.integration
+def test_load_two_invoke_both_unload_one_and_invoke_again(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source))
+    client = loader.client
+    for user, factor in USERS.items():
+        if user == "carol":
+            continue
+        assert output_of(loader.invoke(f"{user}.tar.gz", scale_request([1, 2]))) == [
+            factor,
+            2 * factor,
+        ]
+    assert loader.loaded() == ["alice.tar.gz", "bob.tar.gz"]
+    # what SageMaker would see: both registered under their hash, files under <root>/<hash>/model
+    alice_hash = model_hash("alice.tar.gz")
+    assert client.get(alice_hash)["modelUrl"] == str(loader.root / alice_hash / "model")
+    assert (loader.root / alice_hash / "model" / "alice" / "1" / "model.py").is_file()
+    assert not (loader.root / alice_hash / "archive.tar.gz").exists()
+
+    assert loader.unload("alice.tar.gz") is True
+    assert loader.unload("alice.tar.gz") is False
+    assert client.get(alice_hash) is None
+    assert not (loader.root / alice_hash).exists()
+    assert loader.loaded() == ["bob.tar.gz"]
+
+    # invoking it again loads it again, as SageMaker does on the next request
+    assert output_of(loader.invoke("alice.tar.gz", scale_request([3]))) == [6.0]
+    assert loader.loaded() == ["bob.tar.gz", "alice.tar.gz"]
+
+
+@pytest.mark.integration
+def test_least_recently_used_is_evicted_at_the_limit(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source), max_loaded=2)
+    loader.invoke("alice.tar.gz", scale_request([1]))
+    loader.invoke("bob.tar.gz", scale_request([1]))
+    loader.invoke("alice.tar.gz", scale_request([1]))  # alice is now the most recent
+    assert output_of(loader.invoke("carol.tar.gz", scale_request([1]))) == [5.0]
+    assert loader.loaded() == ["alice.tar.gz", "carol.tar.gz"]
+    assert loader.client.get(model_hash("bob.tar.gz")) is None
+    assert not (loader.root / model_hash("bob.tar.gz")).exists()
+    assert sorted(p.name for p in loader.root.iterdir()) == sorted(
+        model_hash(t) for t in ("alice.tar.gz", "carol.tar.gz")
+    )
+    # bob comes back on demand and pushes out alice, now the least recently used
+    assert output_of(loader.invoke("bob.tar.gz", scale_request([2]))) == [6.0]
+    assert loader.loaded() == ["carol.tar.gz", "bob.tar.gz"]
+
+
+@pytest.mark.integration
+def test_loads_from_s3_prefix(make_loader, mme_source: Path, s3_bucket: str) -> None:
+    for user in ("alice", "bob"):
+        upload(mme_source / f"{user}.tar.gz", f"s3://{s3_bucket}/mme/{user}.tar.gz")
+    loader = make_loader(f"s3://{s3_bucket}/mme/")
+    assert output_of(loader.invoke("bob.tar.gz", scale_request([1.5]))) == [4.5]
+    with pytest.raises(UnknownTargetModelError, match="'carol.tar.gz' not found in s3://"):
+        loader.invoke("carol.tar.gz", scale_request([1]))
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 2
+
+
+@pytest.mark.integration
+def test_unknown_and_invalid_target_models(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source))
+    with pytest.raises(UnknownTargetModelError, match="'dave.tar.gz' not found in"):
+        loader.invoke("dave.tar.gz", scale_request([1]))
+    with pytest.raises(InvalidTargetModelError):
+        loader.invoke("../alice.tar.gz", scale_request([1]))
+    assert loader.loaded() == []
+    assert list(loader.root.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_hostile_archive_is_refused_before_triton_sees_it(
+    make_loader, mme_source: Path, sagemaker_server
+) -> None:
+    loader = make_loader(str(mme_source))
+    log_before = sagemaker_server.log_path.read_text(errors="replace")
+    with pytest.raises(UnsafeArchiveError, match="path traversal"):
+        loader.load("evil.tar.gz")
+    assert loader.loaded() == [] and list(loader.root.iterdir()) == []
+    assert not (loader.root.parent / "evil.txt").exists()
+    assert loader.client.get(model_hash("evil.tar.gz")) is None
+    log_after = sagemaker_server.log_path.read_text(errors="replace")
+    assert "evil" not in log_after[len(log_before) :]
+
+
+@pytest.mark.integration
+def test_load_failure_surfaces_tritons_message(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source))
+    with pytest.raises(ModelLoadError, match="broken on purpose") as info:
+        loader.invoke("broken.tar.gz", scale_request([1]))
+    assert "Triton could not load 'broken.tar.gz'" in str(info.value)
+    assert loader.loaded() == [] and list(loader.root.iterdir()) == []
+    # the server keeps serving, and the failed name can be tried again (not stuck in Triton)
+    assert output_of(loader.invoke("alice.tar.gz", scale_request([1]))) == [2.0]
+    with pytest.raises(ModelLoadError, match="broken on purpose"):
+        loader.load("broken.tar.gz")
+
+
+@pytest.mark.integration
+def test_runtime_front_routes_target_model_header(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source), max_loaded=1)
+    with mme_front(loader) as url:
+        started = time.perf_counter()
+        out = invoke_endpoint(url, "carol.tar.gz", scale_request([1, 1]))
+        assert output_of(out) == [5.0, 5.0]
+        assert time.perf_counter() - started < 30
+        assert output_of(invoke_endpoint(url, "alice.tar.gz", scale_request([4]))) == [8.0]
+        assert loader.loaded() == ["alice.tar.gz"]
+        with pytest.raises(EndpointError, match="not found") as info:
+            invoke_endpoint(url, "nobody.tar.gz", scale_request([1]))
+        assert info.value.status == 404
+        with pytest.raises(EndpointError, match="path traversal") as info:
+            invoke_endpoint(url, "evil.tar.gz", scale_request([1]))
+        assert info.value.status == 424
+        with pytest.raises(EndpointError, match="INPUT") as info:
+            invoke_endpoint(url, "alice.tar.gz", {"inputs": []})
+        assert info.value.status == 400
+
+
+@pytest.mark.integration
+def test_loaded_model_answers_while_another_loads(make_loader, mme_source: Path) -> None:
+    loader = make_loader(str(mme_source))
+    loader.invoke("alice.tar.gz", scale_request([1]))
+    loading = threading.Thread(target=loader.load, args=("bob.tar.gz",))
+    loading.start()
+    time.sleep(0.2)  # bob's load (~1.4 s: python stub start) is in flight
+    started = time.perf_counter()
+    assert output_of(loader.invoke("alice.tar.gz", scale_request([1]))) == [2.0]
+    waited = time.perf_counter() - started
+    still_loading = loading.is_alive()
+    loading.join()
+    assert still_loading, "bob loaded too fast for this test to mean anything"
+    assert waited < 0.5
+    assert loader.loaded() == ["alice.tar.gz", "bob.tar.gz"]

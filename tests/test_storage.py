@@ -1,0 +1,93 @@
+"""storage.fetch / upload against local files and a real moto S3 server."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import boto3
+import pytest
+
+from avatarforge.storage import (
+    ChecksumMismatchError,
+    ObjectNotFoundError,
+    fetch,
+    join_uri,
+    parse_s3_uri,
+    upload,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_parse_and_join_uris() -> None:
+    uri = parse_s3_uri("s3://bucket/a/b.tar.gz")
+    assert (uri.bucket, uri.key, str(uri)) == ("bucket", "a/b.tar.gz", "s3://bucket/a/b.tar.gz")
+    for bad in ("s3://bucket", "s3:///key", "http://x/y", "bucket/key"):
+        with pytest.raises(ValueError, match="not an s3://bucket/key URI"):
+            parse_s3_uri(bad)
+    assert join_uri("s3://b/prefix/", "x.tar.gz") == "s3://b/prefix/x.tar.gz"
+    assert join_uri("/data/models", "x.tar.gz") == "/data/models/x.tar.gz"
+
+
+def test_fetch_local_path_and_file_uri(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "a b.bin"
+    src.parent.mkdir()
+    src.write_bytes(b"payload")
+    digest = hashlib.sha256(b"payload").hexdigest()
+    assert fetch(str(src), tmp_path / "out" / "1.bin", sha256=digest).read_bytes() == b"payload"
+    uri = "file://" + str(src).replace(" ", "%20")
+    assert fetch(uri, tmp_path / "out" / "2.bin").read_bytes() == b"payload"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1.bin", "2.bin"]
+
+
+def test_fetch_errors_leave_nothing(tmp_path: Path) -> None:
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"payload")
+    out = tmp_path / "out"
+    with pytest.raises(ObjectNotFoundError, match="no such file"):
+        fetch(str(tmp_path / "missing.bin"), out / "x.bin")
+    with pytest.raises(ChecksumMismatchError, match="expected 00"):
+        fetch(str(src), out / "x.bin", sha256="00" * 32)
+    with pytest.raises(ValueError, match="unsupported URI scheme"):
+        fetch("https://example.com/x", out / "x.bin")
+    assert list(out.iterdir()) == []
+
+
+def test_fetch_keeps_old_file_until_new_one_is_complete(tmp_path: Path) -> None:
+    dest = tmp_path / "x.bin"
+    dest.write_bytes(b"old")
+    with pytest.raises(ChecksumMismatchError):
+        fetch(str(dest), tmp_path / "y.bin", sha256="11" * 32)
+    src = tmp_path / "new.bin"
+    src.write_bytes(b"new")
+    with pytest.raises(ChecksumMismatchError):
+        fetch(str(src), dest, sha256="11" * 32)
+    assert dest.read_bytes() == b"old"
+
+
+def test_s3_round_trip_through_moto(tmp_path: Path, s3_bucket: str) -> None:
+    src = tmp_path / "alice.tar.gz"
+    src.write_bytes(b"\x1f\x8b" + bytes(range(256)) * 100)
+    uri = upload(src, f"s3://{s3_bucket}/mme/alice.tar.gz")
+    assert uri == f"s3://{s3_bucket}/mme/alice.tar.gz"
+    keys = [o["Key"] for o in boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["Contents"]]
+    assert keys == ["mme/alice.tar.gz"]
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    got = fetch(uri, tmp_path / "down" / "alice.tar.gz", sha256=digest)
+    assert got.read_bytes() == src.read_bytes()
+    with pytest.raises(ChecksumMismatchError):
+        fetch(uri, tmp_path / "down" / "bad.tar.gz", sha256="ab" * 32)
+    assert sorted(p.name for p in (tmp_path / "down").iterdir()) == ["alice.tar.gz"]
+
+
+def test_s3_missing_object_and_bucket(tmp_path: Path, s3_bucket: str) -> None:
+    with pytest.raises(ObjectNotFoundError, match="no such object"):
+        fetch(f"s3://{s3_bucket}/nope.tar.gz", tmp_path / "x")
+    with pytest.raises(ObjectNotFoundError):
+        fetch("s3://no-such-bucket/x.tar.gz", tmp_path / "x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_moto_state_is_reset_between_tests(aws_env: str) -> None:
+    assert boto3.client("s3").list_buckets()["Buckets"] == []

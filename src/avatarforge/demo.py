@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
 from rich.console import Console
 
 from .base import BaseConfig, BaseInfo, load_pipeline, resolve_base
@@ -86,7 +88,7 @@ def _step_train(state: DemoState) -> None:
 
 
 def _save_column(state: DemoState, column: str, images) -> None:
-    folder = state.out / column
+    folder = state.out / column.split()[0]
     folder.mkdir(parents=True, exist_ok=True)
     for i, (prompt, image) in enumerate(zip(PROMPTS, images, strict=True)):
         path = folder / f"{i}.jpg"
@@ -104,7 +106,16 @@ def _step_generate_local(state: DemoState) -> None:
     after = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
     _save_column(state, "base", before)
     _save_column(state, "local", after)
-    console.print(f"  before/after with diffusers: {state.out / 'base'}, {state.out / 'local'}")
+    # The tiny base's random VAE paints similar textures for any latent: show what moved.
+    diffs = [_difference(a, b) for a, b in zip(before, after, strict=True)]
+    _save_column(state, "diff x8", [image for image, _ in diffs])
+    mean = sum(d for _, d in diffs) / len(diffs)
+    console.print(f"  before/after in {state.out}; mean |after - before| {mean:.1f}/255")
+
+
+def _difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, float]:
+    delta = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+    return Image.fromarray(np.clip(delta * 8, 0, 255).astype(np.uint8)), float(delta.mean())
 
 
 def _step_contact_sheet(state: DemoState) -> None:

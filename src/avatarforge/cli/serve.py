@@ -1,7 +1,127 @@
-"""CLI commands of the serve step (filled in by its issue)."""
+"""`avatarforge package`, `avatarforge serve local-triton` and `avatarforge generate`."""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
 
 import typer
+from rich.console import Console
+
+from ..paths import build_dir
+from .base import fail
+
+console = Console()
+serve_app = typer.Typer(help="Serve packaged users from tritonserver.", no_args_is_help=True)
+
+
+def package(
+    user: str = typer.Option(..., "--user", help="user name: the Triton model name"),
+    adapter: Path = typer.Option(
+        None, "--adapter", help="adapter folder [default: build/users/USER/adapter]"
+    ),
+    out: Path = typer.Option(None, help="output folder [default: build/package]"),
+    base: str = typer.Option("", help="the serving base, if not where the adapter says"),
+    device: str = typer.Option("auto", help="auto, cpu or cuda: the shared base's instance kind"),
+) -> None:
+    """Package a user's adapter as a Triton model tarball (the SageMaker MME layout)."""
+    from ..adapter import AdapterError, base_config_for, read_adapter
+    from ..base import BaseConfig, BaseError, resolve_base
+    from ..serving.package import PackageError, package_user
+    from ..settings import ConfigError
+
+    adapter = adapter or build_dir() / "users" / user / "adapter"
+    try:
+        meta = read_adapter(adapter)
+        info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
+        path = package_user(user, adapter, out, base=info, device=device)
+    except (AdapterError, BaseError, ConfigError, PackageError) as exc:
+        fail(str(exc))
+    console.print(f"{path} ({path.stat().st_size / 1024:.1f} KiB)")
+
+
+@serve_app.command("local-triton")
+def local_triton(
+    users: list[str] = typer.Option(
+        None, "--users", help="users to load (packaged in build/package) [default: all packaged]"
+    ),
+    base: str = typer.Option("tiny", help="the base source: 'tiny', a diffusers folder or tarball"),
+    shared_dir: Path = typer.Option(None, help="shared files [default: build/triton/shared]"),
+) -> None:
+    """Start tritonserver on the repository: model_setup + the packaged users; Ctrl-C stops."""
+    from ..base import BaseConfig, BaseError, resolve_base
+    from ..serving.repository import build_repository
+    from ..serving.server import ServerError, tritonserver
+
+    packages = sorted((build_dir() / "package").glob("*.tar.gz"))
+    if users:
+        packages = [build_dir() / "package" / f"{u}.tar.gz" for u in users]
+        if missing := [p for p in packages if not p.is_file()]:
+            fail(f"not packaged: {', '.join(map(str, missing))} (run make package USER=...)")
+    try:  # a folder or tarball is used as is: the ensure-step verifies the hash
+        source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
+    except BaseError as exc:
+        fail(str(exc))
+    repo = build_dir() / "triton" / "repository"
+    names = build_repository(repo, packages)
+    env = {
+        "AVATARFORGE_SHARED_DIR": str(shared_dir or build_dir() / "triton" / "shared"),
+        "AVATARFORGE_BASE_SOURCE": source,
+    }
+    # SIGTERM (e.g. from a supervisor) stops as cleanly as Ctrl-C: the server is always stopped
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        with tritonserver([repo], load=["model_setup", *names], env=env) as server:
+            took = f"{server.started_s:.1f} s"
+            console.print(f"tritonserver at [bold]http://{server.url}[/] (ready in {took})")
+            console.print(f"models: {', '.join(['model_setup', *names])}; log {server.log_path}")
+            example = names[0] if names else "USER"
+            console.print(
+                f"try: avatarforge generate --url {server.url} --user {example} "
+                "--prompt 'a photo of <<TOK>> person' --gen-args '{\"steps\": 20}'"
+            )
+            while server.process.poll() is None:
+                time.sleep(0.5)
+            fail(f"tritonserver exited ({server.process.returncode}); see {server.log_path}")
+    except KeyboardInterrupt:
+        console.print("stopped")
+    except ServerError as exc:
+        fail(str(exc))
+
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def generate(
+    url: str = typer.Option(..., "--url", help="tritonserver HTTP address, e.g. 127.0.0.1:8000"),
+    user: str = typer.Option(..., "--user", help="the user's model name"),
+    prompt: str = typer.Option(..., "--prompt", help="what to draw"),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="what to avoid"),
+    gen_args: str = typer.Option(None, "--gen-args", help="JSON, e.g. '{\"seed\": 1}'"),
+    out: Path = typer.Option(None, help="output folder [default: build/generate/USER]"),
+) -> None:
+    """Generate images with a served user model and write them as JPEGs."""
+    from ..serving.client import ServingError
+    from ..serving.client import generate as remote_generate
+
+    try:
+        images = remote_generate(url, user, prompt, negative_prompt, gen_args)
+    except ServingError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"cannot reach {url}: {exc}")
+    folder = out or build_dir() / "generate" / user
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        path = folder / f"{i:02d}.jpg"
+        image.convert("RGB").save(path, format="JPEG", quality=95)
+        print(path)
 
 
 def register(app: typer.Typer) -> None:
     """Add this step's commands to the root app."""
+    app.command("package")(package)
+    app.command("generate")(generate)
+    app.add_typer(serve_app, name="serve")

@@ -1,0 +1,30 @@
+"""Triton model_setup: the ensure-step, run once when the server starts.
+
+It makes sure the base weights and serving environment are at the shared path and starts the
+shared base model, so the first user request does not wait for them. It is an optimisation, not
+a prerequisite: every user model runs the same ensure-step itself.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from avatarforge.serving import runtime
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.output = config["output"][0]["name"]
+        self.plan = runtime.plan_shared_base(runtime.model_params(args))
+        with self.plan.lock():
+            if not pb_utils.is_model_ready(self.plan.name):
+                pb_utils.load_model(
+                    model_name=self.plan.name, config=self.plan.config_json, files=self.plan.files
+                )
+
+    def execute(self, requests):
+        # Answers what it made sure of: the shared base's name, path, hash and config.
+        status = pb_utils.Tensor(self.output, np.array([self.plan.status().encode()], dtype=object))
+        return [pb_utils.InferenceResponse(output_tensors=[status]) for _ in requests]

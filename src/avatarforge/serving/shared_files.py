@@ -1,0 +1,180 @@
+"""Make sure the base weights and the serving environment are at the instance's shared path.
+
+Every model that needs them runs :func:`ensure_base` / :func:`ensure_env` from ``initialize()``
+(model_setup, each user model), so a restarted or newly scaled-out instance works without anyone
+invoking model_setup first. Each call is
+- idempotent: a finished copy is recognised and reused;
+- atomic: fetched and unpacked under a temporary name, hash-verified, then renamed into place;
+- safe when several models start at once: one file lock per item, the loser of the race finds
+  the winner's finished copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+from ..base import BaseInfo, read_base_info
+
+log = logging.getLogger(__name__)
+LOCK_TIMEOUT_S = 1800  # a multi-GB base from S3 may take minutes; longer means a stuck peer
+
+
+class SharedFilesError(RuntimeError):
+    """The shared files cannot be made present; the message says which and why."""
+
+
+def _key(source: str) -> str:
+    return "src-" + hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def _is_uri(source: str) -> bool:
+    return "://" in source
+
+
+def _lock(shared: Path, name: str) -> FileLock:
+    (shared / ".locks").mkdir(parents=True, exist_ok=True)
+    return FileLock(str(shared / ".locks" / f"{name}.lock"), timeout=LOCK_TIMEOUT_S)
+
+
+def _fetch(source: str, dest: Path) -> Path:
+    """A local tarball is read in place; a URI is downloaded by avatarforge.storage."""
+    if source.startswith("file://"):
+        source = source.removeprefix("file://")
+    if not _is_uri(source):
+        return Path(source).expanduser()
+    from ..storage import fetch
+
+    return fetch(source, dest)
+
+
+def _diffusers_root(folder: Path) -> Path:
+    if (folder / "model_index.json").is_file():
+        return folder
+    found = [p for p in folder.iterdir() if (p / "model_index.json").is_file()]
+    if len(found) != 1:
+        raise SharedFilesError("base archive holds no single diffusers folder (model_index.json)")
+    return found[0]
+
+
+def _check_hash(info: BaseInfo, expected: str, source: str) -> None:
+    if expected and info.content_hash != expected:
+        raise SharedFilesError(
+            f"base from {source} has content hash {info.content_hash[:12]}, "
+            f"expected {expected[:12]}: wrong or corrupt base"
+        )
+
+
+def ensure_base(
+    source: str, shared: Path, *, expected_hash: str = "", base_id: str = ""
+) -> BaseInfo:
+    """The base at ``shared/base/<content hash>``, fetched from ``source`` if not there yet.
+
+    ``source``: a diffusers folder (linked, not copied: it is already local), a tarball path, a
+    ``file://`` or ``s3://`` URI of a tarball holding one diffusers folder. Without
+    ``expected_hash`` (model_setup) the hash found is remembered per source, so a later user
+    model that names the hash finds the same copy.
+    """
+    shared = Path(shared)
+    root = shared / "base"
+    alias = root / f"{_key(source)}.hash"
+    if not expected_hash and alias.is_file():
+        expected_hash = alias.read_text().strip()
+    dest = root / expected_hash[:16] if expected_hash else None
+    if dest is None or not dest.exists():
+        if not source:
+            raise SharedFilesError(
+                f"base {base_id or expected_hash[:12]} is not under {root} and no source is "
+                "configured (set AVATARFORGE_BASE_SOURCE to a folder, tarball or s3:// URI)"
+            )
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            with _lock(shared, f"base-{_key(source)}"):
+                if dest is None or not dest.exists():  # a peer may have finished meanwhile
+                    dest = _install_base(source, root, expected_hash, base_id)
+        except Timeout:
+            raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
+        _write_atomic(alias, read_base_info(dest, base_id or None).content_hash)
+    info = read_base_info(dest, base_id or None)
+    _check_hash(info, expected_hash, str(dest))
+    return info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _install_base(source: str, root: Path, expected_hash: str, base_id: str) -> Path:
+    log.info("fetching base %s into %s", source, root)
+    tmp = Path(tempfile.mkdtemp(prefix=".base.partial-", dir=root))
+    try:
+        local = Path(source).expanduser()
+        if not _is_uri(source) and local.is_dir():
+            info = read_base_info(local, base_id or None)
+            _check_hash(info, expected_hash, source)
+            staged = tmp / "link"
+            os.symlink(local.resolve(), staged)
+        else:
+            from ..safe_tar import safe_extract
+
+            archive = _fetch(source, tmp / "base.tar.gz")
+            safe_extract(archive, tmp / "x")
+            staged = _diffusers_root(tmp / "x")
+            info = read_base_info(staged, base_id or None)
+            _check_hash(info, expected_hash, source)
+        dest = root / info.content_hash[:16]
+        try:
+            os.replace(staged, dest)
+        except OSError:
+            if not dest.exists():  # else: the same base arrived from another source first
+                raise
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_env(source: str, shared: Path, *, sha256: str = "") -> str:
+    """An EXECUTION_ENV_PATH for the shared base ("" when ``source`` is empty: inherit).
+
+    A local folder (with bin/activate) or tarball is used where it is; a URI is downloaded to
+    ``shared/env/`` (Triton unpacks conda-pack tarballs itself).
+    """
+    if not source:
+        return ""
+    local = Path(source.removeprefix("file://")).expanduser()
+    if not _is_uri(source) or source.startswith("file://"):
+        if local.is_dir() and not (local / "bin" / "activate").is_file():
+            raise SharedFilesError(f"serving environment {local} has no bin/activate")
+        if not local.exists():
+            raise SharedFilesError(f"serving environment {local} does not exist")
+        return str(local.resolve())
+    dest = Path(shared) / "env" / f"{sha256[:16] or _key(source)}.tar.gz"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with _lock(shared, f"env-{dest.stem}"):
+            if not dest.exists():
+                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
+                try:
+                    got = _fetch(source, tmp / dest.name)
+                    if sha256 and _sha256(got) != sha256:
+                        raise SharedFilesError(f"serving environment {source}: sha256 mismatch")
+                    os.replace(got, dest)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    return str(dest)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,40 @@
+"""Triton model.py of the shared base (``sd_base_<hash>``); never imported by the library.
+
+A user model (or model_setup) reads these bytes and starts the model with
+``pb_utils.load_model(files={"file:1/model.py": ...})``: it lives in no repository, so it is
+loaded once per server however many user models forward to it through BLS.
+"""
+
+import json
+
+import triton_python_backend_utils as pb_utils
+
+from avatarforge.serving import schema
+from avatarforge.serving.base_model import SharedBase
+from avatarforge.serving.config import model_params
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_params(args)
+        self.inputs = [i["name"] for i in json.loads(args["model_config"])["input"]]
+        self.output = schema.GENERATED_IMAGE.name
+        self.model = SharedBase.from_params(
+            params, args["model_instance_kind"], args.get("model_instance_device_id", "0")
+        )
+
+    def execute(self, requests):
+        batch = []
+        for request in requests:
+            tensors = {n: pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs}
+            batch.append({n: t.as_numpy() for n, t in tensors.items() if t is not None})
+        responses = []
+        for result in self.model.handle(batch):
+            if isinstance(result, Exception):
+                responses.append(
+                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
+                )
+            else:
+                out = pb_utils.Tensor(self.output, result)
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+        return responses

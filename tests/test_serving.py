@@ -1,0 +1,286 @@
+"""The serving library outside any server: schema/configs, request handling, adapter cache,
+shared files, packaging."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import tarfile
+
+import numpy as np
+import pytest
+
+from avatarforge.adapter import AdapterError
+from avatarforge.base import BaseError, BaseInfo
+from avatarforge.generate import GenArgs, from_jpeg_base64
+from avatarforge.serving import schema
+from avatarforge.serving.adapter_cache import AdapterCache
+from avatarforge.serving.config import ServingConfig
+from avatarforge.serving.handler import RequestError, handle_requests, parse_request
+from avatarforge.serving.package import PackageError, model_repository, package_user
+from avatarforge.serving.runtime import user_adapter
+from avatarforge.serving.shared_files import SharedFilesError, ensure_base, ensure_env
+from avatarforge.serving.triton_config import (
+    checked_in_setup_config,
+    parse_pbtxt,
+    sd_base_config,
+    to_pbtxt,
+    user_model_config,
+)
+
+# ---------------------------------------------------------------- schema and configs
+
+
+def test_user_config_is_rendered_from_the_schema():
+    config = parse_pbtxt(to_pbtxt(user_model_config("alice", "b", "h" * 64)))
+    assert config["name"] == "alice"
+    assert config["max_batch_size"] == schema.MAX_BATCH_SIZE
+    inputs = {i["name"]: i.get("optional", False) for i in config["input"]}
+    assert inputs == {s.name: s.optional for s in schema.INPUTS}
+    assert [o["name"] for o in config["output"]] == ["generated_image"]
+    assert config["parameters"]["BASE_HASH"]["string_value"] == "h" * 64
+    assert "EXECUTION_ENV_PATH" in config["parameters"]
+
+
+def test_shared_base_kind_follows_the_device():
+    cpu = sd_base_config("b", "h" * 64, "/base", "/env", device="cpu")
+    gpu = sd_base_config("b", "h" * 64, "/base", "/env", device="cuda")
+    assert cpu["instance_group"][0]["kind"] == "KIND_CPU"
+    assert gpu["instance_group"][0]["kind"] == "KIND_GPU"
+    assert "adapter" in [i["name"] for i in cpu["input"]]
+
+
+def test_checked_in_model_setup_config_matches_the_schema():
+    text = (model_repository() / "model_setup" / "config.pbtxt").read_text()
+    assert text == checked_in_setup_config()
+    assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text)["parameters"]  # no machine paths
+
+
+def test_env_path_refuses_variables_triton_does_not_expand():
+    with pytest.raises(ValueError, match="serving.env_path"):
+        ServingConfig(env_path="$HOME/env")
+
+
+# ---------------------------------------------------------------- request handling
+
+
+def _req(**columns):
+    return {k: np.array([[v.encode()] for v in vs], dtype=object) for k, vs in columns.items()}
+
+
+def _fake_generate(calls):
+    from PIL import Image
+
+    def generate(prompt, negative, args, adapter):
+        calls.append((prompt, negative, args, adapter))
+        return [
+            Image.new("RGB", (args.width, args.height), (args.seed % 256, 0, 0))
+        ] * args.num_images
+
+    return generate
+
+
+def test_omitted_optional_inputs_take_defaults():
+    parsed = parse_request(_req(prompt=["hi"]))
+    assert parsed.rows[0].negative_prompt is None
+    assert parsed.rows[0].args == GenArgs()
+    assert parsed.adapter is None
+
+
+def test_every_row_and_request_is_answered():
+    calls = []
+    requests = [
+        _req(
+            prompt=["a", "b"], gen_args=['{"seed": 1, "height": 64}', '{"seed": 2, "height": 64}']
+        ),
+        _req(prompt=["c"], negative_prompt=["x"], gen_args=['{"num_images": 2, "width": 64}']),
+    ]
+    results = handle_requests(requests, _fake_generate(calls))
+    assert [r.shape for r in results] == [(2, 1), (1, 2)]
+    assert [c[0] for c in calls] == ["a", "b", "c"]
+    assert from_jpeg_base64(results[0][1][0]).size == (512, 64)
+
+
+def test_bad_request_fails_alone_and_names_the_field():
+    calls = []
+    requests = [
+        _req(prompt=["a"], gen_args=['{"steps": 500}']),
+        _req(prompt=["b"]),
+        _req(prompt=["c"], gen_args=["[1]"]),
+        {"negative_prompt": np.array([[b"x"]], dtype=object)},
+        _req(prompt=["  "]),
+    ]
+    results = handle_requests(requests, _fake_generate(calls))
+    assert isinstance(results[1], np.ndarray)
+    errors = [str(r) for r in results if isinstance(r, RequestError)]
+    assert len(errors) == 4
+    assert "gen_args.steps" in errors[0]
+    assert "gen_args: must be a JSON object" in errors[1]
+    assert "prompt: required" in errors[2]
+    assert "prompt: must not be empty" in errors[3]
+
+
+def test_unexpected_failure_is_an_error_not_a_success():
+    def broken(*_):
+        raise RuntimeError("out of memory")
+
+    (result,) = handle_requests([_req(prompt=["a"])], broken)
+    assert isinstance(result, RequestError)
+    assert "internal error: RuntimeError: out of memory" in str(result)
+
+
+def test_rows_of_one_request_must_agree():
+    with pytest.raises(RequestError, match="num_images"):
+        parse_request(_req(prompt=["a", "b"], gen_args=['{"num_images": 2}', "{}"]))
+
+
+# ---------------------------------------------------------------- adapter cache
+
+
+class FakePipe:
+    def __init__(self):
+        self.active, self.enabled, self.layers = None, True, set()
+
+    def set_adapters(self, names):
+        self.active = names
+
+    def disable_lora(self):
+        self.enabled = False
+
+    def enable_lora(self):
+        self.enabled = True
+
+
+def _cache(capacity, fail_for=()):
+    log = []
+
+    def load(pipe, folder, base, name):
+        if folder.name in fail_for:
+            pipe.layers.add(name)  # a half-done load
+            raise AdapterError(f"{folder} is not a complete adapter")
+        pipe.layers.add(name)
+        log.append(("load", folder.name))
+
+    def unload(pipe, name):
+        if name not in pipe.layers:
+            raise AdapterError("not loaded")
+        pipe.layers.remove(name)
+        log.append(("unload", name))
+
+    pipe = FakePipe()
+    return AdapterCache(pipe, BaseInfo("b", "h", None), capacity, load=load, unload=unload), log
+
+
+def test_adapter_cache_evicts_the_least_recently_used(tmp_path):
+    cache, log = _cache(2)
+    a, b, c = (str(tmp_path / n) for n in "abc")
+    cache.activate(a)
+    cache.activate(b)
+    cache.activate(a)  # a is now the most recent
+    cache.activate(c)  # evicts b
+    assert cache.loaded == [a, c]
+    assert [e[0] for e in log] == ["load", "load", "unload", "load"]
+    cache.activate(None)
+    assert cache.pipe.enabled is False
+    cache.activate(a)
+    assert cache.pipe.enabled is True and len(cache.pipe.active) == 1
+
+
+def test_failed_adapter_load_leaves_nothing_behind(tmp_path):
+    cache, _ = _cache(2, fail_for={"broken"})
+    with pytest.raises(AdapterError, match="broken"):
+        cache.activate(str(tmp_path / "broken"))
+    assert cache.loaded == [] and cache.pipe.layers == set()
+    cache.activate(str(tmp_path / "ok"))
+    assert len(cache.loaded) == 1
+
+
+# ---------------------------------------------------------------- shared files
+
+
+def test_base_from_a_folder_is_linked_and_verified(tiny_base, tmp_path):
+    info = ensure_base(str(tiny_base.path), tmp_path, expected_hash=tiny_base.content_hash)
+    assert info.content_hash == tiny_base.content_hash
+    assert (tmp_path / "base" / tiny_base.content_hash[:16]).is_symlink()
+    with pytest.raises(SharedFilesError, match="expected"):
+        ensure_base(str(tiny_base.path), tmp_path / "other", expected_hash="0" * 64)
+    assert not (tmp_path / "other" / "base" / ("0" * 16)).exists()
+
+
+def test_base_from_a_tarball_without_hash_is_found_again_by_hash(base_tarball, tiny_base, tmp_path):
+    first = ensure_base(str(base_tarball), tmp_path)  # model_setup: no hash known
+    assert first.content_hash == tiny_base.content_hash
+    # a user model names the hash and finds the same copy without fetching again
+    again = ensure_base("", tmp_path, expected_hash=tiny_base.content_hash)
+    assert again.path == first.path
+    assert [p.name for p in (tmp_path / "base").iterdir() if not p.name.endswith(".hash")] == [
+        tiny_base.content_hash[:16]
+    ]
+
+
+def test_missing_source_is_a_clear_error(tmp_path):
+    with pytest.raises(SharedFilesError, match="AVATARFORGE_BASE_SOURCE"):
+        ensure_base("", tmp_path, expected_hash="a" * 64)
+
+
+def _ensure_in_child(args):
+    source, shared, expected = args
+    return str(ensure_base(source, shared, expected_hash=expected).path)
+
+
+def test_concurrent_ensures_install_once(base_tarball, tiny_base, tmp_path):
+    jobs = [(str(base_tarball), tmp_path, tiny_base.content_hash)] * 4
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        paths = pool.map(_ensure_in_child, jobs)
+    assert len(set(paths)) == 1
+    leftovers = [p.name for p in (tmp_path / "base").iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_env_source(tmp_path):
+    assert ensure_env("", tmp_path) == ""
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    with pytest.raises(SharedFilesError, match="bin/activate"):
+        ensure_env(str(tmp_path / "venv"), tmp_path)
+    (tmp_path / "venv" / "bin" / "activate").write_text("")
+    assert ensure_env(str(tmp_path / "venv"), tmp_path) == str((tmp_path / "venv").resolve())
+
+
+# ---------------------------------------------------------------- packaging
+
+
+def test_package_layout_is_what_mme_untars(packaged_users, tiny_base):
+    with tarfile.open(packaged_users["alice"]) as tar:
+        names = tar.getnames()
+        config = parse_pbtxt(tar.extractfile("alice/config.pbtxt").read().decode())
+        assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
+    assert {"alice", "alice/config.pbtxt", "alice/1/model.py",
+            "alice/1/adapter/pytorch_lora_weights.safetensors",
+            "alice/1/adapter/avatarforge_adapter.json"} <= set(names)  # fmt: skip
+    assert config["parameters"]["BASE_HASH"]["string_value"] == tiny_base.content_hash
+
+
+def test_package_bytes_are_reproducible(trained_adapter, tiny_base, tmp_path):
+    one = package_user("u1", trained_adapter, tmp_path / "a", base=tiny_base, device="cpu")
+    two = package_user("u1", trained_adapter, tmp_path / "b", base=tiny_base, device="cpu")
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_package_refuses_another_base_and_bad_names(trained_adapter, tiny_base, tmp_path):
+    other = BaseInfo("other", "f" * 64, tmp_path)
+    with pytest.raises(BaseError, match="trained on base"):
+        package_user("u1", trained_adapter, tmp_path, base=other)
+    for bad in ("../x", "model_setup", "sd_base_x", "a b", ""):
+        with pytest.raises(PackageError):
+            package_user(bad, trained_adapter, tmp_path, base=tiny_base)
+    assert list(tmp_path.glob("*.tar.gz")) == []
+
+
+def test_user_model_checks_its_adapter_against_its_config(trained_adapter, tmp_path):
+    import shutil
+
+    shutil.copytree(trained_adapter, tmp_path / "1" / "adapter")
+    meta = json.loads((tmp_path / "1" / "adapter" / "avatarforge_adapter.json").read_text())
+    assert user_adapter(tmp_path, {"BASE_HASH": meta["base_hash"]}).is_dir()
+    with pytest.raises(BaseError):
+        user_adapter(tmp_path, {"BASE_HASH": "f" * 64})

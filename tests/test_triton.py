@@ -1,0 +1,153 @@
+"""The Triton repository served by the real tritonserver (tiny base, trained adapter, CPU).
+
+One server per module (started once, always stopped), 64 px images in 2 steps. Equality with
+`generate-local` is checked on decoded pixels: the local image goes through the same JPEG encoder
+(q95) as the served one and the decoded images may differ by at most 2 (of 255) per pixel, 0.05
+on average (measured: identical). The raw, unencoded image is no reference: the random tiny base
+draws noise, on which JPEG alone costs ~24 dB PSNR.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixtures.serving import triton_env
+
+from avatarforge.adapter import load_adapter, read_adapter
+from avatarforge.base import load_pipeline
+from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
+from avatarforge.serving import client
+from avatarforge.serving.repository import build_repository
+from avatarforge.serving.server import tritonserver
+from avatarforge.serving.triton_config import sd_base_name
+
+pytestmark = pytest.mark.integration
+
+SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 7}
+
+
+@pytest.fixture(scope="module")
+def prompt(trained_adapter) -> str:
+    return f"a photo of {read_adapter(trained_adapter).token} person"
+
+
+@pytest.fixture(scope="module")
+def server(packaged_users, tiny_base, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("triton")
+    names = build_repository(tmp / "repo", list(packaged_users.values()))
+    env = triton_env(tmp / "shared", tiny_base.path)
+    with tritonserver(
+        [tmp / "repo"], load=["model_setup", *names], env=env, log_path=tmp / "triton.log"
+    ) as running:
+        print(f"\ntritonserver + model_setup + {names} ready in {running.started_s:.1f} s")
+        yield running
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+
+def test_image_decodes_to_requested_size(server, prompt):
+    images = client.generate(
+        server.url, "alice", prompt, gen_args={**SMALL, "width": 80, "num_images": 2}
+    )
+    assert len(images) == 2
+    assert [im.size for im in images] == [(80, 64), (80, 64)]
+    assert images[0].format == "JPEG"
+
+
+def test_output_equals_generate_local(server, prompt, trained_adapter, tiny_base):
+    args = {**SMALL, "seed": 11}
+    served = client.generate(server.url, "alice", prompt, "blurry", args)[0]
+    pipe = load_pipeline(tiny_base, device="cpu")
+    load_adapter(pipe, trained_adapter, tiny_base, "user")
+    local = generate_images(pipe, prompt, "blurry", GenArgs.parse(args))[0]
+    local_jpeg = from_jpeg_base64(to_jpeg_base64(local))
+    diff = np.abs(_pixels(served) - _pixels(local_jpeg))
+    print(f"\nserved vs generate-local: max abs diff {diff.max()}, mean {diff.mean():.4f}")
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_omitted_negative_prompt_works(server, prompt):
+    out = client.infer(server.client(), "alice", client.build_inputs([prompt], None, [SMALL]))
+    assert from_jpeg_base64(out[0][0]).size == (64, 64)
+
+
+@pytest.mark.slow
+def test_omitted_optional_inputs_work(server, prompt):
+    # no negative_prompt, no gen_args: the defaults (512 px, 30 steps; ~90 s on 2 CPU cores)
+    http = server.client()
+    out = client.infer(http, "alice", client.build_inputs([prompt]))
+    image = from_jpeg_base64(out[0][0])
+    assert image.size == (512, 512)
+
+
+def test_every_request_of_a_batch_is_answered(server, prompt):
+    http = server.client()
+    rows = [json.dumps({**SMALL, "seed": s}) for s in (1, 2, 3)]
+    out = client.infer(http, "alice", client.build_inputs([prompt] * 3, None, rows))
+    assert out.shape == (3, 1)
+    images = [from_jpeg_base64(b) for b in out[:, 0]]
+    assert len({im.tobytes() for im in images}) == 3  # three seeds, three images
+    # concurrent requests from two users reach the shared base together; all are answered
+    pending = [
+        http.async_infer(user, client.build_inputs([prompt], None, [{**SMALL, "seed": s}]))
+        for user, s in (("alice", 1), ("bob", 2), ("alice", 3), ("bob", 1))
+    ]
+    answers = [from_jpeg_base64(p.get_result().as_numpy("generated_image")[0][0]) for p in pending]
+    for (_, seed), image in zip((("a", 1), ("b", 2), ("a", 3), ("b", 1)), answers, strict=True):
+        assert np.abs(_pixels(image) - _pixels(images[seed - 1])).max() <= 2
+
+
+@pytest.mark.parametrize(
+    ("gen_args", "field"),
+    [
+        ({"steps": 0}, "gen_args.steps"),
+        ({"height": 100}, "gen_args.height"),
+        ({"scheduler": "nope"}, "gen_args.scheduler"),
+        ({"colour": "red"}, "colour"),
+        ("{not json", "gen_args"),
+    ],
+)
+def test_bad_gen_args_get_an_error_naming_the_field(server, prompt, gen_args, field):
+    with pytest.raises(client.ServingError) as err:
+        client.generate(server.url, "alice", prompt, gen_args=gen_args)
+    assert field in str(err.value)
+    assert not isinstance(err.value, client.ModelNotFoundError)
+    # and the server keeps serving
+    assert client.generate(server.url, "alice", prompt, gen_args=SMALL)[0].size == (64, 64)
+
+
+def test_bad_request_in_a_batch_fails_alone(server, prompt):
+    http = server.client()
+    good = http.async_infer("alice", client.build_inputs([prompt], None, [SMALL]))
+    bad = http.async_infer("bob", client.build_inputs([prompt], None, [{"steps": -1}]))
+    assert good.get_result().as_numpy("generated_image").shape == (1, 1)
+    with pytest.raises(Exception, match=r"gen_args\.steps"):
+        bad.get_result()
+
+
+def test_unknown_user_is_a_clear_not_found(server, prompt):
+    with pytest.raises(client.ModelNotFoundError, match="carol"):
+        client.generate(server.url, "carol", prompt, gen_args=SMALL)
+
+
+def test_users_share_one_base_process(server, tiny_base):
+    assert server.client().is_model_ready(sd_base_name(tiny_base.content_hash))
+    assert server.log_path.read_text().count("successfully loaded 'sd_base_") == 1
+
+
+def test_restarted_server_loads_a_user_without_model_setup(
+    packaged_users, base_tarball, tiny_base, prompt, tmp_path
+):
+    # A fresh instance: empty shared dir, base only as a tarball, model_setup never loaded.
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = triton_env(tmp_path / "shared", base_tarball)
+    with tritonserver([tmp_path / "repo"], load=["alice"], env=env) as running:
+        images = client.generate(running.url, "alice", prompt, gen_args=SMALL)
+        assert images[0].size == (64, 64)
+        assert not running.client().is_model_ready("model_setup")
+    installed = tmp_path / "shared" / "base" / tiny_base.content_hash[:16]
+    assert installed.is_dir() and not installed.is_symlink()

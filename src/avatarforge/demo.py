@@ -17,7 +17,7 @@ from PIL import Image
 from rich.console import Console
 
 from .base import BaseConfig, BaseInfo, load_pipeline, resolve_base
-from .generate import GenArgs, generate_images
+from .generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
 from .imaging import contact_sheet
 from .paths import build_dir
 
@@ -48,6 +48,9 @@ class DemoState:
     base: BaseInfo | None = None
     dataset: Path | None = None
     adapter: Path | None = None
+    package: Path | None = None
+    local_images: list[Image.Image] = field(default_factory=list)
+    triton_vs_local: int | None = None  # largest pixel difference, same JPEG encoding
     # one row per prompt: label -> image path, in column order (base, adapter, ...)
     rows: dict[str, dict[str, Path]] = field(default_factory=dict)
 
@@ -106,6 +109,7 @@ def _step_generate_local(state: DemoState) -> None:
     after = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
     _save_column(state, "base", before)
     _save_column(state, "local", after)
+    state.local_images = after
     # The tiny base's random VAE paints similar textures for any latent: show what moved.
     diffs = [_difference(a, b) for a, b in zip(before, after, strict=True)]
     _save_column(state, "diff x8", [image for image, _ in diffs])
@@ -118,14 +122,53 @@ def _difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, float]:
     return Image.fromarray(np.clip(delta * 8, 0, 255).astype(np.uint8)), float(delta.mean())
 
 
+def _step_package(state: DemoState) -> None:
+    from .serving.package import package_user
+
+    assert state.base is not None and state.adapter is not None
+    state.package = package_user(DEMO_USER, state.adapter, build_dir() / "package", base=state.base)
+    size = state.package.stat().st_size / 1024
+    console.print(f"  {state.package} ({size:.0f} KiB; `make local-triton` serves it too)")
+
+
+def _step_serve(state: DemoState) -> None:
+    from .serving.client import generate
+    from .serving.repository import build_repository
+    from .serving.server import tritonserver
+
+    assert state.base is not None and state.package is not None
+    repo = state.out / "triton" / "repository"
+    (user,) = build_repository(repo, [state.package])
+    env = {
+        "AVATARFORGE_SHARED_DIR": str(state.out / "triton" / "shared"),
+        "AVATARFORGE_BASE_SOURCE": str(state.base.path),
+    }
+    log_path = state.out / "triton" / "tritonserver.log"
+    with tritonserver([repo], load=["model_setup", user], env=env, log_path=log_path) as server:
+        console.print(f"  tritonserver at http://{server.url} ready in {server.started_s:.1f} s")
+        args = DEMO_ARGS.to_dict()
+        images = [generate(server.url, user, prompt, None, args)[0] for prompt in PROMPTS]
+    _save_column(state, "triton", images)
+    # the server sends JPEGs: compare with the diffusers images through the same encoder
+    local = [from_jpeg_base64(to_jpeg_base64(image)) for image in state.local_images]
+    worst = state.triton_vs_local = max(_distance(a, b) for a, b in zip(local, images, strict=True))
+    console.print(
+        f"  {len(images)} images through tritonserver in {state.out / 'triton'}; "
+        f"largest pixel difference from the diffusers path {worst}/255; log {log_path}"
+    )
+
+
+def _distance(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
+
+
 def _step_contact_sheet(state: DemoState) -> None:
     columns = list(next(iter(state.rows.values())))
     sheet = contact_sheet(
         [list(row.values()) for row in state.rows.values()],
         [f"{prompt}  [{' | '.join(columns)}]" for prompt in state.rows],
         cell=192,
-        title="avatarforge demo: base | adapter (diffusers) | adapter (Triton); tiny random "
-        "base, so textures, not faces",
+        title="avatarforge demo: one row per prompt (tiny random base: textures, not faces)",
     )
     path = state.out / "contact_sheet.png"
     sheet.save(path)
@@ -137,11 +180,14 @@ STEPS: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
     ("preprocess the sample selfies", _step_preprocess),
     ("train a DreamBooth LoRA for the demo user", _step_train),
     ("generate before/after with diffusers", _step_generate_local),
+    ("package the demo user as a Triton model", _step_package),
+    ("serve it from tritonserver and generate", _step_serve),
     ("draw the contact sheet", _step_contact_sheet),
 )
 
 
 def run_demo(out: Path | None = None) -> DemoState:
+    """Run every step into ``out`` (default build/demo); the state says what was made."""
     state = DemoState(out=(out or build_dir() / "demo").resolve())
     state.out.mkdir(parents=True, exist_ok=True)
     for i, (title, step) in enumerate(STEPS, 1):

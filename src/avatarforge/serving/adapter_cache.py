@@ -3,6 +3,11 @@
 Loading a LoRA costs ~100 ms on the tiny base (more at SD 2.1 size); switching between loaded
 ones is a flag. The least recently used adapter is unloaded when ``capacity`` is reached, and a
 failed load leaves nothing half-loaded behind.
+
+Adapters are named by folder, and a folder can be replaced under the same path: SageMaker MME
+unpacks a TargetModel to ``<root>/<hash of its name>/model``, so a user whose ``<user>.tar.gz``
+was updated comes back, after an unload, at the path of the old adapter. A folder whose weights
+file is not the one that was loaded (another inode, size, mtime or ctime) is loaded again.
 """
 
 from __future__ import annotations
@@ -17,6 +22,17 @@ from pathlib import Path
 from ..base import BaseInfo
 
 log = logging.getLogger(__name__)
+
+
+def _files_signature(adapter_dir: str | Path) -> tuple[int, ...] | None:
+    """Identity of the weights file now in the folder (one stat; ctime changes on re-extract)."""
+    from ..adapter import WEIGHTS_FILE
+
+    try:
+        st = (Path(adapter_dir) / WEIGHTS_FILE).stat()
+    except OSError:
+        return None  # the loader reports a missing adapter; nothing to compare here
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def adapter_name(adapter_dir: str | Path) -> str:
@@ -43,6 +59,7 @@ class AdapterCache:
         self.pipe, self.base, self.capacity = pipe, base, capacity
         self._load, self._unload = load, unload
         self._loaded: OrderedDict[str, str] = OrderedDict()  # name -> folder, oldest first
+        self._signatures: dict[str, tuple[int, ...] | None] = {}  # name -> files when loaded
         self._lora_enabled = True
 
     @property
@@ -57,14 +74,19 @@ class AdapterCache:
                 self._lora_enabled = False
             return
         name = adapter_name(adapter_dir)
+        signature = _files_signature(adapter_dir)
+        if name in self._loaded and self._signatures.get(name) != signature:
+            log.info("adapter %s changed on disk; loading it again", adapter_dir)
+            self._drop(name)
         if name in self._loaded:
             self._loaded.move_to_end(name)
         else:
             while len(self._loaded) >= self.capacity:
-                old, folder = self._loaded.popitem(last=False)
+                old, folder = next(iter(self._loaded.items()))
                 log.info("evicting adapter %s", folder)
-                self._unload(self.pipe, old)
+                self._drop(old)
             self._load_one(adapter_dir, name)
+            self._signatures[name] = signature
         if not self._lora_enabled:
             self.pipe.enable_lora()
             self._lora_enabled = True
@@ -80,7 +102,11 @@ class AdapterCache:
             raise
         self._loaded[name] = str(adapter_dir)
 
+    def _drop(self, name: str) -> None:
+        del self._loaded[name]
+        self._signatures.pop(name, None)
+        self._unload(self.pipe, name)
+
     def clear(self) -> None:
         while self._loaded:
-            name, _ = self._loaded.popitem(last=False)
-            self._unload(self.pipe, name)
+            self._drop(next(iter(self._loaded)))

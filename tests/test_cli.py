@@ -56,3 +56,15 @@ def test_doctor_reports_tritonserver_and_gpu():
     result = runner.invoke(app, ["doctor"])
     assert result.exit_code == 0, result.output
     assert "tritonserver" in result.output and "GPU" in result.output
+
+
+@pytest.mark.parametrize(
+    "targets",
+    [[], ["--url", "127.0.0.1:1", "--mme", "http://127.0.0.1:1"], ["--target-model", "a.tar.gz"]],
+    ids=["neither", "both", "half"],
+)
+def test_generate_needs_exactly_one_target(targets):
+    result = runner.invoke(app, ["generate", "--prompt", "x", *targets])
+    assert result.exit_code == 2, result.output
+    assert "--url and --user" in result.output and "--mme and --target-model" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

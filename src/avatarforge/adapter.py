@@ -15,7 +15,6 @@ reference implementation trained on one SD 2.1 variant and served another).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import TINY, TINY_ID_PREFIX, BaseConfig, BaseInfo, check_same_base
+from .hashing import sha256_file
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name
 METADATA_FILE = "avatarforge_adapter.json"
@@ -88,14 +88,6 @@ class AdapterMetadata:
         return cls(**values, extra=extra)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _canonicalize_header(path: Path) -> None:
     """Rewrite a safetensors header with sorted keys, in place.
 
@@ -155,7 +147,7 @@ def save_adapter(
             else None,
         )
         _canonicalize_header(tmp / WEIGHTS_FILE)
-        metadata = dataclasses.replace(metadata, weights_sha256=_sha256(tmp / WEIGHTS_FILE))
+        metadata = dataclasses.replace(metadata, weights_sha256=sha256_file(tmp / WEIGHTS_FILE))
         (tmp / METADATA_FILE).write_text(
             json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"
         )
@@ -186,7 +178,7 @@ def read_adapter(adapter_dir: Path) -> AdapterMetadata:
         meta = AdapterMetadata.from_dict(data)
     except TypeError as exc:
         raise AdapterError(f"{meta_path}: {exc}") from None
-    if meta.weights_sha256 and _sha256(weights) != meta.weights_sha256:
+    if meta.weights_sha256 and sha256_file(weights) != meta.weights_sha256:
         raise AdapterError(
             f"{weights} does not match the sha256 recorded in {METADATA_FILE} "
             "(truncated or altered copy)"

@@ -11,14 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+
+from .netutil import free_port, wait_until_http_ok
 
 DUMMY_REGION = "us-east-1"
 
@@ -33,12 +32,6 @@ def dummy_aws_env(endpoint: str) -> dict[str, str]:
         "AWS_DEFAULT_REGION": DUMMY_REGION,
         "AWS_REGION": DUMMY_REGION,
     }
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def find_moto_server() -> Path:
@@ -77,24 +70,10 @@ def moto_server(
             stderr=subprocess.STDOUT,
         )
         try:
-            _wait_until_up(endpoint, process, start_timeout)
+            wait_until_http_ok(f"{endpoint}/moto-api/", process, start_timeout, what="moto_server")
             yield endpoint
         finally:
             _stop(process)
-
-
-def _wait_until_up(endpoint: str, process: subprocess.Popen, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"moto_server exited with code {process.returncode} at start")
-        try:
-            with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1) as response:
-                response.read()
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.1)
-    raise TimeoutError(f"moto_server did not answer on {endpoint} within {timeout:.0f} s")
 
 
 def _stop(process: subprocess.Popen) -> None:

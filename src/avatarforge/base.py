@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .hashing import update_from_file
 from .paths import tiny_base_dir
 from .settings import ConfigError, Settings, setting
 
@@ -80,9 +81,7 @@ def content_hash(folder: Path) -> str:
     h = hashlib.sha256()
     for f in _weight_files(folder):
         h.update(f.relative_to(folder).as_posix().encode() + b"\0")
-        with f.open("rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        update_from_file(h, f)
         h.update(b"\0")
     return h.hexdigest()
 

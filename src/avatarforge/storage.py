@@ -9,7 +9,6 @@ crash leaves only a ``.tmp-*`` file behind. S3 goes through boto3, which reads i
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import shutil
 import uuid
@@ -17,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from .hashing import sha256_file
 
 _CHUNK = 1024 * 1024
 
@@ -56,14 +57,6 @@ def join_uri(prefix: str, name: str) -> str:
     if prefix.startswith(("s3://", "file://")):
         return prefix.rstrip("/") + "/" + name
     return str(Path(prefix) / name)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch(uri: str, dest: Path, *, sha256: str | None = None) -> Path:

@@ -7,26 +7,19 @@ import shutil
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from ..base import BaseConfig, BaseError, build_tiny_base, resolve_base
 from ..paths import build_dir, tiny_base_dir
 from ..settings import ConfigError
+from .common import console, fail
 
-console = Console()
 base_app = typer.Typer(help="Build and inspect the base model.", no_args_is_help=True)
-
-
-def fail(message: str, code: int = 1) -> None:
-    """Print a clear error and exit non-zero (no traceback for expected errors)."""
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
 
 
 @base_app.command("build")
 def build(
-    out: Path = typer.Option(None, help="output folder [default: build/base/tiny-sd21]"),
+    out: Path = typer.Option(None, help="output folder (default: build/base/tiny-sd21)"),
     seed: int = typer.Option(0, min=0, help="seed of the random weights (same seed, same bytes)"),
     force: bool = typer.Option(False, help="rebuild even if the folder exists"),
 ) -> None:

@@ -8,7 +8,7 @@ import typer
 
 
 def demo(
-    out: Path = typer.Option(None, help="output folder [default: build/demo]"),
+    out: Path = typer.Option(None, help="output folder (default: build/demo)"),
 ) -> None:
     """Run every step on the embedded tiny base and the sample photos; leaves images and a
     contact sheet in build/demo/."""

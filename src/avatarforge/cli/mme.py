@@ -1,4 +1,4 @@
-"""`avatarforge mme serve|invoke|generate`: the local SageMaker multi-model endpoint."""
+"""`avatarforge mme serve|invoke`: the local SageMaker multi-model endpoint."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from ..paths import build_dir
-from .base import fail
+from .common import console, fail
 
-console = Console()
 mme_app = typer.Typer(
     help="A local SageMaker multi-model endpoint: tritonserver's SageMaker front end + a loader "
     "that fetches <user>.tar.gz on first use and evicts the least recently used.",
@@ -24,13 +22,13 @@ mme_app = typer.Typer(
 @mme_app.command("serve")
 def serve(
     source: str = typer.Option(
-        None, help="folder or s3:// prefix holding <user>.tar.gz [default: build/package]"
+        None, help="folder or s3:// prefix holding <user>.tar.gz (default: build/package)"
     ),
-    root: Path = typer.Option(None, help="where models are untarred [default: build/mme/models]"),
+    root: Path = typer.Option(None, help="where models are untarred (default: build/mme/models)"),
     max_loaded: int = typer.Option(8, min=1, help="models kept loaded (LRU eviction past it)"),
     port: int = typer.Option(8090, help="port of the SageMaker-runtime-like front (127.0.0.1)"),
-    sagemaker_port: int = typer.Option(None, help="tritonserver's SageMaker port [default: free]"),
-    shared_dir: Path = typer.Option(None, help="shared files [default: build/triton/shared]"),
+    sagemaker_port: int = typer.Option(None, help="tritonserver's SageMaker port (default: free)"),
+    shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
     base: str = typer.Option("tiny", help="base source for the shared base: 'tiny' or a path"),
 ) -> None:
     """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything."""
@@ -81,7 +79,7 @@ def _print_usage(url: str, server, source: str) -> None:
     console.print(f"TargetModels from {source}: {', '.join(examples) or '(none yet)'}")
     console.print(f"log: {server.log_path}")
     console.print(
-        f"try: avatarforge mme generate --url {url} --target-model {target} "
+        f"try: avatarforge generate --mme {url} --target-model {target} "
         "--prompt 'a photo of <<TOK>> person' --gen-args '{\"steps\": 20}'"
     )
     console.print(
@@ -107,33 +105,6 @@ def invoke(
     except OSError as exc:
         fail(f"cannot reach {url}: {exc}")
     console.print_json(data=response)
-
-
-@mme_app.command("generate")
-def generate(
-    url: str = typer.Option(..., "--url", "--mme", help="the local MME front URL"),
-    target_model: str = typer.Option(..., "--target-model", help="e.g. alice.tar.gz"),
-    prompt: str = typer.Option(..., "--prompt", help="what to draw"),
-    negative_prompt: str = typer.Option(None, "--negative-prompt", help="what to avoid"),
-    gen_args: str = typer.Option(None, "--gen-args", help="JSON, e.g. '{\"seed\": 1}'"),
-    out: Path = typer.Option(None, help="output folder [default: build/generate/<target>]"),
-) -> None:
-    """Generate images through the local MME (loads the TargetModel on first use)."""
-    from ..mme.front import EndpointError
-    from ..mme.generate import generate as mme_generate
-
-    try:
-        images = mme_generate(url, target_model, prompt, negative_prompt, gen_args)
-    except EndpointError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot reach {url}: {exc}")
-    folder = out or build_dir() / "generate" / target_model.removesuffix(".tar.gz")
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        path = folder / f"{i:02d}.jpg"
-        image.convert("RGB").save(path, format="JPEG", quality=95)
-        print(path)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ..preprocess.config import PreprocessConfig
 from ..settings import ConfigError
-
-console = Console()
-
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
-# Options are generated from PreprocessConfig (one place for defaults, help and bounds).
-_SKIP = ("grabcut_iterations",)
-
-
-def _options() -> list[tuple[str, dataclasses.Field]]:
-    from ..preprocess.config import PreprocessConfig
-
-    return [(f.name, f) for f in dataclasses.fields(PreprocessConfig) if f.name not in _SKIP]
+from .common import config_options, console, fail
 
 
 def _summary(manifest) -> Table:
@@ -41,28 +29,29 @@ def _summary(manifest) -> Table:
     return table
 
 
+@config_options(PreprocessConfig, skip=("grabcut_iterations",))
 def preprocess(
     in_dir: Path = typer.Argument(..., help="folder of the user's photos (only read)"),
     out_dir: Path = typer.Argument(..., help="output folder: images/, masks/, manifest.json"),
     **options,
 ) -> None:
     """Turn a folder of selfies into a training folder; say why each rejected photo was."""
-    from ..preprocess import NotEnoughPhotosError, PreprocessConfig, PreprocessError
+    from ..preprocess import NotEnoughPhotosError, PreprocessError
     from ..preprocess import preprocess_dir as run
 
     try:
-        config = PreprocessConfig(**{k: v for k, v in options.items() if v is not None})
+        config = PreprocessConfig(**options)
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     try:
         manifest = run(in_dir, out_dir, config, progress=True)
     except NotEnoughPhotosError as exc:
         from ..preprocess import load_manifest
 
         console.print(_summary(load_manifest(out_dir)))
-        _fail(str(exc))
+        fail(str(exc))
     except PreprocessError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     console.print(_summary(manifest))
     console.print(f"{len(manifest.kept)} image(s) in {out_dir / 'images'}")
     console.print(f"manifest      {manifest.path}")
@@ -86,45 +75,7 @@ def samples(
             console.print(f"  {name}: {'kept (turned upright)' if reason is None else reason}")
 
 
-def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(1)
-
-
-def _with_config_options(func):
-    """Give ``func`` one --option per config field (typer reads the signature)."""
-    import inspect
-
-    sig = inspect.signature(func)
-    params = [p for p in sig.parameters.values() if p.kind != p.VAR_KEYWORD]
-    for name, f in _options():
-        meta = f.metadata
-        kind = _TYPES.get(f.type, f.type)  # fields are typed by string (postponed annotations)
-        default = f.default
-        hint = f"{meta['help']} [default: {default}]"
-        flag = "--" + name.replace("_", "-")
-        if kind is bool:
-            opt = typer.Option(None, f"{flag}/--no-{name.replace('_', '-')}", help=hint)
-        elif meta.get("choices"):
-            opt = typer.Option(None, flag, help=f"{hint} (one of {', '.join(meta['choices'])})")
-        else:
-            opt = typer.Option(None, flag, help=hint, min=meta.get("ge"), max=meta.get("le"))
-        params.append(
-            inspect.Parameter(
-                name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind | None
-            )
-        )
-
-    def wrapper(**kwargs):
-        return func(**kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=params)
-    wrapper.__doc__ = func.__doc__
-    wrapper.__name__ = func.__name__
-    return wrapper
-
-
 def register(app: typer.Typer) -> None:
     """Add this step's commands to the root app."""
-    app.command("preprocess")(_with_config_options(preprocess))
+    app.command("preprocess")(preprocess)
     app.command("samples")(samples)

@@ -1,4 +1,4 @@
-"""`avatarforge package`, `avatarforge serve local-triton` and `avatarforge generate`."""
+"""`avatarforge package` and `avatarforge serve local-triton`."""
 
 from __future__ import annotations
 
@@ -7,21 +7,19 @@ import time
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from ..paths import build_dir
-from .base import fail
+from .common import console, fail
 
-console = Console()
 serve_app = typer.Typer(help="Serve packaged users from tritonserver.", no_args_is_help=True)
 
 
 def package(
     user: str = typer.Option(..., "--user", help="user name: the Triton model name"),
     adapter: Path = typer.Option(
-        None, "--adapter", help="adapter folder [default: build/users/USER/adapter]"
+        None, "--adapter", help="adapter folder (default: build/users/USER/adapter)"
     ),
-    out: Path = typer.Option(None, help="output folder [default: build/package]"),
+    out: Path = typer.Option(None, help="output folder (default: build/package)"),
     base: str = typer.Option("", help="the serving base, if not where the adapter says"),
     device: str = typer.Option("auto", help="auto, cpu or cuda: the shared base's instance kind"),
 ) -> None:
@@ -44,10 +42,10 @@ def package(
 @serve_app.command("local-triton")
 def local_triton(
     users: list[str] = typer.Option(
-        None, "--users", help="users to load (packaged in build/package) [default: all packaged]"
+        None, "--users", help="users to load (packaged in build/package) (default: all packaged)"
     ),
     base: str = typer.Option("tiny", help="the base source: 'tiny', a diffusers folder or tarball"),
-    shared_dir: Path = typer.Option(None, help="shared files [default: build/triton/shared]"),
+    shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
 ) -> None:
     """Start tritonserver on the repository: model_setup + the packaged users; Ctrl-C stops."""
     from ..base import BaseConfig, BaseError, resolve_base
@@ -94,34 +92,7 @@ def _interrupt(*_) -> None:
     raise KeyboardInterrupt
 
 
-def generate(
-    url: str = typer.Option(..., "--url", help="tritonserver HTTP address, e.g. 127.0.0.1:8000"),
-    user: str = typer.Option(..., "--user", help="the user's model name"),
-    prompt: str = typer.Option(..., "--prompt", help="what to draw"),
-    negative_prompt: str = typer.Option(None, "--negative-prompt", help="what to avoid"),
-    gen_args: str = typer.Option(None, "--gen-args", help="JSON, e.g. '{\"seed\": 1}'"),
-    out: Path = typer.Option(None, help="output folder [default: build/generate/USER]"),
-) -> None:
-    """Generate images with a served user model and write them as JPEGs."""
-    from ..serving.client import ServingError
-    from ..serving.client import generate as remote_generate
-
-    try:
-        images = remote_generate(url, user, prompt, negative_prompt, gen_args)
-    except ServingError as exc:
-        fail(str(exc))
-    except OSError as exc:
-        fail(f"cannot reach {url}: {exc}")
-    folder = out or build_dir() / "generate" / user
-    folder.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        path = folder / f"{i:02d}.jpg"
-        image.convert("RGB").save(path, format="JPEG", quality=95)
-        print(path)
-
-
 def register(app: typer.Typer) -> None:
     """Add this step's commands to the root app."""
     app.command("package")(package)
-    app.command("generate")(generate)
     app.add_typer(serve_app, name="serve")

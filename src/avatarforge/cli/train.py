@@ -6,38 +6,18 @@ default, bound or help text is written once, in the config.
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import re
-import typing
 from pathlib import Path
 
 import typer
 
 from ..train.config import TrainConfig
-from .base import console, fail
+from .common import config_options, console, fail, save_images
 
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # becomes a folder and a model name
 
 
-def _config_parameters(cls) -> list[inspect.Parameter]:
-    """One keyword-only Typer option per config field (``--no-x`` for booleans)."""
-    hints = typing.get_type_hints(cls)
-    params = []
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        decls = [f"{flag}/--no-{flag[2:]}"] if hints[f.name] is bool else [flag]
-        option = typer.Option(
-            f.default, *decls, help=f.metadata.get("help"), rich_help_panel=cls.section
-        )
-        params.append(
-            inspect.Parameter(
-                f.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[f.name]
-            )
-        )
-    return params
-
-
+@config_options(TrainConfig)
 def train_command(
     dataset_dir: Path = typer.Argument(
         ..., help="preprocessed dataset (folder with manifest.json)"
@@ -72,14 +52,6 @@ def train_command(
         f"{result.step_seconds:.3f} s/step, peak memory {result.peak_memory_bytes / 2**20:.0f} MiB "
         f"({result.device}), {result.seconds:.1f} s"
     )
-
-
-train_command.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
-    [
-        *list(inspect.signature(train_command).parameters.values())[:3],
-        *_config_parameters(TrainConfig),
-    ]
-)
 
 
 def generate_local(
@@ -123,15 +95,7 @@ def generate_local(
     except (AdapterError, BaseError, ConfigError) as exc:
         fail(str(exc))
     folder = out or build_dir() / "generate-local" / Path(adapter).resolve().parent.name
-    folder.mkdir(parents=True, exist_ok=True)
-    ext = "jpg" if image_format == "jpeg" else "png"
-    for i, image in enumerate(images):
-        path = folder / f"{i:02d}-seed{args.seed}.{ext}"
-        if image_format == "jpeg":
-            image.convert("RGB").save(path, format="JPEG", quality=95)
-        else:
-            image.save(path, format="PNG")
-        print(path)
+    save_images(images, folder, suffix=f"-seed{args.seed}", image_format=image_format)
 
 
 def register(app: typer.Typer) -> None:

@@ -6,7 +6,6 @@ outputs): one row, BYTES tensors of shape [1, 1]; an optional input is sent only
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from PIL import Image
@@ -19,11 +18,11 @@ from .front import invoke_endpoint
 def generate_request(
     prompt: str, negative_prompt: str | None = None, gen_args: str | dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    values = {schema.PROMPT.name: prompt, schema.NEGATIVE_PROMPT.name: negative_prompt}
-    if gen_args is not None:
-        values[schema.GEN_ARGS.name] = (
-            gen_args if isinstance(gen_args, str) else json.dumps(gen_args)
-        )
+    values = {
+        schema.PROMPT.name: prompt,
+        schema.NEGATIVE_PROMPT.name: negative_prompt,
+        schema.GEN_ARGS.name: schema.gen_args_text(gen_args),
+    }
     inputs = [
         {
             "name": spec.name,

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..aws_local import free_port
+from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
 
 
@@ -75,20 +73,7 @@ def sagemaker_triton(
         startup_timeout=start_timeout,
     ) as server:
         url = f"http://127.0.0.1:{options.port}"
-        _wait_for_ping(url, server.process, start_timeout)
+        wait_until_http_ok(
+            f"{url}/ping", server.process, start_timeout, what="tritonserver (SageMaker front end)"
+        )
         yield MMEServer(url, f"http://{server.url}", server.log_path, time.perf_counter() - started)
-
-
-def _wait_for_ping(url: str, process, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"tritonserver exited with code {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/ping", timeout=1) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"tritonserver's SageMaker front end did not answer on {url}/ping")

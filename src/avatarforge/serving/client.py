@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,12 +20,6 @@ class ModelNotFoundError(ServingError):
     """No such model is loaded on the server."""
 
 
-def _json(gen_args: str | dict[str, Any] | None) -> str | None:
-    if gen_args is None or isinstance(gen_args, str):
-        return gen_args
-    return json.dumps(gen_args)
-
-
 def build_inputs(
     prompts: Sequence[str],
     negative_prompts: Sequence[str | None] | None = None,
@@ -39,7 +32,7 @@ def build_inputs(
     if negative_prompts is not None and any(n is not None for n in negative_prompts):
         columns[schema.NEGATIVE_PROMPT.name] = [n or "" for n in negative_prompts]
     if gen_args is not None and any(g is not None for g in gen_args):
-        columns[schema.GEN_ARGS.name] = [_json(g) or "" for g in gen_args]
+        columns[schema.GEN_ARGS.name] = [schema.gen_args_text(g) or "" for g in gen_args]
     inputs = []
     for spec in schema.INPUTS:
         if spec.name not in columns:

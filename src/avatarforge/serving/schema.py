@@ -8,7 +8,9 @@ batch size cannot drift apart (the reference implementation marked inputs option
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
 MAX_BATCH_SIZE = 8  # rows per Triton request; every row is answered
 
@@ -44,6 +46,14 @@ GENERATED_IMAGE = TensorSpec(
     "generated_image", "base64 JPEGs: one per image (num_images per row)", dims=(-1,)
 )
 OUTPUTS: tuple[TensorSpec, ...] = (GENERATED_IMAGE,)
+
+
+def gen_args_text(gen_args: str | dict[str, Any] | None) -> str | None:
+    """``gen_args`` as the GEN_ARGS tensor carries it: JSON text (text is sent as given)."""
+    if gen_args is None or isinstance(gen_args, str):
+        return gen_args
+    return json.dumps(gen_args)
+
 
 # model_setup: no request data; it answers with what it made sure of.
 SETUP_INPUTS: tuple[TensorSpec, ...] = (

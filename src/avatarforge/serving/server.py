@@ -10,14 +10,13 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
 from ..tritonserver import TritonInstall, find_tritonserver
 
@@ -26,12 +25,6 @@ log = logging.getLogger(__name__)
 
 class ServerError(RuntimeError):
     """tritonserver did not start, or a model did not load; the message quotes its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend_dir(install: TritonInstall | None = None) -> Path:
@@ -80,14 +73,6 @@ class RunningServer:
             self.client().load_model(model)
         except InferenceServerException as exc:
             raise ServerError(f"loading {model!r} failed: {exc}\n{self.log_tail()}") from None
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://{url}/v2/health/live", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
@@ -141,13 +126,11 @@ def tritonserver(
         )
     server = RunningServer(f"127.0.0.1:{port}", process, log_path, {"http": port}, 0.0)
     try:
-        while not _ready(server.url):
-            if process.poll() is not None:
-                code = process.returncode
-                raise ServerError(f"tritonserver exited ({code}):\n{server.log_tail()}")
-            if time.monotonic() - t0 > startup_timeout:
-                raise ServerError(f"tritonserver not live after {startup_timeout:.0f} s")
-            time.sleep(0.1)
+        live = f"http://{server.url}/v2/health/live"
+        try:
+            wait_until_http_ok(live, process, startup_timeout, what="tritonserver")
+        except (RuntimeError, TimeoutError) as exc:
+            raise ServerError(f"{exc}:\n{server.log_tail()}") from None
         for model in load:
             server.load(model)
         server.started_s = time.monotonic() - t0

@@ -21,6 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..base import BaseInfo, read_base_info
+from ..hashing import sha256_file
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 1800  # a multi-GB base from S3 may take minutes; longer means a stuck peer
@@ -164,17 +165,9 @@ def ensure_env(source: str, shared: Path, *, sha256: str = "") -> str:
                 tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
                 try:
                     got = _fetch(source, tmp / dest.name)
-                    if sha256 and _sha256(got) != sha256:
+                    if sha256 and sha256_file(got) != sha256:
                         raise SharedFilesError(f"serving environment {source}: sha256 mismatch")
                     os.replace(got, dest)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -67,6 +67,18 @@ def _config(name, inputs, outputs, *, max_batch, kind, params, batching) -> dict
     return config
 
 
+def _shared_files_params(serving: ServingConfig) -> dict[str, str]:
+    # Any model may be the first to start on an instance, so each one carries what it needs to
+    # fetch the shared files and to load the shared base (runtime.plan_shared_base reads them).
+    return {
+        P_SHARED_DIR: serving.shared_dir,
+        P_BASE_SOURCE: serving.base_source,
+        P_ENV_SOURCE: serving.env_source,
+        P_CACHE_SIZE: str(serving.adapter_cache_size),
+        P_DEVICE: serving.device,
+    }
+
+
 def user_model_config(
     user: str, base_id: str, base_hash: str, serving: ServingConfig | None = None
 ) -> dict[str, Any]:
@@ -76,11 +88,7 @@ def user_model_config(
         P_BASE_ID: base_id,
         P_BASE_HASH: base_hash,
         P_ADAPTER_DIR: "1/adapter",
-        P_SHARED_DIR: serving.shared_dir,
-        P_BASE_SOURCE: serving.base_source,
-        P_ENV_SOURCE: serving.env_source,
-        P_CACHE_SIZE: str(serving.adapter_cache_size),
-        P_DEVICE: serving.device,
+        **_shared_files_params(serving),
     }
     # The user model only forwards to the shared base: it never needs a GPU itself.
     return _config(
@@ -97,11 +105,7 @@ def setup_model_config(
     serving = serving or ServingConfig()
     params = {
         P_ENV_PATH: "" if portable else serving.resolved_env_path(),
-        P_SHARED_DIR: serving.shared_dir,
-        P_BASE_SOURCE: serving.base_source,
-        P_ENV_SOURCE: serving.env_source,
-        P_CACHE_SIZE: str(serving.adapter_cache_size),
-        P_DEVICE: serving.device,
+        **_shared_files_params(serving),
     }
     return _config(
         SETUP_MODEL, schema.SETUP_INPUTS, schema.SETUP_OUTPUTS, max_batch=0,

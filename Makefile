@@ -6,7 +6,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 AF     := $(VENV)/bin/avatarforge
 STAMP  := $(VENV)/.avatarforge-installed
-USER   ?=
 PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
@@ -52,7 +51,8 @@ local-mme: $(STAMP)  ## tritonserver with the SageMaker front end + TargetModel 
 	$(AF) mme serve $(if $(SOURCE),--source $(SOURCE)) $(if $(MAX_LOADED),--max-loaded $(MAX_LOADED))
 
 package: $(STAMP)  ## package a user's adapter as build/package/USER.tar.gz (make package USER=x)
-	@test -n "$(USER)" || { echo "usage: make package USER=name"; exit 2; }
+	@# USER is also the login name in the environment: only a USER given on the command line counts
+	@test "$(origin USER)" = "command line" || { echo "usage: make package USER=name"; exit 2; }
 	$(AF) package --user $(USER)
 
 local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver; Ctrl-C stops

@@ -186,6 +186,24 @@ def test_adapter_cache_evicts_the_least_recently_used(tmp_path):
     assert cache.pipe.enabled is True and len(cache.pipe.active) == 1
 
 
+def test_adapter_replaced_in_the_same_folder_is_loaded_again(tmp_path):
+    # SageMaker MME unpacks an updated <user>.tar.gz to the old user's folder
+    from avatarforge.adapter import WEIGHTS_FILE
+
+    cache, log = _cache(2)
+    folder = tmp_path / "alice"
+    folder.mkdir()
+    (folder / WEIGHTS_FILE).write_bytes(b"old")
+    cache.activate(str(folder))
+    cache.activate(str(folder))  # unchanged: no second load
+    assert [e[0] for e in log] == ["load"]
+    (folder / WEIGHTS_FILE).unlink()
+    (folder / WEIGHTS_FILE).write_bytes(b"new!")  # a new file, as extraction writes it
+    cache.activate(str(folder))
+    assert [e[0] for e in log] == ["load", "unload", "load"]
+    assert cache.loaded == [str(folder)]
+
+
 def test_failed_adapter_load_leaves_nothing_behind(tmp_path):
     cache, _ = _cache(2, fail_for={"broken"})
     with pytest.raises(AdapterError, match="broken"):

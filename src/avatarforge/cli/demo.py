@@ -10,8 +10,11 @@ import typer
 def demo(
     out: Path = typer.Option(None, help="output folder (default: build/demo)"),
 ) -> None:
-    """Run every step on the embedded tiny base and the sample photos; leaves images and a
-    contact sheet in build/demo/."""
+    """Run every step on the tiny base and the sample photos; images + contact sheet in build/demo/.
+
+    Steps: base, samples -> preprocess, train, generate with diffusers, package, tritonserver,
+    contact sheet. About a minute on a 2-core CPU.
+    """
     from ..demo import run_demo
 
     run_demo(out)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .netutil import free_port, wait_until_http_ok
+from .subprocesses import die_with_parent
 
 DUMMY_REGION = "us-east-1"
 
@@ -68,6 +69,7 @@ def moto_server(
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent,
         )
         try:
             wait_until_http_ok(f"{endpoint}/moto-api/", process, start_timeout, what="moto_server")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
+from ..subprocesses import die_with_parent
 from ..tritonserver import TritonInstall, find_tritonserver
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,12 @@ def tritonserver(
     t0 = time.monotonic()
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(
-            cmd, stdout=log_file, stderr=subprocess.STDOUT, env=proc_env, start_new_session=True
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=proc_env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
     server = RunningServer(f"127.0.0.1:{port}", process, log_path, {"http": port}, 0.0)
     try:

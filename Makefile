@@ -58,5 +58,9 @@ package: $(STAMP)  ## package a user's adapter as build/package/USER.tar.gz (mak
 local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver; Ctrl-C stops
 	$(AF) serve local-triton
 
-deploy-mme training-image bench:
+bench: $(STAMP)  ## trainer memory/speed variants and serving density, side by side; JSON in build/bench/
+	$(PY) bench/train_memory.py
+	$(PY) bench/serving_density.py
+
+deploy-mme training-image:
 	@echo "make $@: not built yet (a later issue adds it)"; exit 2

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _results import write_results
+
 
 def _rss() -> int:
     import psutil
@@ -96,7 +98,6 @@ def main() -> None:
     p.add_argument("--size", type=int, default=64, help="image side in pixels")
     p.add_argument("--steps", type=int, default=2, help="denoising steps per image")
     a = p.parse_args()
-    from avatarforge.paths import build_dir
 
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -127,10 +128,7 @@ def main() -> None:
     ]
     for name, r, o in rows:
         print(f"{name:28} {r:18.3f} {o:12.3f} {r / o if o else float('inf'):7.1f}")
-    dest = build_dir() / "bench" / "serving_density.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"args": vars(a), "results": results}, indent=2) + "\n")
-    print(dest)
+    write_results("serving_density", vars(a), results)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from _results import write_results
+
 VARIANTS = {
     "default": {},
     "no cached latents": {"cache_latents": False},
@@ -41,8 +43,6 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from fixtures.train import write_dataset
 
-    from avatarforge.paths import build_dir
-
     common = {"resolution": a.resolution, "steps": a.steps, "unet_rank": a.rank,
               "text_encoder_rank": a.rank, "num_class_images": 4, "class_image_steps": 2,
               "base": a.base, "progress": False, "checkpoint_every": 10_000}  # fmt: skip
@@ -65,10 +65,7 @@ def main() -> None:
             f"{name:24} {peak / 2**20:9.0f} {peak / first['peak']:6.2f} {step:7.3f} "
             f"{step / first['step_s']:6.2f} {r['bytes'] / 1024:11.1f}"
         )
-    dest = build_dir() / "bench" / "train_memory.json"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_text(json.dumps({"args": vars(a), "results": rows}, indent=2) + "\n")
-    print(dest)
+    write_results("train_memory", vars(a), rows)
 
 
 if __name__ == "__main__":

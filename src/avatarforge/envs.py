@@ -151,10 +151,10 @@ def build(env_plan: EnvPlan, *, log=print) -> Path:
     env_dir = env_plan.env_dir
     if env_plan.state in ("missing", "stale"):
         (env_dir / STAMP_NAME).unlink(missing_ok=True)
+    env = dict(os.environ, PIP_NO_INPUT="1")
+    env.pop("VIRTUAL_ENV", None)  # never install into the venv that runs this
     for step in env_plan.steps:
         log("+ " + " ".join(step))
-        env = dict(os.environ, PIP_NO_INPUT="1")
-        env.pop("VIRTUAL_ENV", None)  # never install into the venv that runs this
         subprocess.run(step, check=True, env=env)
     if env_plan.kind == "venv":
         make_activate_relocatable(env_dir)

@@ -71,9 +71,9 @@ def safe_extract(
 
 def _checked_members(
     tar: tarfile.TarFile, tar_path: Path, max_member: int, max_total: int, max_members: int
-) -> list[tarfile.TarInfo]:
-    """Read and check every header before anything is written."""
-    members: list[tarfile.TarInfo] = []
+) -> list[tuple[tarfile.TarInfo, PurePosixPath]]:
+    """Read and check every header before anything is written; each with its checked path."""
+    members: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
     seen: set[PurePosixPath] = set()
     total = 0
     try:
@@ -95,7 +95,7 @@ def _checked_members(
             if rel in seen:
                 raise UnsafeArchiveError(f"{tar_path}: duplicate member {member.name!r}")
             seen.add(rel)
-            members.append(member)
+            members.append((member, rel))
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UnsafeArchiveError(f"{tar_path}: corrupt or truncated archive ({exc})") from exc
     return members
@@ -133,15 +133,15 @@ def _check_type(member: tarfile.TarInfo, tar_path: Path) -> None:
 def _extract(
     tar: tarfile.TarFile,
     tar_path: Path,
-    members: list[tarfile.TarInfo],
+    members: list[tuple[tarfile.TarInfo, PurePosixPath]],
     root: Path,
     max_member: int,
     max_total: int,
 ) -> list[Path]:
     files: list[Path] = []
     total = 0
-    for member in members:
-        target = root / _checked_path(member, tar_path)
+    for member, rel in members:
+        target = root / rel
         if member.isdir():
             target.mkdir(mode=0o755, parents=True, exist_ok=True)
             continue

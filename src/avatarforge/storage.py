@@ -73,7 +73,7 @@ def fetch(uri: str, dest: Path, *, sha256: str | None = None) -> Path:
         if uri.startswith("s3://"):
             _download_s3(parse_s3_uri(uri), tmp)
         else:
-            _copy_local(_local_path(uri), tmp)
+            _copy_local(local_path(uri), tmp)
         if sha256 is not None:
             actual = sha256_file(tmp)
             if actual != sha256.lower():
@@ -99,7 +99,8 @@ def upload(path: Path, s3_uri: str) -> str:
     return str(target)
 
 
-def _local_path(uri: str) -> Path:
+def local_path(uri: str) -> Path:
+    """The file a local path or ``file://`` URI names; ValueError for any other scheme."""
     if uri.startswith("file://"):
         parsed = urlparse(uri)
         if parsed.netloc not in ("", "localhost"):

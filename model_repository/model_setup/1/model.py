@@ -18,11 +18,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.output = config["output"][0]["name"]
         self.plan = runtime.plan_shared_base(runtime.model_params(args))
-        with self.plan.lock():
-            if not pb_utils.is_model_ready(self.plan.name):
-                pb_utils.load_model(
-                    model_name=self.plan.name, config=self.plan.config_json, files=self.plan.files
-                )
+        self.plan.ensure_loaded(pb_utils)
 
     def execute(self, requests):
         # Answers what it made sure of: the shared base's name, path, hash and config.

@@ -20,18 +20,7 @@ class TritonPythonModel:
         self.inputs = [i["name"] for i in json.loads(args["model_config"])["input"]]
         self.adapter = str(runtime.user_adapter(args["model_repository"], params)).encode()
         self.plan = runtime.plan_shared_base(params)
-        self._ensure_shared_base()
-
-    def _ensure_shared_base(self):
-        # The lock makes concurrent first loads start it once; ready is checked per batch so
-        # the shared base comes back if something unloaded it.
-        if pb_utils.is_model_ready(self.plan.name):
-            return
-        with self.plan.lock():
-            if not pb_utils.is_model_ready(self.plan.name):
-                pb_utils.load_model(
-                    model_name=self.plan.name, config=self.plan.config_json, files=self.plan.files
-                )
+        self.plan.ensure_loaded(pb_utils)
 
     def _forward(self, request):
         tensors = [pb_utils.get_input_tensor_by_name(request, n) for n in self.inputs]
@@ -46,7 +35,7 @@ class TritonPythonModel:
         )
 
     async def execute(self, requests):
-        self._ensure_shared_base()
+        self.plan.ensure_loaded(pb_utils)  # per batch: it comes back if something unloaded it
         # all at once: the shared base's dynamic batcher sees the whole batch
         results = await asyncio.gather(*(self._forward(r).async_exec() for r in requests))
         responses = []

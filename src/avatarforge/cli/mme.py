@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import typer
 
 from ..paths import build_dir
 from .common import console, fail
+from .serve import instance_env, stop_on_sigterm
 
 mme_app = typer.Typer(
     help="A local SageMaker multi-model endpoint: tritonserver's SageMaker front end + a loader "
@@ -32,22 +32,13 @@ def serve(
     base: str = typer.Option("tiny", help="base source for the shared base: 'tiny' or a path"),
 ) -> None:
     """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything."""
-    from ..base import BaseConfig, BaseError, resolve_base
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import mme_front
     from ..mme.launch import sagemaker_triton
 
-    # SIGTERM (kill, a supervisor) unwinds like Ctrl-C: models unloaded, tritonserver stopped
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    stop_on_sigterm()  # models unloaded, tritonserver stopped
     source = source or str(build_dir() / "package")
-    try:  # the user models' ensure-step finds the shared base through these
-        base_source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
-    except BaseError as exc:
-        fail(str(exc))
-    env = {
-        "AVATARFORGE_SHARED_DIR": str(shared_dir or build_dir() / "triton" / "shared"),
-        "AVATARFORGE_BASE_SOURCE": base_source,
-    }
+    env = instance_env(base, shared_dir)  # the user models' ensure-step reads these
     try:
         with sagemaker_triton(sagemaker_port=sagemaker_port, extra_env=env) as server:
             loader = MultiModelLoader(

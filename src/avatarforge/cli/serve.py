@@ -48,7 +48,6 @@ def local_triton(
     shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
 ) -> None:
     """Start tritonserver on the repository: model_setup + the packaged users; Ctrl-C stops."""
-    from ..base import BaseConfig, BaseError, resolve_base
     from ..serving.repository import build_repository
     from ..serving.server import ServerError, tritonserver
 
@@ -57,18 +56,10 @@ def local_triton(
         packages = [build_dir() / "package" / f"{u}.tar.gz" for u in users]
         if missing := [p for p in packages if not p.is_file()]:
             fail(f"not packaged: {', '.join(map(str, missing))} (run make package USER=...)")
-    try:  # a folder or tarball is used as is: the ensure-step verifies the hash
-        source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
-    except BaseError as exc:
-        fail(str(exc))
+    env = instance_env(base, shared_dir)
     repo = build_dir() / "triton" / "repository"
     names = build_repository(repo, packages)
-    env = {
-        "AVATARFORGE_SHARED_DIR": str(shared_dir or build_dir() / "triton" / "shared"),
-        "AVATARFORGE_BASE_SOURCE": source,
-    }
-    # SIGTERM (e.g. from a supervisor) stops as cleanly as Ctrl-C: the server is always stopped
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop_on_sigterm()
     try:
         with tritonserver([repo], load=["model_setup", *names], env=env) as server:
             took = f"{server.started_s:.1f} s"
@@ -86,6 +77,26 @@ def local_triton(
         console.print("stopped")
     except ServerError as exc:
         fail(str(exc))
+
+
+def instance_env(base: str, shared_dir: Path | None) -> dict[str, str]:
+    """The server environment the models' ensure-step reads: shared files and base source."""
+    from ..base import BaseConfig, BaseError, resolve_base
+    from ..serving.config import P_BASE_SOURCE, P_SHARED_DIR
+
+    try:  # a folder or tarball is used as is: the ensure-step verifies the hash
+        source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
+    except BaseError as exc:
+        fail(str(exc))
+    return {
+        P_SHARED_DIR: str(shared_dir or build_dir() / "triton" / "shared"),
+        P_BASE_SOURCE: source,
+    }
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM (kill, a supervisor) unwinds like Ctrl-C, so the servers are always stopped."""
+    signal.signal(signal.SIGTERM, _interrupt)
 
 
 def _interrupt(*_) -> None:

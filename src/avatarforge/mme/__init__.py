@@ -9,6 +9,7 @@ This package does the same against a tritonserver started with ``--allow-sagemak
 - :mod:`.loader`    TargetModel -> fetch, safe extract, load, LRU eviction, invoke
 - :mod:`.launch`    tritonserver launch options for the SageMaker front end (+ a launcher)
 - :mod:`.front`     a tiny SageMaker-runtime-like HTTP front (``/endpoints/<name>/invocations``)
+- :mod:`.generate`  prompt in, images out through the front (the serving schema as KServe JSON)
 """
 
 from .loader import (

@@ -54,7 +54,13 @@ def _handler_class(loader: MultiModelLoader) -> type[BaseHTTPRequestHandler]:
             if not target:
                 self._json(400, {"error": f"{TARGET_MODEL_HEADER} header is required"})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if length < 0:
+                self._json(400, {"error": "Content-Length must be a byte count"})
+                return
             if length > MAX_BODY_BYTES:
                 self._json(413, {"error": f"body of {length} bytes > {MAX_BODY_BYTES}"})
                 return

@@ -54,12 +54,6 @@ class SageMakerTritonClient:
     load_timeout_s: float = 600.0
     invoke_timeout_s: float = 60.0
 
-    def ping(self) -> bool:
-        try:
-            return self._request("GET", "/ping", timeout=2).status == 200
-        except OSError:
-            return False
-
     def load(self, model_hash: str, repo_dir: str, target_model: str) -> None:
         body = json.dumps({"model_name": model_hash, "url": repo_dir}).encode()
         response = self._request(
@@ -84,11 +78,6 @@ class SageMakerTritonClient:
             return None
         _raise_for_status(f"get {model_hash}", response)
         return response.json()
-
-    def list(self) -> list[dict[str, str]]:
-        response = self._request("GET", "/models")
-        _raise_for_status("list models", response)
-        return response.json().get("models", [])
 
     def invoke(
         self,

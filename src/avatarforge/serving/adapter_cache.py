@@ -58,13 +58,13 @@ class AdapterCache:
             load, unload = load or load_adapter, unload or unload_adapter
         self.pipe, self.base, self.capacity = pipe, base, capacity
         self._load, self._unload = load, unload
-        self._loaded: OrderedDict[str, str] = OrderedDict()  # name -> folder, oldest first
-        self._signatures: dict[str, tuple[int, ...] | None] = {}  # name -> files when loaded
+        # name -> (folder, its weights file when loaded), oldest use first
+        self._loaded: OrderedDict[str, tuple[str, tuple[int, ...] | None]] = OrderedDict()
         self._lora_enabled = True
 
     @property
     def loaded(self) -> list[str]:
-        return list(self._loaded.values())
+        return [folder for folder, _ in self._loaded.values()]
 
     def activate(self, adapter_dir: str | None) -> None:
         """Make ``adapter_dir`` the only active adapter (None: the bare base)."""
@@ -75,24 +75,23 @@ class AdapterCache:
             return
         name = adapter_name(adapter_dir)
         signature = _files_signature(adapter_dir)
-        if name in self._loaded and self._signatures.get(name) != signature:
+        if name in self._loaded and self._loaded[name][1] != signature:
             log.info("adapter %s changed on disk; loading it again", adapter_dir)
             self._drop(name)
         if name in self._loaded:
             self._loaded.move_to_end(name)
         else:
             while len(self._loaded) >= self.capacity:
-                old, folder = next(iter(self._loaded.items()))
+                old, (folder, _) = next(iter(self._loaded.items()))
                 log.info("evicting adapter %s", folder)
                 self._drop(old)
-            self._load_one(adapter_dir, name)
-            self._signatures[name] = signature
+            self._load_one(adapter_dir, name, signature)
         if not self._lora_enabled:
             self.pipe.enable_lora()
             self._lora_enabled = True
         self.pipe.set_adapters([name])
 
-    def _load_one(self, adapter_dir: str, name: str) -> None:
+    def _load_one(self, adapter_dir: str, name: str, signature: tuple[int, ...] | None) -> None:
         try:
             self._load(self.pipe, Path(adapter_dir), self.base, name)
         except Exception:
@@ -100,11 +99,10 @@ class AdapterCache:
             with contextlib.suppress(Exception):  # usually nothing was loaded
                 self._unload(self.pipe, name)
             raise
-        self._loaded[name] = str(adapter_dir)
+        self._loaded[name] = (str(adapter_dir), signature)
 
     def _drop(self, name: str) -> None:
         del self._loaded[name]
-        self._signatures.pop(name, None)
         self._unload(self.pipe, name)
 
     def clear(self) -> None:

@@ -9,7 +9,7 @@ from ..base import BaseError, load_pipeline, read_base_info
 from ..generate import GenArgs, generate_images
 from . import schema
 from .adapter_cache import AdapterCache
-from .config import P_BASE_HASH, P_BASE_ID, P_BASE_PATH, P_CACHE_SIZE
+from .config import ADAPTER_CACHE_SIZE, P_BASE_HASH, P_BASE_ID, P_BASE_PATH, P_CACHE_SIZE
 from .handler import CLIENT_ERRORS, RequestError, handle_requests
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
@@ -17,7 +17,7 @@ BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
 
 
 class SharedBase:
-    def __init__(self, pipe, base, cache_size: int = 16) -> None:
+    def __init__(self, pipe, base, cache_size: int = ADAPTER_CACHE_SIZE) -> None:
         self.pipe, self.base = pipe, base
         self.cache = AdapterCache(pipe, base, cache_size)
 
@@ -28,7 +28,8 @@ class SharedBase:
         if params.get(P_BASE_HASH) and base.content_hash != params[P_BASE_HASH]:
             raise BaseError(f"{base.path} changed: hash {base.content_hash[:12]} is not expected")
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
-        return cls(load_pipeline(base, device), base, int(params.get(P_CACHE_SIZE) or 16))
+        cache_size = int(params.get(P_CACHE_SIZE) or ADAPTER_CACHE_SIZE)
+        return cls(load_pipeline(base, device), base, cache_size)
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):
         self.cache.activate(adapter)

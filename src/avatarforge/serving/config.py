@@ -3,18 +3,21 @@
 A setting reaches a model through its config's ``parameters`` when it belongs to the model (the
 base hash an adapter was trained on, the environment Triton must start it in) and through the
 server's process environment when it belongs to the instance (where the shared files live, where
-the base comes from). Packaged user models therefore carry no machine paths except
-EXECUTION_ENV_PATH, which Triton reads before any of our code runs.
+the base comes from; a parameter of that name, if the deployment config sets one, wins: see
+:func:`instance_setting`). Packaged user models therefore carry no machine paths by default
+except EXECUTION_ENV_PATH, which Triton reads before any of our code runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..settings import ConfigError, Settings, setting
+from . import schema
 
 # Config parameter names; the instance-level ones double as environment variable names.
 P_ENV_PATH = "EXECUTION_ENV_PATH"
@@ -30,6 +33,7 @@ P_DEVICE = "DEVICE"  # of the shared base; resolved where it runs, not where it 
 
 ADAPTER_SUBDIR = "1/adapter"  # inside a user model folder
 SD_BASE_PREFIX = "sd_base_"  # + base hash: one shared process per base
+ADAPTER_CACHE_SIZE = 16  # adapters kept loaded on the shared base, unless configured
 
 
 @dataclass
@@ -49,8 +53,13 @@ class ServingConfig(Settings):
     env_source: str = setting(
         "", "serving env for the shared base: folder, tarball or s3:// URI; empty: env_path"
     )
-    max_batch_size: int = setting(8, "rows per request", ge=1, le=64)
-    adapter_cache_size: int = setting(16, "adapters kept loaded on the shared base", ge=1, le=1024)
+    # at most the shared base's batch size: a user model forwards whole requests to it
+    max_batch_size: int = setting(
+        schema.MAX_BATCH_SIZE, "rows per request", ge=1, le=schema.MAX_BATCH_SIZE
+    )
+    adapter_cache_size: int = setting(
+        ADAPTER_CACHE_SIZE, "adapters kept loaded on the shared base", ge=1, le=1024
+    )
     device: str = setting("auto", "instance kind", choices=("auto", "cpu", "cuda"))
 
     def validate(self) -> None:
@@ -63,8 +72,6 @@ class ServingConfig(Settings):
 
 def model_params(args: dict[str, str]) -> dict[str, str]:
     """A running model's config parameters as plain strings (Triton's string_value form)."""
-    import json
-
     config = json.loads(args["model_config"])
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 

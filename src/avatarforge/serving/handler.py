@@ -78,10 +78,10 @@ def parse_request(
         if len(texts[spec.name]) != n:
             raise RequestError(f"{spec.name}: expected one value per row")
     rows = rows or 0
+    negative = texts.get(schema.NEGATIVE_PROMPT.name)
+    gen_args = texts.get(schema.GEN_ARGS.name)
     parsed = []
     for i in range(rows):
-        negative = texts.get("negative_prompt")
-        gen_args = texts.get("gen_args")
         try:
             args = GenArgs.parse(gen_args[i] if gen_args else None)
         except ConfigError as exc:

@@ -16,6 +16,8 @@ from filelock import FileLock
 
 from ..base import BaseError, BaseInfo, check_same_base
 from .config import (
+    ADAPTER_CACHE_SIZE,
+    ADAPTER_SUBDIR,
     P_ADAPTER_DIR,
     P_BASE_HASH,
     P_BASE_ID,
@@ -46,6 +48,18 @@ class SharedBasePlan:
         """Held while checking for / loading the shared base, so only one model loads it."""
         return FileLock(str(self.lock_path), timeout=600)
 
+    def ensure_loaded(self, pb_utils) -> None:
+        """Start the shared base unless it is ready (``pb_utils``: the caller's Triton module).
+
+        The lock makes concurrent first loads start it once; a model may call this per batch so
+        the shared base comes back if something unloaded it.
+        """
+        if pb_utils.is_model_ready(self.name):
+            return
+        with self.lock():
+            if not pb_utils.is_model_ready(self.name):
+                pb_utils.load_model(model_name=self.name, config=self.config_json, files=self.files)
+
     def status(self) -> str:
         config = json.loads(self.config_json)
         return json.dumps({"shared_base": self.name, **self.base.to_dict(), "config": config})
@@ -70,7 +84,7 @@ def plan_shared_base(params: dict[str, str]) -> SharedBasePlan:
         base.content_hash,
         str(base.path),
         env,
-        cache_size=int(params.get(P_CACHE_SIZE) or 16),
+        cache_size=int(params.get(P_CACHE_SIZE) or ADAPTER_CACHE_SIZE),
         device=params.get(P_DEVICE) or "auto",
     )
     name = sd_base_name(base.content_hash)
@@ -85,7 +99,7 @@ def user_adapter(model_dir: str | Path, params: dict[str, str]) -> Path:
     """The user's adapter folder, checked against the base its config names (fail at load)."""
     from ..adapter import read_adapter
 
-    folder = Path(model_dir) / params.get(P_ADAPTER_DIR, "1/adapter")
+    folder = Path(model_dir) / params.get(P_ADAPTER_DIR, ADAPTER_SUBDIR)
     meta = read_adapter(folder)
     expected = params.get(P_BASE_HASH, "")
     if not expected:

@@ -1,7 +1,7 @@
 """Run the real tritonserver from the nvidia-pytriton wheel on loopback ports, always stopped.
 
-Used by `avatarforge serve local-triton`, the integration tests and the local MME loader
-(``extra_args`` adds the SageMaker front end).
+Used by `avatarforge serve local-triton`, the integration tests and the local MME
+(:func:`avatarforge.mme.launch.sagemaker_triton`: ``extra_args`` adds the SageMaker front end).
 """
 
 from __future__ import annotations
@@ -53,7 +53,6 @@ class RunningServer:
     url: str  # host:port of the HTTP (KServe v2) endpoint, as tritonclient wants it
     process: subprocess.Popen
     log_path: Path
-    ports: dict[str, int]
     started_s: float  # seconds until the server answered ready
 
     def client(self, network_timeout: float = 600.0):
@@ -130,7 +129,7 @@ def tritonserver(
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-    server = RunningServer(f"127.0.0.1:{port}", process, log_path, {"http": port}, 0.0)
+    server = RunningServer(f"127.0.0.1:{port}", process, log_path, 0.0)
     try:
         live = f"http://{server.url}/v2/health/live"
         try:

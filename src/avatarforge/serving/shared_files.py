@@ -21,7 +21,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from ..base import BaseInfo, read_base_info
-from ..hashing import sha256_file
+from ..storage import fetch, local_path
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 1800  # a multi-GB base from S3 may take minutes; longer means a stuck peer
@@ -45,13 +45,9 @@ def _lock(shared: Path, name: str) -> FileLock:
 
 
 def _fetch(source: str, dest: Path) -> Path:
-    """A local tarball is read in place; a URI is downloaded by avatarforge.storage."""
-    if source.startswith("file://"):
-        source = source.removeprefix("file://")
-    if not _is_uri(source):
-        return Path(source).expanduser()
-    from ..storage import fetch
-
+    """A local tarball is read in place; an s3:// URI is downloaded by avatarforge.storage."""
+    if not source.startswith("s3://"):
+        return local_path(source).expanduser()
     return fetch(source, dest)
 
 
@@ -88,7 +84,8 @@ def ensure_base(
     if not expected_hash and alias.is_file():
         expected_hash = alias.read_text().strip()
     dest = root / expected_hash[:16] if expected_hash else None
-    if dest is None or not dest.exists():
+    fetched = dest is None or not dest.exists()
+    if fetched:
         if not source:
             raise SharedFilesError(
                 f"base {base_id or expected_hash[:12]} is not under {root} and no source is "
@@ -101,9 +98,10 @@ def ensure_base(
                     dest = _install_base(source, root, expected_hash, base_id)
         except Timeout:
             raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
-        _write_atomic(alias, read_base_info(dest, base_id or None).content_hash)
     info = read_base_info(dest, base_id or None)
     _check_hash(info, expected_hash, str(dest))
+    if fetched:
+        _write_atomic(alias, info.content_hash)
     return info
 
 
@@ -142,32 +140,30 @@ def _install_base(source: str, root: Path, expected_hash: str, base_id: str) -> 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def ensure_env(source: str, shared: Path, *, sha256: str = "") -> str:
+def ensure_env(source: str, shared: Path) -> str:
     """An EXECUTION_ENV_PATH for the shared base ("" when ``source`` is empty: inherit).
 
-    A local folder (with bin/activate) or tarball is used where it is; a URI is downloaded to
-    ``shared/env/`` (Triton unpacks conda-pack tarballs itself).
+    A local folder (with bin/activate) or tarball (a path or ``file://`` URI) is used where it
+    is; an ``s3://`` URI is downloaded to ``shared/env/`` (Triton unpacks conda-pack tarballs
+    itself).
     """
     if not source:
         return ""
-    local = Path(source.removeprefix("file://")).expanduser()
-    if not _is_uri(source) or source.startswith("file://"):
+    if not source.startswith("s3://"):
+        local = local_path(source).expanduser()
         if local.is_dir() and not (local / "bin" / "activate").is_file():
             raise SharedFilesError(f"serving environment {local} has no bin/activate")
         if not local.exists():
             raise SharedFilesError(f"serving environment {local} does not exist")
         return str(local.resolve())
-    dest = Path(shared) / "env" / f"{sha256[:16] or _key(source)}.tar.gz"
+    dest = Path(shared) / "env" / f"{_key(source)}.tar.gz"
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
         with _lock(shared, f"env-{dest.stem}"):
             if not dest.exists():
                 tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
                 try:
-                    got = _fetch(source, tmp / dest.name)
-                    if sha256 and sha256_file(got) != sha256:
-                        raise SharedFilesError(f"serving environment {source}: sha256 mismatch")
-                    os.replace(got, dest)
+                    os.replace(_fetch(source, tmp / dest.name), dest)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)

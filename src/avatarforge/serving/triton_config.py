@@ -8,6 +8,8 @@ from typing import Any
 
 from . import schema
 from .config import (
+    ADAPTER_CACHE_SIZE,
+    ADAPTER_SUBDIR,
     P_ADAPTER_DIR,
     P_BASE_HASH,
     P_BASE_ID,
@@ -87,7 +89,7 @@ def user_model_config(
         P_ENV_PATH: serving.resolved_env_path(),
         P_BASE_ID: base_id,
         P_BASE_HASH: base_hash,
-        P_ADAPTER_DIR: "1/adapter",
+        P_ADAPTER_DIR: ADAPTER_SUBDIR,
         **_shared_files_params(serving),
     }
     # The user model only forwards to the shared base: it never needs a GPU itself.
@@ -130,7 +132,8 @@ def sd_base_name(base_hash: str) -> str:
 
 def sd_base_config(
     base_id: str, base_hash: str, base_path: str, env_path: str, *,
-    cache_size: int = 16, max_batch_size: int = schema.MAX_BATCH_SIZE, device: str = "auto",
+    cache_size: int = ADAPTER_CACHE_SIZE, max_batch_size: int = schema.MAX_BATCH_SIZE,
+    device: str = "auto",
 ) -> dict[str, Any]:  # fmt: skip
     params = {
         P_ENV_PATH: env_path,

@@ -38,30 +38,34 @@ def _child(design: str, adapters: list[str], base_spec: str, size: int, steps: i
     args = GenArgs(steps=steps, height=size, width=size)
     prompt = "a photo of <<TOK>> person"
     start_rss = _rss()
-    cold, added, pipes = [], [], {}
-    cache = None
-    if design == "shared":
-        pipe = load_pipeline(base)
-        cache = AdapterCache(pipe, base, capacity=len(adapters))
-    for i, folder in enumerate(adapters):
-        before, t = _rss(), time.perf_counter()
-        if design == "shared":
+    cache = (
+        AdapterCache(load_pipeline(base), base, capacity=len(adapters))
+        if design == "shared"
+        else None
+    )
+    pipes = {}
+
+    def pipe_for(folder: str):
+        """The pipeline that serves ``folder``'s user (made on the user's first request)."""
+        if cache is not None:
             cache.activate(folder)
-            generate_images(cache.pipe, prompt, None, args)
-        else:
-            pipes[folder] = load_pipeline(base)
-            load_adapter(pipes[folder], Path(folder), base, f"user{i}")
-            generate_images(pipes[folder], prompt, None, args)
+            return cache.pipe
+        if folder not in pipes:
+            pipe = load_pipeline(base)
+            load_adapter(pipe, Path(folder), base, f"user{len(pipes)}")
+            pipes[folder] = pipe
+        return pipes[folder]
+
+    cold, added = [], []
+    for folder in adapters:
+        before, t = _rss(), time.perf_counter()
+        generate_images(pipe_for(folder), prompt, None, args)
         cold.append(time.perf_counter() - t)
         added.append(_rss() - before)
     warm = []
     for folder in adapters * 2:  # alternate users: the shared design switches adapters
         t = time.perf_counter()
-        if design == "shared":
-            cache.activate(folder)
-            generate_images(cache.pipe, prompt, None, args)
-        else:
-            generate_images(pipes[folder], prompt, None, args)
+        generate_images(pipe_for(folder), prompt, None, args)
         warm.append(time.perf_counter() - t)
     return {
         "cold_s": cold,
@@ -111,19 +115,19 @@ def main() -> None:
             results[design] = json.loads(out.stdout.strip().splitlines()[-1])
     ref, ours = results["per-user pipeline"], results["shared"]
 
-    def per_user(r):  # memory of each user after the first (the first pays for the base)
-        rest = r["added_bytes"][1:] or r["added_bytes"]
-        return sum(rest) / len(rest)
-
-    def cold(r):
-        rest = r["cold_s"][1:] or r["cold_s"]
+    def per_user(values):  # mean over the users after the first (the first pays for the base)
+        rest = values[1:] or values
         return sum(rest) / len(rest)
 
     print(f"{a.users} users, base {a.base!r}, {a.size}px, {a.steps} steps")
     print(f"{'':28} {'per-user pipeline':>18} {'shared base':>12} {'ratio':>7}")
     rows = [
-        ("cold start per user (s)", cold(ref), cold(ours)),
-        ("memory per user (MiB)", per_user(ref) / 2**20, per_user(ours) / 2**20),
+        ("cold start per user (s)", per_user(ref["cold_s"]), per_user(ours["cold_s"])),
+        (
+            "memory per user (MiB)",
+            per_user(ref["added_bytes"]) / 2**20,
+            per_user(ours["added_bytes"]) / 2**20,
+        ),
         ("warm request, median (s)", ref["warm_s_median"], ours["warm_s_median"]),
     ]
     for name, r, o in rows:

@@ -29,7 +29,7 @@ def _child(dataset: str, out: str, config: str) -> None:
     from avatarforge.train import TrainConfig, train
 
     r = train(Path(dataset), Path(out), TrainConfig(**json.loads(config)))
-    size = (r.adapter_dir / "pytorch_lora_weights.safetensors").stat().st_size
+    size = r.log["adapter_bytes"]
     print(json.dumps({"peak": r.peak_memory_bytes, "step_s": r.step_seconds, "bytes": size}))
 
 

@@ -122,7 +122,7 @@ def test_failures_raise_instead_of_looking_like_success(tmp_path, tiny_base, mon
 
     good = write_dataset(tmp_path / "good", count=1)
     monkeypatch.setattr(
-        loop_module, "_micro_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
+        loop_module, "micro_loss", lambda *a, **k: torch.tensor(float("nan"), requires_grad=True)
     )
     with pytest.raises(TrainingError, match="loss is nan at step 1"):
         train(good, tmp_path / "nan", _config(), tiny_base)

@@ -89,7 +89,7 @@ def content_hash(folder: Path) -> str:
 def _stamp(folder: Path) -> list[list[Any]]:
     # Cheap fingerprint so a multi-GB base is hashed once, not on every load.
     return [
-        [f.relative_to(folder).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+        [f.relative_to(folder).as_posix(), (st := f.stat()).st_size, st.st_mtime_ns]
         for f in _weight_files(folder)
     ]
 
@@ -102,7 +102,11 @@ def read_base_info(folder: Path, base_id: str | None = None) -> BaseInfo:
     info_path = folder / INFO_FILE
     recorded: dict[str, Any] = {}
     if info_path.is_file():
-        recorded = json.loads(info_path.read_text())
+        # only a cache of the hash: an unreadable one is rebuilt, not fatal
+        with contextlib.suppress(OSError, ValueError):
+            recorded = json.loads(info_path.read_text())
+        if not isinstance(recorded, dict):
+            recorded = {}
     stamp = _stamp(folder)
     if recorded.get("stamp") != stamp or "content_hash" not in recorded:
         recorded["content_hash"] = content_hash(folder)

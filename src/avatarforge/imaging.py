@@ -13,8 +13,11 @@ Cell = Image.Image | Path | None
 def _as_image(cell: Cell, size: int) -> Image.Image:
     if cell is None:
         return Image.new("RGB", (size, size), (235, 235, 235))
-    img = cell if isinstance(cell, Image.Image) else Image.open(cell)
-    img = img.convert("RGB")
+    if isinstance(cell, Image.Image):
+        img = cell.convert("RGB")
+    else:
+        with Image.open(cell) as opened:
+            img = opened.convert("RGB")
     img.thumbnail((size, size))
     canvas = Image.new("RGB", (size, size), (255, 255, 255))
     canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))

@@ -27,6 +27,7 @@ from PIL import Image, ImageEnhance, ImageFilter
 # Hand-checked on the 512x512 astronaut: cheek to cheek, mid-forehead to chin (x0, y0, x1, y1).
 ASTRONAUT_FACE = (180, 78, 270, 172)
 ORIENTATION = 0x0112
+EXIF_ROTATED = "astronaut_exif_rotated.jpg"  # written beside the variants, stored sideways
 
 # file name -> a phrase the rejection reason must contain (the kept hostile file maps to None).
 HOSTILE: dict[str, str | None] = {
@@ -118,7 +119,7 @@ def expected_faces() -> dict[str, tuple[int, int, int, int]]:
     return {
         "astronaut.jpg": ASTRONAUT_FACE,
         "astronaut_mirror.jpg": (512 - x1, y0, 512 - x0, y1),
-        "astronaut_exif_rotated.jpg": (x0 - 60, y0, x1 - 60, y1),
+        EXIF_ROTATED: (x0 - 60, y0, x1 - 60, y1),
         "astronaut_crop.heic": (x0 - 120, y0 - 20, x1 - 120, y1 - 20),
         "astronaut_far.jpg": tuple(
             round(v * 0.9) + o for v, o in zip(ASTRONAUT_FACE, (520, 200, 520, 200), strict=True)
@@ -131,7 +132,8 @@ def write_samples(out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = astronaut()
-    for name, make in _variants().items():
+    variants = _variants()
+    for name, make in variants.items():
         img = make(base)
         path = out_dir / name
         if name.endswith(".jpg"):
@@ -147,8 +149,8 @@ def write_samples(out_dir: Path) -> list[Path]:
             img.save(path, "PNG")
     # Stored on its side, with the EXIF tag that says "turn 90 degrees clockwise to view".
     sideways = base.crop((60, 0, 512, 460)).transpose(Image.ROTATE_90)
-    _save_jpeg(sideways, out_dir / "astronaut_exif_rotated.jpg", orientation=6)
-    return sorted(p for p in out_dir.iterdir() if p.name in (*_variants(), *expected_faces()))
+    _save_jpeg(sideways, out_dir / EXIF_ROTATED, orientation=6)
+    return sorted(out_dir / name for name in (*variants, EXIF_ROTATED))
 
 
 def _png_with_header_size(width: int, height: int) -> bytes:

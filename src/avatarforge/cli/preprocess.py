@@ -46,9 +46,7 @@ def preprocess(
     try:
         manifest = run(in_dir, out_dir, config, progress=True)
     except NotEnoughPhotosError as exc:
-        from ..preprocess import load_manifest
-
-        console.print(_summary(load_manifest(out_dir)))
+        console.print(_summary(exc.manifest))
         fail(str(exc))
     except PreprocessError as exc:
         fail(str(exc))

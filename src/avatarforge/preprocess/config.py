@@ -12,7 +12,12 @@ class PreprocessError(RuntimeError):
 
 
 class NotEnoughPhotosError(PreprocessError):
-    """Fewer usable photos than ``min_images`` remain; the message says what was rejected."""
+    """Fewer usable photos than ``min_images`` remain; the message says what was rejected and
+    ``manifest`` is the manifest that was written anyway."""
+
+    def __init__(self, message: str, manifest=None) -> None:
+        super().__init__(message)
+        self.manifest = manifest
 
 
 @dataclass

@@ -197,5 +197,6 @@ def _check_enough(manifest: Manifest, config: PreprocessConfig) -> None:
     raise NotEnoughPhotosError(
         f"only {usable} usable photo(s), need at least {config.min_images} "
         f"(preprocess.min_images); {len(manifest.rejected)} rejected: {why}. "
-        f"See {manifest.dir / 'contact_sheet.png'}"
+        f"See {manifest.dir / 'contact_sheet.png'}",
+        manifest,
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from .errors import TrainingError
 
 MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1  # avatarforge.preprocess.manifest.VERSION (not imported: no cv2 needed here)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,10 @@ def read_dataset(dataset_dir: Path) -> InstanceSet:
         raise TrainingError(f"{manifest} is not valid JSON ({exc})") from None
     if not isinstance(data, dict) or not isinstance(data.get("items"), list):
         raise TrainingError(f"{manifest}: expected an object with an 'items' list")
+    if data.get("version") != MANIFEST_VERSION:
+        raise TrainingError(
+            f"{manifest}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}"
+        )
     images = []
     for item in data["items"]:
         if not isinstance(item, dict) or item.get("status") != "kept":

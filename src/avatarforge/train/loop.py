@@ -5,13 +5,15 @@ components, caches what does not change (VAE latents; text embeddings when the t
 frozen), adds LoRA, and runs the optimizer steps with accumulation, optional autocast (CUDA
 only), gradient checkpointing, checkpoints and resume. The result is an adapter folder in the
 one format of :mod:`avatarforge.adapter`; anything else raises :class:`TrainingError`.
+
+This module is the orchestration; the models are in :mod:`.models`, the loss of one
+micro-batch in :mod:`.step`, checkpoints in :mod:`.checkpoint`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import json
 import logging
 import math
@@ -25,19 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..adapter import AdapterMetadata, save_adapter
+from ..adapter import WEIGHTS_FILE, AdapterMetadata, save_adapter
 from ..base import BaseConfig, BaseError, BaseInfo, best_device, quiet_hf, resolve_base
 from . import checkpoint as ckpt
 from .class_images import class_images
 from .config import TrainConfig
-from .data import (
-    encode_latent_params,
-    load_pixels,
-    read_dataset,
-    sample_indices,
-    sample_latents,
-    tokenize,
-)
+from .data import read_dataset
 from .errors import TrainingError, TrainingStopped
 from .lora import (
     TEXT_ENCODER_TARGETS,
@@ -48,7 +43,9 @@ from .lora import (
     peft_state,
     restore_peft_state,
 )
+from .models import Models, enable_checkpointing, load_models, resolve_precision
 from .optim import lr_at, make_optimizer
+from .step import micro_loss, prepare_data
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +83,6 @@ class TrainResult:
 # ---------------------------------------------------------------- small helpers
 
 
-def _precision(config: TrainConfig, device: str) -> str:
-    """'no', 'fp16' or 'bf16': autocast only on CUDA (CPU autocast is slow and unneeded)."""
-    import torch
-
-    if not device.startswith("cuda") or config.mixed_precision == "no":
-        return "no"
-    if config.mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return config.mixed_precision
-
-
-def _step_seed(seed: int, step: int, micro: int) -> int:
-    digest = hashlib.sha256(f"{seed}:{step}:{micro}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
-
-
 def _peak_memory(device: str) -> int:
     import torch
 
@@ -118,156 +99,6 @@ def _progress(config: TrainConfig, start: int):
     return tqdm(
         total=config.steps, initial=start, disable=not config.progress, desc="train", unit="step"
     )
-
-
-# ---------------------------------------------------------------- the models
-
-
-@dataclass
-class _Models:
-    tokenizer: Any
-    text_encoder: Any
-    vae: Any
-    unet: Any
-    scheduler: Any
-
-
-def _load_models(base: BaseInfo, device: str, weight_dtype) -> _Models:
-    import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    path = base.path
-    try:
-        models = _Models(
-            tokenizer=CLIPTokenizer.from_pretrained(path, subfolder="tokenizer"),
-            text_encoder=CLIPTextModel.from_pretrained(path, subfolder="text_encoder"),
-            vae=AutoencoderKL.from_pretrained(path, subfolder="vae"),
-            unet=UNet2DConditionModel.from_pretrained(path, subfolder="unet"),
-            scheduler=DDPMScheduler.from_pretrained(path, subfolder="scheduler"),
-        )
-    except (OSError, ValueError) as exc:
-        raise TrainingError(f"cannot load base {base.base_id} from {path}: {exc}") from None
-    for m in (models.text_encoder, models.vae, models.unet):
-        m.requires_grad_(False)
-        m.to(device, weight_dtype)
-    # the VAE stays fp32: fp16 SD VAEs overflow, and it only runs once when latents are cached
-    models.vae.to(device, torch.float32)
-    return models
-
-
-def _enable_checkpointing(models: _Models, train_text_encoder: bool) -> None:
-    models.unet.enable_gradient_checkpointing()  # diffusers uses use_reentrant=False
-    if train_text_encoder:
-        te = models.text_encoder
-        enable = getattr(te, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:  # transformers < 5
-            te.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-# ---------------------------------------------------------------- the data on device
-
-
-@dataclass
-class _Data:
-    instance_latents: Any  # cached latent-distribution params [N, 8, h, w], or None
-    class_latents: Any
-    instance_pixels: Any  # when latents are not cached
-    class_pixels: Any
-    instance_ids: Any  # [1, 77]
-    class_ids: Any
-    instance_embeds: Any  # cached when the text encoder is frozen
-    class_embeds: Any
-    n_instance: int
-    n_class: int
-
-
-def _prepare_data(models: _Models, images, class_paths, config: TrainConfig, device: str) -> _Data:
-    import torch
-
-    inst_px = load_pixels(images, config.resolution)
-    cls_px = load_pixels(class_paths, config.resolution) if class_paths else None
-    inst_lat = cls_lat = None
-    if config.cache_latents:
-        inst_lat = encode_latent_params(models.vae, inst_px)
-        cls_lat = encode_latent_params(models.vae, cls_px) if cls_px is not None else None
-        inst_px = cls_px = None
-    inst_ids = tokenize(models.tokenizer, config.instance_prompt)
-    cls_ids = tokenize(models.tokenizer, config.class_prompt)
-    inst_emb = cls_emb = None
-    if not config.train_text_encoder:
-        with torch.no_grad():
-            inst_emb = models.text_encoder(inst_ids.to(device))[0]
-            cls_emb = models.text_encoder(cls_ids.to(device))[0]
-    return _Data(
-        inst_lat,
-        cls_lat,
-        inst_px,
-        cls_px,
-        inst_ids,
-        cls_ids,
-        inst_emb,
-        cls_emb,
-        len(images),
-        len(class_paths),
-    )
-
-
-def _latents(models: _Models, cached, pixels, idx: list[int], generator, device: str):
-    import torch
-
-    if cached is not None:
-        params = cached[idx]
-    else:
-        with torch.no_grad():
-            params = encode_latent_params(models.vae, pixels[idx], batch=len(idx))
-    return sample_latents(params, models.vae.config.scaling_factor, generator).to(device)
-
-
-def _micro_loss(models: _Models, data: _Data, config: TrainConfig, step: int, micro: int, device):
-    """The DreamBooth loss of one micro-batch: instance MSE + weight x prior MSE."""
-    import torch
-    import torch.nn.functional as F
-
-    b = config.batch_size
-    g = torch.Generator().manual_seed(_step_seed(config.seed, step, micro))
-    position = (step * config.gradient_accumulation + micro) * b
-    idx = sample_indices(config.seed, position, b, data.n_instance)
-    latents = _latents(models, data.instance_latents, data.instance_pixels, idx, g, device)
-    prior = config.prior_preservation and data.n_class > 0
-    if prior:
-        cidx = sample_indices(config.seed + 1, position, b, data.n_class)
-        cls = _latents(models, data.class_latents, data.class_pixels, cidx, g, device)
-        latents = torch.cat([latents, cls])
-    n = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=g).to(device)
-    timesteps = torch.randint(0, models.scheduler.config.num_train_timesteps, (n,), generator=g)
-    timesteps = timesteps.to(device)
-    noisy = models.scheduler.add_noise(latents, noise, timesteps)
-
-    if config.train_text_encoder:
-        ids = torch.cat([data.instance_ids.repeat(b, 1)] + ([data.class_ids.repeat(b, 1)] * prior))
-        embeds = models.text_encoder(ids.to(device))[0]
-    else:
-        embeds = torch.cat(
-            [data.instance_embeds.repeat(b, 1, 1)] + ([data.class_embeds.repeat(b, 1, 1)] * prior)
-        )
-    dtype = next(models.unet.parameters()).dtype
-    pred = models.unet(noisy.to(dtype), timesteps, embeds.to(dtype)).sample.float()
-
-    kind = models.scheduler.config.prediction_type
-    if kind == "epsilon":
-        target = noise
-    elif kind == "v_prediction":
-        target = models.scheduler.get_velocity(latents, noise, timesteps)
-    else:
-        raise TrainingError(f"base scheduler prediction_type {kind!r} is not supported")
-    loss = F.mse_loss(pred[:b], target[:b].float())
-    if prior:
-        loss = loss + config.prior_loss_weight * F.mse_loss(pred[b:], target[b:].float())
-    return loss
 
 
 # ---------------------------------------------------------------- the run
@@ -299,7 +130,7 @@ def train(
         except BaseError as exc:
             raise TrainingError(str(exc)) from None
     device = config.device or best_device()
-    precision = _precision(config, device)
+    precision = resolve_precision(config, device)
     weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
@@ -330,8 +161,8 @@ def train(
             device=device,
         )
 
-    models = _load_models(base, device, weight_dtype)
-    data = _prepare_data(models, instances.images, class_paths, config, device)
+    models = load_models(base, device, weight_dtype)
+    data = prepare_data(models, instances.images, class_paths, config, device)
     if config.cache_latents:
         models.vae = models.vae.to("cpu")  # only its config is needed from here on
     if not config.train_text_encoder:
@@ -350,7 +181,7 @@ def train(
     for p in params:  # trainable weights in fp32 even when the frozen base is fp16/bf16
         p.data = p.data.float()
     if config.gradient_checkpointing:
-        _enable_checkpointing(models, config.train_text_encoder)
+        enable_checkpointing(models, config.train_text_encoder)
     models.unet.train()
     if models.text_encoder is not None:
         models.text_encoder.train()
@@ -399,7 +230,7 @@ def train(
             total = 0.0
             for micro in range(config.gradient_accumulation):
                 with autocast:
-                    loss = _micro_loss(models, data, config, step, micro, device)
+                    loss = micro_loss(models, data, config, step, micro, device)
                 loss = loss / config.gradient_accumulation
                 (scaler.scale(loss) if scaler else loss).backward()
                 total += float(loss.detach())
@@ -469,7 +300,7 @@ def train(
         "device": device,
         "precision": precision,
         "optimizer": optimizer_name,
-        "adapter_bytes": (adapter_dir / "pytorch_lora_weights.safetensors").stat().st_size,
+        "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size,
     }
     (out_dir / TRAIN_LOG_FILE).write_text(json.dumps(result.log, indent=1) + "\n")
     shutil.rmtree(ckpt_root, ignore_errors=True)  # the adapter supersedes them
@@ -487,7 +318,7 @@ def _unprefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-def _save_checkpoint(root, step, models: _Models, optimizer, scaler, losses, identity) -> Path:
+def _save_checkpoint(root, step, models: Models, optimizer, scaler, losses, identity) -> Path:
     lora = {f"unet.{k}": v for k, v in peft_state(models.unet).items()}
     if models.text_encoder is not None:
         lora |= {f"text_encoder.{k}": v for k, v in peft_state(models.text_encoder).items()}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import TrainingError
+
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # attention projections (self and cross)
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -48,7 +50,7 @@ def restore_peft_state(model, state: dict[str, Any]) -> None:
     result = set_peft_model_state_dict(model, state)
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ValueError(f"checkpoint has LoRA weights this model lacks: {unexpected[:3]}")
+        raise TrainingError(f"checkpoint has LoRA weights this model lacks: {unexpected[:3]}")
 
 
 def diffusers_layers(model) -> dict[str, Any]:

@@ -11,7 +11,9 @@ import pytest
 from avatarforge.storage import (
     ChecksumMismatchError,
     ObjectNotFoundError,
+    StorageError,
     fetch,
+    fetch_prefix,
     join_uri,
     parse_s3_uri,
     upload,
@@ -91,3 +93,39 @@ def test_s3_missing_object_and_bucket(tmp_path: Path, s3_bucket: str) -> None:
 
 def test_moto_state_is_reset_between_tests(aws_env: str) -> None:
     assert boto3.client("s3").list_buckets()["Buckets"] == []
+
+
+def test_fetch_prefix_downloads_an_upload_folder(tmp_path: Path, s3_bucket: str) -> None:
+    s3 = boto3.client("s3")
+    objects = {"u/alice/a.jpg": b"a", "u/alice/b.png": b"bb", "u/alice2/x.jpg": b"x"}
+    for key, body in objects.items():
+        s3.put_object(Bucket=s3_bucket, Key=key, Body=body)
+    got = fetch_prefix(f"s3://{s3_bucket}/u/alice", tmp_path / "in")  # not u/alice2/
+    assert [(p.name, p.read_bytes()) for p in got] == [("a.jpg", b"a"), ("b.png", b"bb")]
+    with pytest.raises(StorageError, match=r"u/alice/b\.png: 0 MiB, more than 0 MiB"):
+        fetch_prefix(f"s3://{s3_bucket}/u/alice/", tmp_path / "x", max_object_bytes=1)
+    with pytest.raises(StorageError, match="2 objects, more than the limit of 1"):
+        fetch_prefix(f"s3://{s3_bucket}/u/alice/", tmp_path / "x", max_objects=1)
+    with pytest.raises(ObjectNotFoundError, match="no objects"):
+        fetch_prefix(f"s3://{s3_bucket}/u/carol/", tmp_path / "x")
+    assert not (tmp_path / "x").exists()  # refused before any download
+
+
+def test_preprocess_reads_selfies_from_an_s3_prefix(tmp_path: Path, s3_bucket: str) -> None:
+    from typer.testing import CliRunner
+
+    from avatarforge.cli import app
+    from avatarforge.preprocess import load_manifest
+    from avatarforge.samples import write_samples
+
+    photos = write_samples(tmp_path / "photos")[:5]
+    for photo in photos:
+        upload(photo, f"s3://{s3_bucket}/uploads/alice/{photo.name}")
+    out = tmp_path / "ds"
+    args = ["preprocess", f"s3://{s3_bucket}/uploads/alice/", str(out), "--backgrounds", "0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    manifest = load_manifest(out)
+    assert sorted(manifest.kept_sources) == sorted(p.name for p in photos)
+    missing = CliRunner().invoke(app, ["preprocess", f"s3://{s3_bucket}/nobody/", str(out)])
+    assert missing.exit_code == 1 and "no objects under this prefix" in missing.output

@@ -84,6 +84,45 @@ def fetch(uri: str, dest: Path, *, sha256: str | None = None) -> Path:
     return dest
 
 
+def fetch_prefix(
+    uri: str, dest: Path, *, max_objects: int = 200, max_object_bytes: int = 64 * 2**20
+) -> list[Path]:
+    """Download every object under ``s3://bucket/prefix/`` into the folder ``dest`` (flat, by
+    base name); returns the files. The limits are checked on the listing, before any download:
+    an upload folder of selfies is small, and a larger one is refused with the key that broke it.
+    """
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
+    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        objects = [o for page in pages for o in page.get("Contents", [])]
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
+    objects = [o for o in objects if not o["Key"].endswith("/")]  # folder markers
+    if not objects:
+        raise ObjectNotFoundError(f"{uri}: no objects under this prefix")
+    if len(objects) > max_objects:
+        raise StorageError(f"{uri}: {len(objects)} objects, more than the limit of {max_objects}")
+    names: dict[str, str] = {}
+    for obj in objects:
+        if obj["Size"] > max_object_bytes:
+            size, limit = obj["Size"] / 2**20, max_object_bytes / 2**20
+            raise StorageError(
+                f"s3://{bucket}/{obj['Key']}: {size:.0f} MiB, more than {limit:.0f} MiB per object"
+            )
+        name = obj["Key"].rsplit("/", 1)[-1]
+        if name in names:
+            raise StorageError(f"{uri}: two objects named {name!r} ({names[name]}, {obj['Key']})")
+        names[name] = obj["Key"]
+    return [fetch(f"s3://{bucket}/{key}", Path(dest) / name) for name, key in sorted(names.items())]
+
+
 def upload(path: Path, s3_uri: str) -> str:
     """Upload the file ``path`` to ``s3://bucket/key``; returns the URI."""
     path = Path(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import typer
@@ -31,18 +32,35 @@ def _summary(manifest) -> Table:
 
 @config_options(PreprocessConfig, skip=("grabcut_iterations",))
 def preprocess(
-    in_dir: Path = typer.Argument(..., help="folder of the user's photos (only read)"),
+    in_dir: str = typer.Argument(
+        ..., help="folder of the user's photos, or an s3://bucket/prefix/ (only read)"
+    ),
     out_dir: Path = typer.Argument(..., help="output folder: images/, masks/, manifest.json"),
     **options,
 ) -> None:
     """Turn a folder of selfies into a training folder; say why each rejected photo was."""
-    from ..preprocess import NotEnoughPhotosError, PreprocessError
-    from ..preprocess import preprocess_dir as run
-
     try:
         config = PreprocessConfig(**options)
     except ConfigError as exc:
         fail(str(exc))
+    if not in_dir.startswith("s3://"):
+        _preprocess(Path(in_dir), out_dir, config)
+        return
+    from ..storage import StorageError, fetch_prefix
+
+    with tempfile.TemporaryDirectory(prefix="avatarforge-upload-") as tmp:
+        try:
+            photos = fetch_prefix(in_dir, Path(tmp))
+        except (StorageError, ValueError) as exc:
+            fail(str(exc))
+        console.print(f"fetched {len(photos)} object(s) from {in_dir}")
+        _preprocess(Path(tmp), out_dir, config)
+
+
+def _preprocess(in_dir: Path, out_dir: Path, config: PreprocessConfig) -> None:
+    from ..preprocess import NotEnoughPhotosError, PreprocessError
+    from ..preprocess import preprocess_dir as run
+
     try:
         manifest = run(in_dir, out_dir, config, progress=True)
     except NotEnoughPhotosError as exc:

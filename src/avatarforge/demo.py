@@ -190,9 +190,14 @@ def run_demo(out: Path | None = None) -> DemoState:
     """Run every step into ``out`` (default build/demo); the state says what was made."""
     state = DemoState(out=(out or build_dir() / "demo").resolve())
     state.out.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
     for i, (title, step) in enumerate(STEPS, 1):
         console.rule(f"[bold]{i}/{len(STEPS)}[/] {title}")
         started = time.perf_counter()
         step(state)
         console.print(f"  [dim]{time.perf_counter() - started:.1f} s[/]")
+    console.rule(f"[bold green]done[/] in {time.perf_counter() - began:.0f} s")
+    console.print(f"  photos before/after   {state.dataset / 'contact_sheet.png'}")
+    console.print(f"  generated images      {state.out / 'contact_sheet.png'}")
+    console.print(f"  the demo user's model {state.package}")
     return state

@@ -303,7 +303,6 @@ def best_device() -> str:
 
 def quiet_hf() -> None:
     """Silence hub-library chatter (load bars, torchvision notices); our logs say what matters."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import diffusers
     import transformers

@@ -6,15 +6,13 @@ default, bound or help text is written once, in the config.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 
+from ..names import InvalidNameError, check_user_id
 from ..train.config import TrainConfig
 from .common import config_options, console, fail, save_images
-
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # becomes a folder and a model name
 
 
 @config_options(TrainConfig)
@@ -34,10 +32,10 @@ def train_command(
     from ..settings import ConfigError
     from ..train import TrainingError, TrainingStopped, train
 
-    if not USER_NAME.match(user):
-        fail(
-            f"--user: {user!r} must be 1-64 letters, digits, '_', '-' or '.', starting alphanumeric"
-        )
+    try:
+        check_user_id(user, field="--user")
+    except InvalidNameError as exc:
+        fail(str(exc))
     try:
         config = TrainConfig(**options)
         result = train(dataset_dir, out or build_dir() / "users" / user, config)

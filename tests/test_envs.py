@@ -13,52 +13,56 @@ import yaml
 from avatarforge import envs
 
 
-def test_environment_yml_matches_pyproject() -> None:
-    spec = yaml.safe_load(envs.SPEC_FILE.read_text())
+def test_environment_yml_matches_pyproject(repo_root) -> None:
+    spec = yaml.safe_load((repo_root / envs.SPEC_FILE).read_text())
     deps = spec["dependencies"]
-    assert "python=3.11" in deps  # the Triton stub's Python
+    # no Python pin: the builder gives the stub's (3.11 here, the image's own in the image)
+    assert not any(isinstance(d, str) and d.startswith("python") for d in deps)
     pip = next(d["pip"] for d in deps if isinstance(d, dict))
-    assert sorted(pip) == sorted(envs.project_requirements())
+    assert sorted(pip) == sorted(envs.project_requirements(repo_root / "pyproject.toml"))
     assert "numpy==1.26.4" in pip
     # only what serving needs
-    for unwanted in ("dlib", "opencv", "moto", "pytest", "boto3", "tritonclient", "pytriton"):
+    for unwanted in ("dlib", "opencv", "moto", "pytest", "tritonclient", "pytriton"):
         assert not any(unwanted in p.lower() for p in pip), unwanted
 
 
-def test_venv_plan_installs_torch_first_then_serve_extra(tmp_path: Path) -> None:
-    p = envs.plan(tmp_path / "serve", conda="")
+def test_venv_plan_installs_torch_first_then_serve_extra(tmp_path: Path, repo_root) -> None:
+    p = envs.plan(repo_root, tmp_path / "serve", conda="")
     assert (p.kind, p.state) == ("venv", "missing")
     venv, torch, serve = p.steps
     assert venv[:3] == (str(envs.SYSTEM_PYTHON), "-m", "venv")
     assert torch[-1] == "torch==2.13.0" and "[serve]" not in " ".join(torch)
-    assert serve[-2:] == ("torch==2.13.0", f"{envs.REPO}[serve]")
+    assert serve[-2:] == ("torch==2.13.0", f"{repo_root}[serve]")
 
 
-def test_conda_plan_uses_environment_yml(tmp_path: Path) -> None:
-    p = envs.plan(tmp_path / "serve", conda="/opt/conda/bin/conda")
+def test_conda_plan_uses_environment_yml_with_the_stubs_python(tmp_path: Path, repo_root) -> None:
+    p = envs.plan(repo_root, tmp_path / "serve", conda="/opt/conda/bin/conda")
     assert p.kind == "conda"
-    create, project = p.steps
-    assert create[:3] == ("/opt/conda/bin/conda", "env", "create")
-    assert str(envs.SPEC_FILE) in create
-    assert "--no-deps" in project and project[-1] == str(envs.REPO)
-    assert p.spec_key != envs.plan(tmp_path / "serve", conda="").spec_key
+    create, update, project = p.steps
+    assert create[:2] == ("/opt/conda/bin/conda", "create") and "python=3.11" in create
+    assert update[:3] == ("/opt/conda/bin/conda", "env", "update")
+    assert str(repo_root / envs.SPEC_FILE) in update
+    assert "--no-deps" in project and project[-1] == str(repo_root)
+    assert p.spec_key != envs.plan(repo_root, tmp_path / "serve", conda="").spec_key
+    other = envs.plan(repo_root, tmp_path / "serve", conda="conda", python_version="3.12")
+    assert "python=3.12" in other.steps[0] and other.spec_key != p.spec_key
 
 
-def test_plan_is_idempotent_through_the_stamp(tmp_path: Path) -> None:
+def test_plan_is_idempotent_through_the_stamp(tmp_path: Path, repo_root) -> None:
     env_dir = tmp_path / "serve"
-    p = envs.plan(env_dir, conda="")
+    p = envs.plan(repo_root, env_dir, conda="")
     (env_dir / "bin").mkdir(parents=True)
     (env_dir / "bin" / "activate").write_text('VIRTUAL_ENV="/built/here"\nexport VIRTUAL_ENV\n')
     envs.build(envs.EnvPlan(**{**p.__dict__, "steps": ()}), log=lambda _: None)  # stamp only
-    again = envs.plan(env_dir, conda="")
+    again = envs.plan(repo_root, env_dir, conda="")
     assert (again.state, again.steps) == ("up-to-date", ())
     stamp = json.loads((env_dir / envs.STAMP_NAME).read_text())
     (env_dir / envs.STAMP_NAME).write_text(json.dumps({**stamp, "source": "old"}))
-    changed = envs.plan(env_dir, conda="")
+    changed = envs.plan(repo_root, env_dir, conda="")
     assert changed.state == "sources-changed"
     assert len(changed.steps) == 1 and "--no-deps" in changed.steps[0]
     (env_dir / envs.STAMP_NAME).write_text(json.dumps({**stamp, "spec": "old"}))
-    assert envs.plan(env_dir, conda="").state == "stale"
+    assert envs.plan(repo_root, env_dir, conda="").state == "stale"
     # activate no longer names the folder it was built in
     assert "/built/here" not in (env_dir / "bin" / "activate").read_text()
 
@@ -90,16 +94,30 @@ def test_pack_plain_tar_keeps_symlinks_at_top_level(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_build_serving_venv_and_import_diffusers() -> None:
+def test_build_serving_venv_and_import_diffusers(repo_root) -> None:
     """Builds build/test-cache/envs/serve once (~2-3 min), then only checks it."""
-    p = envs.plan()
+    p = envs.plan(repo_root)
     env_dir = envs.build(p)
     # (not state == "up-to-date": sources edited while this runs would make it "sources-changed")
-    assert envs.read_stamp(env_dir)["spec"] == envs.plan().spec_key
+    assert envs.read_stamp(env_dir)["spec"] == envs.plan(repo_root).spec_key
     printed = envs.check_env(env_dir)
     assert printed.startswith("3.11.") and "numpy 1.26.4" in printed
     site = next((env_dir / "lib").glob("python3.11/site-packages"))
     installed = {p.name.split("-")[0].lower() for p in site.glob("*.dist-info")}
     assert {"torch", "diffusers", "peft", "transformers", "accelerate", "avatarforge"} <= installed
-    for unwanted in ("dlib_bin", "opencv_python_headless", "moto", "pytest", "boto3"):
+    for unwanted in ("dlib_bin", "opencv_python_headless", "moto", "pytest", "tritonclient"):
         assert unwanted not in installed
+
+
+def test_image_build_names_the_deployed_triton_tag_and_refuses_without_an_engine(repo_root):
+    from avatarforge.deploy.config import DeployConfig
+
+    dockerfile = (repo_root / "conda_envs" / "Dockerfile").read_text()
+    assert f"ARG TRITON_TAG={DeployConfig().triton_image_tag}" in dockerfile
+    # the env's Python is the image's own python3, never a pinned guess
+    assert "python3 -c" in dockerfile and "conda-pack" in dockerfile
+    script = repo_root / "conda_envs" / "build_in_image.sh"
+    env = {"PATH": "/usr/bin:/bin", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)
+    assert result.returncode == 2
+    assert "Docker engine" in result.stderr or "docker is not installed" in result.stderr

@@ -38,6 +38,7 @@ def test_sagemaker_launch_options() -> None:
     options = sagemaker_options(8080)
     assert "--allow-sagemaker=true" in options.args
     assert "--sagemaker-port=8080" in options.args
+    assert "--model-namespacing=true" in options.args  # as the image's serve script runs it
     assert options.env == {"SAGEMAKER_MULTI_MODEL": "true"}
 
 

@@ -15,15 +15,16 @@ from avatarforge.base import BaseError, BaseInfo
 from avatarforge.generate import GenArgs, from_jpeg_base64
 from avatarforge.serving import schema
 from avatarforge.serving.adapter_cache import AdapterCache
+from avatarforge.serving.bootstrap import BootstrapError, Instance, ensure_env, read_user_model
 from avatarforge.serving.config import ServingConfig
 from avatarforge.serving.handler import RequestError, handle_requests, parse_request
-from avatarforge.serving.package import PackageError, model_repository, package_user
-from avatarforge.serving.runtime import user_adapter
-from avatarforge.serving.shared_files import SharedFilesError, ensure_base, ensure_env
+from avatarforge.serving.package import PackageError, package_user
+from avatarforge.serving.shared_files import SharedFilesError, ensure_base
 from avatarforge.serving.triton_config import (
     checked_in_setup_config,
     parse_pbtxt,
     sd_base_config,
+    setup_model_config,
     to_pbtxt,
     user_model_config,
 )
@@ -39,26 +40,44 @@ def test_user_config_is_rendered_from_the_schema():
     assert inputs == {s.name: s.optional for s in schema.INPUTS}
     assert [o["name"] for o in config["output"]] == ["generated_image"]
     assert config["parameters"]["BASE_HASH"]["string_value"] == "h" * 64
-    assert "EXECUTION_ENV_PATH" in config["parameters"]
+    # no machine paths and no environment: it runs under the instance's bare Python
+    assert set(config["parameters"]) == {"BASE_ID", "BASE_HASH"}
 
 
 def test_shared_base_kind_follows_the_device():
-    cpu = sd_base_config("b", "h" * 64, "/base", "/env", device="cpu")
-    gpu = sd_base_config("b", "h" * 64, "/base", "/env", device="cuda")
-    assert cpu["instance_group"][0]["kind"] == "KIND_CPU"
-    assert gpu["instance_group"][0]["kind"] == "KIND_GPU"
-    assert "adapter" in [i["name"] for i in cpu["input"]]
+    kinds = {
+        device: sd_base_config("b", "h" * 64, ServingConfig(device=device))["instance_group"][0]
+        for device in ("auto", "cpu", "cuda")
+    }
+    # "auto" is decided by Triton on the instance, not by the machine that packaged the user
+    assert {d: k["kind"] for d, k in kinds.items()} == {
+        "auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"
+    }  # fmt: skip
+    config = sd_base_config("b", "h" * 64, env_path="/env")
+    assert "adapter" in [i["name"] for i in config["input"]]
+    assert config["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/env"}
+    assert "EXECUTION_ENV_PATH" not in sd_base_config("b", "h" * 64)["parameters"]
 
 
-def test_checked_in_model_setup_config_matches_the_schema():
-    text = (model_repository() / "model_setup" / "config.pbtxt").read_text()
+def test_serving_settings_travel_as_parameters_and_come_back():
+    custom = ServingConfig(adapter_cache_mib=512, batching=False, batch_max_images=4, device="cpu")
+    params = custom.to_params()
+    assert params["BATCHING"] == "false" and params["ADAPTER_CACHE_MIB"] == "512"
+    assert ServingConfig.from_params({**params, "BASE_HASH": "h"}) == custom
+    assert ServingConfig.from_params({}) == ServingConfig()
+    # what model_setup carries reaches the shared base it starts
+    setup = {k: v["string_value"] for k, v in setup_model_config(custom)["parameters"].items()}
+    assert ServingConfig.from_params(setup) == custom
+    with pytest.raises(ValueError, match="serving.batch_max_images"):
+        ServingConfig.from_params({"BATCH_MAX_IMAGES": "0"})
+    with pytest.raises(ValueError, match="not an integer"):
+        ServingConfig.from_params({"ADAPTER_CACHE_MIB": "lots"})
+
+
+def test_checked_in_model_setup_config_matches_the_schema(repo_root):
+    text = (repo_root / "model_repository" / "model_setup" / "config.pbtxt").read_text()
     assert text == checked_in_setup_config()
     assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text)["parameters"]  # no machine paths
-
-
-def test_env_path_refuses_variables_triton_does_not_expand():
-    with pytest.raises(ValueError, match="serving.env_path"):
-        ServingConfig(env_path="$HOME/env")
 
 
 # ---------------------------------------------------------------- request handling
@@ -256,12 +275,25 @@ def test_concurrent_ensures_install_once(base_tarball, tiny_base, tmp_path):
 
 
 def test_env_source(tmp_path):
-    assert ensure_env("", tmp_path) == ""
-    (tmp_path / "venv" / "bin").mkdir(parents=True)
-    with pytest.raises(SharedFilesError, match="bin/activate"):
-        ensure_env(str(tmp_path / "venv"), tmp_path)
-    (tmp_path / "venv" / "bin" / "activate").write_text("")
-    assert ensure_env(str(tmp_path / "venv"), tmp_path) == str((tmp_path / "venv").resolve())
+    def instance(source, python=""):
+        return Instance(
+            {"AVATARFORGE_ENV_SOURCE": source, "AVATARFORGE_ENV_PYTHON": python,
+             "AVATARFORGE_SHARED_DIR": str(tmp_path / "shared")}
+        )  # fmt: skip
+
+    assert ensure_env(instance("")) == ""  # no env configured: the shared base inherits
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    with pytest.raises(BootstrapError, match="bin/activate"):
+        ensure_env(instance(str(venv)))
+    (venv / "bin" / "activate").write_text("")
+    assert ensure_env(instance(str(venv))) == str(venv.resolve())
+    assert ensure_env(instance(f"file://{venv}")) == str(venv.resolve())
+    with pytest.raises(BootstrapError, match="does not exist"):
+        ensure_env(instance(str(tmp_path / "nowhere.tar.gz")))
+    # an env built for another Python than the stub's is refused, saying how to build one
+    with pytest.raises(BootstrapError, match=r"built for Python 2\.7.*build_in_image\.sh"):
+        ensure_env(instance(str(venv), python="2.7"))
 
 
 # ---------------------------------------------------------------- packaging
@@ -272,9 +304,12 @@ def test_package_layout_is_what_mme_untars(packaged_users, tiny_base):
         names = tar.getnames()
         config = parse_pbtxt(tar.extractfile("alice/config.pbtxt").read().decode())
         assert all(m.mtime == 0 and m.uid == 0 for m in tar.getmembers())
-    assert {"alice", "alice/config.pbtxt", "alice/1/model.py",
-            "alice/1/adapter/pytorch_lora_weights.safetensors",
-            "alice/1/adapter/avatarforge_adapter.json"} <= set(names)  # fmt: skip
+    assert set(names) == {
+        "alice", "alice/config.pbtxt", "alice/1", "alice/1/model.py",
+        "alice/1/avatarforge_bootstrap.py", "alice/1/shared_base.json", "alice/1/adapter",
+        "alice/1/adapter/pytorch_lora_weights.safetensors",
+        "alice/1/adapter/avatarforge_adapter.json",
+    }  # fmt: skip
     assert config["parameters"]["BASE_HASH"]["string_value"] == tiny_base.content_hash
 
 
@@ -299,6 +334,11 @@ def test_user_model_checks_its_adapter_against_its_config(trained_adapter, tmp_p
 
     shutil.copytree(trained_adapter, tmp_path / "1" / "adapter")
     meta = json.loads((tmp_path / "1" / "adapter" / "avatarforge_adapter.json").read_text())
-    assert user_adapter(tmp_path, {"BASE_HASH": meta["base_hash"]}).is_dir()
-    with pytest.raises(BaseError):
-        user_adapter(tmp_path, {"BASE_HASH": "f" * 64})
+    assert read_user_model(tmp_path / "1", meta["base_hash"]).is_dir()
+    with pytest.raises(BootstrapError, match="trained on base"):
+        read_user_model(tmp_path / "1", "f" * 64)
+    with pytest.raises(BootstrapError, match="BASE_HASH"):
+        read_user_model(tmp_path / "1", "")
+    (tmp_path / "1" / "adapter" / "pytorch_lora_weights.safetensors").unlink()
+    with pytest.raises(BootstrapError, match="safetensors is missing"):
+        read_user_model(tmp_path / "1", meta["base_hash"])

@@ -133,16 +133,14 @@ def _step_package(state: DemoState) -> None:
 
 def _step_serve(state: DemoState) -> None:
     from .serving.client import generate
+    from .serving.config import local_instance_env
     from .serving.repository import build_repository
     from .serving.server import tritonserver
 
     assert state.base is not None and state.package is not None
     repo = state.out / "triton" / "repository"
     (user,) = build_repository(repo, [state.package])
-    env = {
-        "AVATARFORGE_SHARED_DIR": str(state.out / "triton" / "shared"),
-        "AVATARFORGE_BASE_SOURCE": str(state.base.path),
-    }
+    env = local_instance_env(state.base.path, state.out / "triton" / "shared")
     log_path = state.out / "triton" / "tritonserver.log"
     with tritonserver([repo], load=["model_setup", user], env=env, log_path=log_path) as server:
         console.print(f"  tritonserver at http://{server.url} ready in {server.started_s:.1f} s")

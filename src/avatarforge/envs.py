@@ -1,8 +1,12 @@
-"""The serving environment: what every Triton model runs in (its EXECUTION_ENV_PATH).
+"""The serving environment: what the shared base runs in (its EXECUTION_ENV_PATH), and the
+bare Python that user models run under.
 
-The spec is ``conda_envs/environment.yml`` (Python matching the Triton 3.11 stub, numpy < 2,
-the ``serve`` extra of pyproject.toml). Where ``conda`` exists the environment is built with it
-and packed with conda-pack. Elsewhere it is a venv made from the system ``/usr/bin/python3.11``
+The spec is ``conda_envs/environment.yml`` of a checkout (numpy < 2, the ``serve`` extra of
+pyproject.toml); the Python is given by the builder and must be the Triton stub's (3.11 for
+the local tritonserver; 3.12 in the SageMaker Triton images 24.11+: build that one inside the
+image with ``conda_envs/build_in_image.sh``). Where ``conda`` exists the environment is built
+with it and packed with conda-pack. Elsewhere it is a venv made from the system
+``/usr/bin/python3.11``
 — the 3.11 stub links the system ``libpython3.11.so.1.0``, so such a venv works as
 EXECUTION_ENV_PATH as is — with ``torch==2.13.0`` installed first (any other torch request pulls
 a multi-GB CUDA build) and then ``.[serve]``: no dlib, OpenCV, moto or pytest.
@@ -29,11 +33,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,8 +47,9 @@ from pathlib import Path
 from .paths import build_dir
 from .safe_tar import write_reproducible_tar
 
-REPO = Path(__file__).resolve().parents[2]
-SPEC_FILE = REPO / "conda_envs" / "environment.yml"
+_log = logging.getLogger(__name__)
+
+SPEC_FILE = Path("conda_envs") / "environment.yml"  # in a checkout: the builder's input
 STAMP_NAME = ".avatarforge-env.json"
 SYSTEM_PYTHON = Path("/usr/bin/python3.11")
 TORCH = "torch==2.13.0"  # first, alone: the local CPU build (see pyproject.toml)
@@ -73,7 +80,7 @@ def default_env_dir() -> Path:
     return build_dir() / "envs" / "serve"
 
 
-def project_requirements(pyproject: Path = REPO / "pyproject.toml") -> tuple[str, ...]:
+def project_requirements(pyproject: Path) -> tuple[str, ...]:
     """avatarforge's own dependencies plus its ``serve`` extra: what serving imports."""
     project = tomllib.loads(pyproject.read_text())["project"]
     return tuple(project["dependencies"]) + tuple(project["optional-dependencies"]["serve"])
@@ -87,7 +94,7 @@ def spec_key(spec_file: Path, pyproject: Path, base: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def source_key(project: Path = REPO) -> str:
+def source_key(project: Path) -> str:
     digest = hashlib.sha256()
     for path in sorted((project / "src" / "avatarforge").rglob("*")):
         if path.is_file() and "__pycache__" not in path.parts:
@@ -104,29 +111,33 @@ def read_stamp(env_dir: Path) -> dict:
 
 
 def plan(
+    project: Path,
     env_dir: Path | None = None,
     *,
     conda: str | None = None,
     base_python: Path = SYSTEM_PYTHON,
-    spec_file: Path = SPEC_FILE,
-    project: Path = REPO,
+    python_version: str = f"{sys.version_info.major}.{sys.version_info.minor}",
 ) -> EnvPlan:
-    """Decide how to build the environment and whether anything needs doing.
+    """Decide how to build the environment of the checkout ``project`` and whether anything
+    needs doing.
 
-    ``conda``: the conda executable (default: found on PATH); without it, a venv from
-    ``base_python``.
+    ``conda``: the conda executable (default: found on PATH), creating ``python_version`` (the
+    stub's); without it, a venv from ``base_python``.
     """
+    project = Path(project).resolve()
+    spec_file = project / SPEC_FILE
     env_dir = Path(env_dir or default_env_dir()).resolve()
     conda = conda if conda is not None else shutil.which("conda")
     kind = "conda" if conda else "venv"
-    base = f"conda:{conda}" if conda else f"venv:{base_python}"
+    base = f"conda:{conda}:python={python_version}" if conda else f"venv:{base_python}"
     key = spec_key(spec_file, project / "pyproject.toml", base)
     src_key = source_key(project)
     py = str(env_dir / "bin" / "python")
     project_only = (py, *_PIP, "--no-deps", "--force-reinstall", str(project))
     if kind == "conda":
         full = (
-            (conda, "env", "create", "--yes", "--prefix", str(env_dir), "--file", str(spec_file)),
+            (conda, "create", "--yes", "--prefix", str(env_dir), f"python={python_version}", "pip"),
+            (conda, "env", "update", "--prefix", str(env_dir), "--file", str(spec_file)),
             project_only,
         )
     else:
@@ -146,8 +157,10 @@ def plan(
     return EnvPlan(kind, env_dir, key, src_key, requirements, steps, state)
 
 
-def build(env_plan: EnvPlan, *, log=print) -> Path:
-    """Run the plan's steps; write the stamp last, so an interrupted build is redone."""
+def build(env_plan: EnvPlan, *, log=None) -> Path:
+    """Run the plan's steps; write the stamp last, so an interrupted build is redone.
+    ``log`` gets each command before it runs (default: this module's logger)."""
+    log = log or _log.info
     env_dir = env_plan.env_dir
     if env_plan.state in ("missing", "stale"):
         (env_dir / STAMP_NAME).unlink(missing_ok=True)
@@ -189,6 +202,44 @@ def pack(env_dir: Path, out_path: Path, *, kind: str = "venv") -> Path:
     return out_path
 
 
+def bare_env(env_dir: Path | None = None, *, base_python: Path = SYSTEM_PYTHON) -> Path:
+    """A Python like the stock Triton image's default one: the interpreter and numpy, nothing
+    else (no avatarforge, no torch, no boto3). Local servers put its ``bin`` first on
+    tritonserver's PATH: the python backend stub of a model without EXECUTION_ENV_PATH finds
+    ``python3`` there and takes its ``sys.prefix``, so user models start as they would on the
+    SageMaker image. numpy is linked in from this environment (same version, no download).
+    Idempotent and safe when several starters race (built aside, renamed into place).
+    """
+    import importlib.metadata
+
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    env_dir = Path(env_dir or build_dir() / "envs" / f"bare-py{version}").resolve()
+    site = env_dir / "lib" / f"python{version}" / "site-packages"
+    if (site / "numpy").exists():
+        return env_dir
+    env_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{env_dir.name}-", dir=env_dir.parent))
+    try:
+        subprocess.run([str(base_python), "-m", "venv", "--without-pip", str(tmp)], check=True)
+        dist = importlib.metadata.distribution("numpy")
+        installed = Path(dist.locate_file(""))  # the site-packages numpy lives in
+        tmp_site = tmp / "lib" / f"python{version}" / "site-packages"
+        for name in ("numpy", "numpy.libs", f"numpy-{dist.version}.dist-info"):
+            if (installed / name).exists():
+                (tmp_site / name).symlink_to(installed / name)
+        make_activate_relocatable(tmp)
+        if env_dir.exists() and not (site / "numpy").exists():
+            shutil.rmtree(env_dir)  # left half-made by a crash
+        try:
+            os.rename(tmp, env_dir)
+        except OSError:
+            if not (site / "numpy").exists():  # else a peer finished first: use theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return env_dir
+
+
 def check_env(env_dir: Path, modules: tuple[str, ...] = ("diffusers", "avatarforge")) -> str:
     """Import ``modules`` with the environment's Python; returns what it printed."""
     code = "import sys, numpy; " + "; ".join(f"import {m}" for m in modules)
@@ -199,30 +250,3 @@ def check_env(env_dir: Path, modules: tuple[str, ...] = ("diffusers", "avatarfor
         [python, "-c", code], check=True, capture_output=True, text=True, env=env, cwd="/"
     )
     return result.stdout.strip()
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``make env``: build (or check) the serving environment; ``--pack`` also packs it."""
-    import argparse
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--out", type=Path, default=None, help="[default: build/envs/serve]")
-    parser.add_argument("--plan", action="store_true", help="print the plan and stop")
-    parser.add_argument("--pack", action="store_true", help="also write <out>.tar.gz")
-    args = parser.parse_args(argv)
-    env_plan = plan(args.out)
-    if args.plan:
-        print(json.dumps(env_plan.to_dict(), indent=2))
-        return 0
-    print(f"serving env ({env_plan.kind}) at {env_plan.env_dir}: {env_plan.state}")
-    build(env_plan)
-    print(check_env(env_plan.env_dir))
-    if args.pack:
-        out = pack(env_plan.env_dir, env_plan.env_dir.with_suffix(".tar.gz"), kind=env_plan.kind)
-        print(f"packed {out} ({out.stat().st_size / 2**20:.0f} MiB)")
-    print(f"EXECUTION_ENV_PATH={env_plan.env_dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

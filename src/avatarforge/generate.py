@@ -99,6 +99,81 @@ def generate_images(
     return list(result.images)
 
 
+# Samplers that draw fresh noise at every step from the request's generator.
+STEP_NOISE_SCHEDULERS = frozenset({"euler_a"})
+
+
+def batch_key(args: GenArgs) -> tuple | None:
+    """What rows must share to run as one pipeline call (:func:`generate_batch`) and still get
+    the images each gets alone; None: this row runs alone.
+
+    Each row keeps its own generator, and its initial noise is drawn exactly as
+    :func:`generate_images` draws it. A sampler that draws noise at every step draws it image
+    by image from the row's generator in a batch, which equals one draw for all of a row's
+    images only when an image's latents are a multiple of 16 values (torch's CPU normal
+    sampler works in blocks of 16; 4 latent channels at 1/8 of the size, the largest VAE
+    factor): other rows of that kind with several images run alone.
+    """
+    latent_values = 4 * (args.height // 8) * (args.width // 8)
+    if args.scheduler in STEP_NOISE_SCHEDULERS and args.num_images > 1 and latent_values % 16:
+        return None
+    return (args.height, args.width, args.steps, args.scheduler, args.guidance_scale,
+            args.num_images)  # fmt: skip
+
+
+def generate_batch(pipe, rows: list[tuple[str, str | None, GenArgs]]) -> list[list[Image.Image]]:
+    """Several (prompt, negative_prompt, args) rows with one :func:`batch_key` as ONE pipeline
+    call (one UNet batch); returns each row's images.
+
+    Per row, as :func:`generate_images` would: a CPU generator seeded with the row's seed draws
+    its initial latents (passed in as ``latents``) and any later noise of its images; an omitted
+    negative prompt is the empty prompt, which is what the pipeline uses for none. The images
+    equal separate runs up to float rounding: a larger batch sums in another order. Adapters per
+    row are the caller's business (see :mod:`avatarforge.serving.lora_slots`).
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if not rows:
+        return []
+    keys = {batch_key(args) for _, _, args in rows}
+    if len(keys) != 1 or None in keys:
+        raise ConfigError(
+            "generate_batch: rows must share size, steps, scheduler, guidance_scale and "
+            "num_images (and not need to run alone)"
+        )
+    for prompt, _, _ in rows:
+        if not prompt or not prompt.strip():
+            raise ConfigError("prompt: must not be empty")
+    args = rows[0][2]
+    set_scheduler(pipe, args.scheduler)
+    n = args.num_images
+    # what the pipeline's own prepare_latents would draw for one row of n images
+    device = pipe._execution_device
+    dtype = pipe.text_encoder.dtype
+    factor = pipe.vae_scale_factor
+    shape = (n, pipe.unet.config.in_channels, args.height // factor, args.width // factor)
+    generators, latents = [], []
+    for _, _, row_args in rows:
+        generator = torch.Generator("cpu").manual_seed(row_args.seed)
+        latents.append(randn_tensor(shape, generator=generator, device=device, dtype=dtype))
+        generators += [generator] * n  # the row's images draw later noise from its generator
+    negatives = [negative or "" for _, negative, _ in rows]
+    result = pipe(
+        prompt=[prompt for prompt, _, _ in rows],
+        negative_prompt=negatives if any(negatives) else None,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=n,
+        generator=generators,
+        latents=torch.cat(latents),
+    )
+    images = list(result.images)
+    return [images[i * n : (i + 1) * n] for i in range(len(rows))]
+
+
 def to_jpeg_base64(image: Image.Image, quality: int = 95) -> str:
     buf = io.BytesIO()
     image.convert("RGB").save(buf, format="JPEG", quality=quality)

@@ -1,26 +1,7 @@
-"""Triton model_setup: the ensure-step, run once when the server starts.
+"""Triton model_setup: warm the shared base when the server starts (see the module below).
 
-It makes sure the base weights and serving environment are at the shared path and starts the
-shared base model, so the first user request does not wait for them. It is an optimisation, not
-a prerequisite: every user model runs the same ensure-step itself.
+Served from this repository by a tritonserver whose EXECUTION_ENV_PATH (config.pbtxt) is an
+environment with avatarforge installed; `avatarforge serve local-triton` renders that for you.
 """
 
-import json
-
-import numpy as np
-import triton_python_backend_utils as pb_utils
-
-from avatarforge.serving import runtime
-
-
-class TritonPythonModel:
-    def initialize(self, args):
-        config = json.loads(args["model_config"])
-        self.output = config["output"][0]["name"]
-        self.plan = runtime.plan_shared_base(runtime.model_params(args))
-        self.plan.ensure_loaded(pb_utils)
-
-    def execute(self, requests):
-        # Answers what it made sure of: the shared base's name, path, hash and config.
-        status = pb_utils.Tensor(self.output, np.array([self.plan.status().encode()], dtype=object))
-        return [pb_utils.InferenceResponse(output_tensors=[status]) for _ in requests]
+from avatarforge.serving.triton_models.model_setup import TritonPythonModel  # noqa: F401

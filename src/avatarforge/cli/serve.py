@@ -9,11 +9,13 @@ from pathlib import Path
 import typer
 
 from ..paths import build_dir
-from .common import console, fail
+from ..serving.config import ServingConfig
+from .common import config_options, console, fail
 
 serve_app = typer.Typer(help="Serve packaged users from tritonserver.", no_args_is_help=True)
 
 
+@config_options(ServingConfig)
 def package(
     user: str = typer.Option(..., "--user", help="user name: the Triton model name"),
     adapter: Path = typer.Option(
@@ -21,9 +23,12 @@ def package(
     ),
     out: Path = typer.Option(None, help="output folder (default: build/package)"),
     base: str = typer.Option("", help="the serving base, if not where the adapter says"),
-    device: str = typer.Option("auto", help="auto, cpu or cuda: the shared base's instance kind"),
+    **options,
 ) -> None:
-    """Package a user's adapter as a Triton model tarball (the SageMaker MME layout)."""
+    """Package a user's adapter as a Triton model tarball (the SageMaker MME layout).
+
+    It holds no machine paths: the serving instance says where its shared files are.
+    """
     from ..adapter import AdapterError, base_config_for, read_adapter
     from ..base import BaseConfig, BaseError, resolve_base
     from ..serving.package import PackageError, package_user
@@ -31,9 +36,10 @@ def package(
 
     adapter = adapter or build_dir() / "users" / user / "adapter"
     try:
+        serving = ServingConfig(**options)
         meta = read_adapter(adapter)
         info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
-        path = package_user(user, adapter, out, base=info, device=device)
+        path = package_user(user, adapter, out, base=info, serving=serving)
     except (AdapterError, BaseError, ConfigError, PackageError) as exc:
         fail(str(exc))
     console.print(f"{path} ({path.stat().st_size / 1024:.1f} KiB)")
@@ -80,18 +86,16 @@ def local_triton(
 
 
 def instance_env(base: str, shared_dir: Path | None) -> dict[str, str]:
-    """The server environment the models' ensure-step reads: shared files and base source."""
+    """The server environment the models' ensure-step reads: shared files, base source, and
+    this interpreter's environment as the shared base's serving env."""
     from ..base import BaseConfig, BaseError, resolve_base
-    from ..serving.config import P_BASE_SOURCE, P_SHARED_DIR
+    from ..serving.config import local_instance_env
 
     try:  # a folder or tarball is used as is: the ensure-step verifies the hash
         source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
     except BaseError as exc:
         fail(str(exc))
-    return {
-        P_SHARED_DIR: str(shared_dir or build_dir() / "triton" / "shared"),
-        P_BASE_SOURCE: source,
-    }
+    return local_instance_env(source, shared_dir or build_dir() / "triton" / "shared")
 
 
 def stop_on_sigterm() -> None:

@@ -33,10 +33,19 @@ class SageMakerOptions:
 
 
 def sagemaker_options(port: int) -> SageMakerOptions:
+    """What the SageMaker Triton image's ``serve`` script passes for a multi-model endpoint
+    (docker/sagemaker/serve in triton-inference-server/server), so models that work here work
+    there: model namespacing on, and the python backend's shared-memory sizes."""
     # tritonserver 2.51 has no --sagemaker-address: this front end listens on every interface.
     return SageMakerOptions(
         port=port,
-        args=("--allow-sagemaker=true", f"--sagemaker-port={port}"),
+        args=(
+            "--allow-sagemaker=true",
+            f"--sagemaker-port={port}",
+            "--model-namespacing=true",
+            "--backend-config=python,shm-default-byte-size=16777216",
+            "--backend-config=python,shm-growth-byte-size=1048576",
+        ),
         env={"SAGEMAKER_MULTI_MODEL": "true"},
     )
 
@@ -47,6 +56,7 @@ class MMEServer:
     http_url: str  # Triton's KServe v2 HTTP endpoint (health, metadata)
     log_path: Path
     start_seconds: float  # until /ping answered
+    pid: int  # of tritonserver (its python backend stubs are its children)
 
 
 @contextlib.contextmanager
@@ -76,4 +86,10 @@ def sagemaker_triton(
         wait_until_http_ok(
             f"{url}/ping", server.process, start_timeout, what="tritonserver (SageMaker front end)"
         )
-        yield MMEServer(url, f"http://{server.url}", server.log_path, time.perf_counter() - started)
+        yield MMEServer(
+            url,
+            f"http://{server.url}",
+            server.log_path,
+            time.perf_counter() - started,
+            server.process.pid,
+        )

@@ -1,6 +1,7 @@
-"""Serving: the Triton model repository's library side (schema, configs, shared base, client).
+"""Serving: the Triton side of the library (schema, configs, package, shared base, client).
 
-Triton model.py files stay thin and call into these modules; everything here except
-``triton_sd_base.py`` (read as bytes and handed to ``pb_utils.load_model``) is importable and
-tested outside any server.
+The Triton model.py files (:mod:`.triton_models`, package data) stay thin and call into these
+modules; everything else here is importable and tested outside any server. A user model runs
+under a bare Python on the instance and imports only :mod:`.bootstrap` (standard library);
+the shared base and model_setup run in the serving environment with the whole library.
 """

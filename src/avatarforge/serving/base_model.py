@@ -1,42 +1,107 @@
-"""The shared base model: one pipeline of the base, user adapters switched in per request."""
+"""The shared base model: one pipeline of the base, user adapters switched in per request.
+
+Adapters are activated by a copy into preallocated LoRA slots (:class:`SlotAdapterCache`);
+with ``batching`` on, the rows of a Triton batch that share size, steps, scheduler, guidance and
+num_images run as one pipeline call with a LoRA per row (:func:`handler.handle_batched`), and a
+row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one row at a time.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from ..adapter import AdapterError
-from ..base import BaseError, load_pipeline, read_base_info
-from ..generate import GenArgs, generate_images
-from . import schema
-from .adapter_cache import AdapterCache
-from .config import ADAPTER_CACHE_SIZE, P_BASE_HASH, P_BASE_ID, P_BASE_PATH, P_CACHE_SIZE
-from .handler import CLIENT_ERRORS, RequestError, handle_requests
+from ..base import BaseError
+from ..generate import GenArgs, generate_batch, generate_images
+from . import bootstrap, schema
+from .adapter_cache import SlotAdapterCache
+from .config import (
+    ADAPTER_CACHE_MIB,
+    ADAPTER_CACHE_SIZE,
+    BATCH_MAX_IMAGES,
+    P_BASE_HASH,
+    P_BASE_ID,
+    ServingConfig,
+)
+from .handler import CLIENT_ERRORS, Job, RequestError, handle_batched, handle_requests
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
 BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
 
 
 class SharedBase:
-    def __init__(self, pipe, base, cache_size: int = ADAPTER_CACHE_SIZE) -> None:
+    def __init__(
+        self,
+        pipe,
+        base,
+        cache_size: int = ADAPTER_CACHE_SIZE,
+        *,
+        cache_mib: int = ADAPTER_CACHE_MIB,
+        batching: bool = True,
+        batch_max_images: int = BATCH_MAX_IMAGES,
+    ) -> None:
         self.pipe, self.base = pipe, base
-        self.cache = AdapterCache(pipe, base, cache_size)
+        self.batching, self.batch_max_images = batching, batch_max_images
+        self.cache = SlotAdapterCache(
+            pipe,
+            base,
+            slots=batch_max_images,
+            host_cache_bytes=cache_mib * 2**20,
+            fallback_capacity=cache_size,
+        )
 
     @classmethod
-    def from_params(cls, params: dict[str, str], instance_kind: str, device_id: str = "0"):
-        """From the config parameters plan_shared_base wrote (Triton's instance kind decides)."""
-        base = read_base_info(Path(params[P_BASE_PATH]), params.get(P_BASE_ID) or None)
-        if params.get(P_BASE_HASH) and base.content_hash != params[P_BASE_HASH]:
-            raise BaseError(f"{base.path} changed: hash {base.content_hash[:12]} is not expected")
+    def from_params(
+        cls, params: dict[str, str], instance_kind: str, device_id: str = "0", environ=None
+    ):
+        """From its config parameters and the instance's environment: the base is fetched from
+        AVATARFORGE_BASE_SOURCE into the shared dir if not there yet, and must have the hash
+        the config names (Triton's instance kind decides the device)."""
+        from ..base import load_pipeline
+        from .shared_files import ensure_base
+
+        instance = bootstrap.Instance(environ)
+        base = ensure_base(
+            instance.base_source,
+            instance.shared_dir,
+            expected_hash=params.get(P_BASE_HASH, ""),
+            base_id=params.get(P_BASE_ID, ""),
+        )
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
-        cache_size = int(params.get(P_CACHE_SIZE) or ADAPTER_CACHE_SIZE)
-        return cls(load_pipeline(base, device), base, cache_size)
+        serving = ServingConfig.from_params(params)
+        return cls(
+            load_pipeline(base, device),
+            base,
+            serving.adapter_cache_size,
+            cache_mib=serving.adapter_cache_mib,
+            batching=serving.batching,
+            batch_max_images=serving.batch_max_images,
+        )
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):
         self.cache.activate(adapter)
         return generate_images(self.pipe, prompt, negative, args)
 
+    def generate_jobs(self, jobs: list[Job]) -> list[list]:
+        """Rows sharing a batch key as one pipeline call (one row: exactly `generate`)."""
+        if len(jobs) == 1:
+            (job,) = jobs
+            return [self.generate(job.row.prompt, job.row.negative_prompt, job.row.args,
+                                  job.adapter)]  # fmt: skip
+        rows = [(job.row.prompt, job.row.negative_prompt, job.row.args) for job in jobs]
+        with self.cache.rows([job.adapter for job in jobs], jobs[0].row.args.num_images):
+            return generate_batch(self.pipe, rows)
+
     def handle(self, requests) -> list:
-        return handle_requests(requests, self.generate, schema.BASE_INPUTS, BASE_CLIENT_ERRORS)
+        if not self.batching:
+            return handle_requests(requests, self.generate, schema.BASE_INPUTS, BASE_CLIENT_ERRORS)
+        return handle_batched(
+            requests,
+            self.generate_jobs,
+            self.cache.batchable,
+            schema.BASE_INPUTS,
+            BASE_CLIENT_ERRORS,
+            max_images=self.batch_max_images,
+            max_adapters=self.cache.slots.count,
+        )
 
 
 __all__ = ["RequestError", "SharedBase"]

@@ -1,86 +1,145 @@
-"""Deployment settings of the served models, and how a running model reads them back.
+"""Settings of the served models, and where each one comes from.
 
-A setting reaches a model through its config's ``parameters`` when it belongs to the model (the
-base hash an adapter was trained on, the environment Triton must start it in) and through the
-server's process environment when it belongs to the instance (where the shared files live, where
-the base comes from; a parameter of that name, if the deployment config sets one, wins: see
-:func:`instance_setting`). Packaged user models therefore carry no machine paths by default
-except EXECUTION_ENV_PATH, which Triton reads before any of our code runs.
+Two kinds of settings, kept apart on purpose:
+
+- **per model**, packaged with it (:class:`ServingConfig`, rendered into config.pbtxt and the
+  shared base's config by :mod:`.triton_config`): rows per request, the shared base's adapter
+  caches (LoRA slots, host memory in MiB), cross-user batching, the shared base's device. Plus
+  what identifies the model: the base id and hash its adapter was trained on. No machine
+  paths: a package runs on any instance.
+- **per instance**, from the server's process environment only (see
+  :mod:`avatarforge.serving.bootstrap`: AVATARFORGE_SHARED_DIR, AVATARFORGE_BASE_SOURCE,
+  AVATARFORGE_ENV_SOURCE, ...): where the shared files live and where they come from. A tarball
+  in the MME prefix cannot redirect them. :func:`local_instance_env` makes that environment for
+  the servers we start on this machine.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..names import SHARED_BASE_PREFIX
 from ..settings import ConfigError, Settings, setting
-from . import schema
+from . import bootstrap, schema
 
-# Config parameter names; the instance-level ones double as environment variable names.
-P_ENV_PATH = "EXECUTION_ENV_PATH"
-P_SHARED_DIR = "AVATARFORGE_SHARED_DIR"
-P_BASE_SOURCE = "AVATARFORGE_BASE_SOURCE"
-P_ENV_SOURCE = "AVATARFORGE_ENV_SOURCE"
+# Config parameter names.
+P_ENV_PATH = "EXECUTION_ENV_PATH"  # Triton's own: the Python environment of a model
 P_BASE_ID = "BASE_ID"
 P_BASE_HASH = "BASE_HASH"
-P_BASE_PATH = "BASE_PATH"
-P_ADAPTER_DIR = "ADAPTER_DIR"
-P_CACHE_SIZE = "ADAPTER_CACHE_SIZE"
-P_DEVICE = "DEVICE"  # of the shared base; resolved where it runs, not where it was packaged
+# ServingConfig's fields travel as parameters named by the field, upper case (to_params).
 
-ADAPTER_SUBDIR = "1/adapter"  # inside a user model folder
-SD_BASE_PREFIX = "sd_base_"  # + base hash: one shared process per base
-ADAPTER_CACHE_SIZE = 16  # adapters kept loaded on the shared base, unless configured
+SD_BASE_PREFIX = SHARED_BASE_PREFIX  # + base hash: one shared process per base
+ADAPTER_CACHE_SIZE = 16  # adapters loaded the old way (the slots' fallback), unless configured
+# 1024 default-rank SD 2.1 adapters (6.11 MiB each in fp16) page-locked for a GPU, where torch
+# rounds each pinned block up to a power of two (8 MiB); 1340 of them on a CPU
+ADAPTER_CACHE_MIB = 8192
+BATCH_MAX_IMAGES = 8  # images per batched pipeline call, and LoRA slots on the shared base
 
 
 @dataclass
 class ServingConfig(Settings):
     section = "serving"
-    env_path: str = setting(
-        "",
-        "EXECUTION_ENV_PATH of the models (a venv/conda folder with bin/activate or a "
-        "conda-pack tar.gz); empty: $AVATARFORGE_SERVING_ENV, else this interpreter's env",
-    )
-    shared_dir: str = setting(
-        "", "where base weights and environment are shared; empty: the server's environment"
-    )
-    base_source: str = setting(
-        "", "base weights: diffusers folder, tarball path or s3:// URI; empty: from environment"
-    )
-    env_source: str = setting(
-        "", "serving env for the shared base: folder, tarball or s3:// URI; empty: env_path"
-    )
     # at most the shared base's batch size: a user model forwards whole requests to it
     max_batch_size: int = setting(
         schema.MAX_BATCH_SIZE, "rows per request", ge=1, le=schema.MAX_BATCH_SIZE
     )
     adapter_cache_size: int = setting(
-        ADAPTER_CACHE_SIZE, "adapters kept loaded on the shared base", ge=1, le=1024
+        ADAPTER_CACHE_SIZE,
+        "adapters kept loaded on the shared base as their own LoRA layers: those the LoRA "
+        "slots cannot reproduce (other layers, DoRA, per-layer ranks)",
+        ge=1,
+        le=1024,
     )
-    device: str = setting("auto", "instance kind", choices=("auto", "cpu", "cuda"))
+    adapter_cache_mib: int = setting(
+        ADAPTER_CACHE_MIB,
+        "host memory (MiB) for adapters ready to copy into a LoRA slot, least recently used "
+        "out first: 8192 holds 1024 default-rank SD 2.1 adapters pinned for a GPU (8 MiB "
+        "each), 1340 on a CPU; 0: read from disk whenever an adapter is not in a slot",
+        ge=0,
+        le=1048576,
+    )
+    batching: bool = setting(
+        True,
+        "run queued requests of different users with the same size, steps, scheduler, "
+        "guidance and num_images as one UNet batch, a LoRA per row (equal to separate runs "
+        "up to float rounding); off: one row at a time",
+    )
+    batch_max_images: int = setting(
+        BATCH_MAX_IMAGES,
+        "most images in one batched pipeline call; also the LoRA slots of the shared base "
+        "(adapters resident at once, each the size of one adapter in GPU memory)",
+        ge=1,
+        le=64,
+    )
+    device: str = setting(
+        "auto",
+        "the shared base's device: auto (Triton places it on a GPU where there is one), cpu, cuda",
+        choices=("auto", "cpu", "cuda"),
+    )
 
     def validate(self) -> None:
-        if self.env_path and "$" in self.env_path.replace("$$TRITON_MODEL_DIRECTORY", ""):
-            raise ConfigError("serving.env_path: only $$TRITON_MODEL_DIRECTORY may be expanded")
+        if not isinstance(self.batching, bool):
+            raise ConfigError(f"serving.batching: must be true or false (got {self.batching!r})")
 
-    def resolved_env_path(self) -> str:
-        return self.env_path or os.environ.get("AVATARFORGE_SERVING_ENV") or sys.prefix
+    def to_params(self) -> dict[str, str]:
+        """Every field as a config parameter (``ADAPTER_CACHE_MIB``: "8192", ``BATCHING``:
+        "true"): how the settings reach the shared base and model_setup."""
+        return {
+            f.name.upper(): str(v).lower()
+            if isinstance(v := getattr(self, f.name), bool)
+            else str(v)
+            for f in dataclasses.fields(self)
+        }
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> ServingConfig:
+        """The settings a model's config parameters carry (what :meth:`to_params` wrote; other
+        parameters are ignored, missing ones take the defaults); bounds checked as always."""
+        values: dict[str, object] = {}
+        for f in dataclasses.fields(cls):
+            text = params.get(f.name.upper())
+            if text is None or not text.strip():
+                continue
+            if isinstance(f.default, bool):
+                values[f.name] = flag(text, f.default)
+            elif isinstance(f.default, int):
+                try:
+                    values[f.name] = int(text)
+                except ValueError:
+                    raise ConfigError(f"serving.{f.name}: not an integer ({text!r})") from None
+            else:
+                values[f.name] = text
+        return cls(**values)
+
+
+def flag(text: str | None, default: bool) -> bool:
+    """A boolean config parameter (Triton's string_value): true/false, 1/0, yes/no, on/off."""
+    if text is None or not text.strip():
+        return default
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"config parameter: {text!r} is not true or false")
 
 
 def model_params(args: dict[str, str]) -> dict[str, str]:
     """A running model's config parameters as plain strings (Triton's string_value form)."""
-    config = json.loads(args["model_config"])
-    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+    return bootstrap.model_params(args["model_config"])
 
 
-def instance_setting(params: dict[str, str], name: str, default: str = "") -> str:
-    """A parameter if the config sets it, else the server's environment variable of that name."""
-    return params.get(name) or os.environ.get(name) or default
-
-
-def shared_dir(params: dict[str, str]) -> Path:
-    default = str(Path.home() / ".cache" / "avatarforge" / "shared")
-    return Path(instance_setting(params, P_SHARED_DIR, default)).expanduser()
+def local_instance_env(
+    base_source: str | Path, shared_dir: str | Path, env_source: str | Path | None = None
+) -> dict[str, str]:
+    """The instance environment of a server we start here: shared files under ``shared_dir``,
+    the base from ``base_source``, the shared base's Python environment ``env_source`` (default:
+    this interpreter's, which has avatarforge and torch)."""
+    return {
+        bootstrap.ENV_SHARED_DIR: str(shared_dir),
+        bootstrap.ENV_BASE_SOURCE: str(base_source),
+        bootstrap.ENV_ENV_SOURCE: str(env_source or sys.prefix),
+    }

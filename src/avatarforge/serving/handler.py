@@ -4,6 +4,10 @@ No Triton import here: the model.py files hand in each request's input arrays (`
 omitted optional input) and turn each result into one response or one TritonError. Every
 request of a batch is answered, every row of a request is generated; a bad request fails alone,
 with a message that names the field, and never as a success-shaped string.
+
+Two ways to run the rows: :func:`handle_requests`, one row at a time, and
+:func:`handle_batched`, where rows of different requests (different users) that share a
+:func:`~avatarforge.generate.batch_key` are generated together (:func:`plan_batches`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..generate import GenArgs, to_jpeg_base64
+from ..generate import GenArgs, batch_key, to_jpeg_base64
 from ..settings import ConfigError
 from . import schema
 
@@ -100,10 +104,14 @@ def parse_request(
 
 def answer(parsed: ParsedRequest, generate: Generate) -> np.ndarray:
     """generated_image for every row: shape (rows, num_images), base64 JPEG bytes."""
-    out = []
-    for row in parsed.rows:
-        images = generate(row.prompt, row.negative_prompt, row.args, parsed.adapter)
-        out.append([to_jpeg_base64(im).encode("ascii") for im in images])
+    return encode_rows(
+        [generate(r.prompt, r.negative_prompt, r.args, parsed.adapter) for r in parsed.rows]
+    )
+
+
+def encode_rows(rows: Sequence[Sequence]) -> np.ndarray:
+    """Images per row -> the output array: shape (rows, num_images), base64 JPEG bytes."""
+    out = [[to_jpeg_base64(im).encode("ascii") for im in images] for images in rows]
     return np.array(out, dtype=object).reshape(len(out), -1)
 
 
@@ -122,9 +130,133 @@ def handle_requests(
     for inputs in requests:
         try:
             results.append(answer(parse_request(inputs, specs), generate))
-        except client_errors as exc:
-            results.append(exc if isinstance(exc, RequestError) else RequestError(str(exc)))
         except Exception as exc:  # one broken request must not take the batch down with it
-            log.exception("request failed")
-            results.append(RequestError(f"internal error: {type(exc).__name__}: {exc}"))
+            results.append(as_request_error(exc, client_errors))
+    return results
+
+
+def as_request_error(exc: Exception, client_errors: tuple[type[Exception], ...]) -> RequestError:
+    """What the client is told: its own error as is, anything else as an internal error."""
+    if isinstance(exc, client_errors):
+        return exc if isinstance(exc, RequestError) else RequestError(str(exc))
+    log.error("request failed", exc_info=exc)
+    return RequestError(f"internal error: {type(exc).__name__}: {exc}")
+
+
+# ---------------------------------------------------------------- rows of many requests at once
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of one request of the batch Triton handed in."""
+
+    request: int  # index of the request in the batch
+    index: int  # index of the row in its request
+    row: Row
+    adapter: str | None
+
+
+# jobs (sharing one batch_key, or one job) -> each job's images, in order
+RunJobs = Callable[[list[Job]], list[list]]
+# adapter folder (or None) -> whether its rows may share a pipeline call with other adapters';
+# raises (a client error for a broken adapter) when it cannot be served at all
+Batchable = Callable[[str | None], bool]
+
+
+def plan_batches(jobs: Sequence[Job], max_images: int, max_adapters: int) -> list[list[Job]]:
+    """Jobs grouped by :func:`batch_key` (first seen, first run), each group cut into pipeline
+    calls of at most ``max_images`` images and ``max_adapters`` distinct adapters; a job whose
+    key is None runs alone."""
+    groups: dict[tuple, list[Job]] = {}
+    calls: list[list[Job]] = []
+    for job in jobs:
+        key = batch_key(job.row.args)
+        if key is None:
+            calls.append([job])
+        else:
+            groups.setdefault(key, []).append(job)
+    for group in groups.values():
+        call: list[Job] = []
+        images, adapters = 0, set()
+        for job in group:
+            n = job.row.args.num_images
+            more = adapters | ({job.adapter} - {None})
+            if call and (images + n > max_images or len(more) > max_adapters):
+                calls.append(call)
+                call, images, more = [], 0, {job.adapter} - {None}
+            call.append(job)
+            images, adapters = images + n, more
+        calls.append(call)
+    return calls
+
+
+def handle_batched(
+    requests: Sequence[Mapping[str, np.ndarray | None]],
+    run: RunJobs,
+    batchable: Batchable,
+    specs: Sequence[schema.TensorSpec] = schema.BASE_INPUTS,
+    client_errors: tuple[type[Exception], ...] = CLIENT_ERRORS,
+    *,
+    max_images: int = 8,
+    max_adapters: int = 8,
+) -> list[np.ndarray | RequestError]:
+    """As :func:`handle_requests`, with the rows of all requests run in as few pipeline calls as
+    their settings allow. Each adapter is prepared once, before anything runs, so a broken one
+    fails its requests alone; a call that fails is retried row by row, so that only the
+    requests whose rows fail alone get the error."""
+    errors: dict[int, RequestError] = {}
+    parsed: dict[int, ParsedRequest] = {}
+    for i, inputs in enumerate(requests):
+        try:
+            parsed[i] = parse_request(inputs, specs)
+        except Exception as exc:
+            errors[i] = as_request_error(exc, client_errors)
+    together: dict[str | None, bool] = {}
+    for request in parsed.values():
+        if request.adapter in together:
+            continue
+        try:
+            together[request.adapter] = batchable(request.adapter)
+        except Exception as exc:
+            error = as_request_error(exc, client_errors)
+            for j, other in parsed.items():
+                if other.adapter == request.adapter:
+                    errors[j] = error
+    batched, alone = [], []
+    for i, request in parsed.items():
+        if i in errors:
+            continue
+        for k, row in enumerate(request.rows):
+            job = Job(i, k, row, request.adapter)
+            (batched if together[request.adapter] else alone).append(job)
+    calls = plan_batches(batched, max_images, max_adapters) + [[job] for job in alone]
+    images: dict[tuple[int, int], list] = {}
+
+    def attempt(call: list[Job]) -> Exception | None:
+        try:
+            out = run(call)
+            for job, row_images in zip(call, out, strict=True):
+                images[job.request, job.index] = row_images
+        except Exception as exc:
+            if len(call) == 1:
+                errors.setdefault(call[0].request, as_request_error(exc, client_errors))
+            return exc
+        return None
+
+    for call in calls:
+        call = [job for job in call if job.request not in errors]  # a failed request stops
+        if call and (exc := attempt(call)) is not None and len(call) > 1:
+            log.warning("a batch of %d rows failed (%r); one at a time now", len(call), exc)
+            for job in call:
+                if job.request not in errors:
+                    attempt([job])
+    results: list[np.ndarray | RequestError] = []
+    for i in range(len(requests)):
+        if i not in errors:
+            try:
+                results.append(encode_rows([images[i, k] for k in range(len(parsed[i].rows))]))
+                continue
+            except Exception as exc:
+                errors[i] = as_request_error(exc, client_errors)
+        results.append(errors[i])
     return results

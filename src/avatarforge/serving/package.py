@@ -1,47 +1,47 @@
 """`avatarforge package`: one user's Triton model as the tarball SageMaker MME loads.
 
 ``<user>.tar.gz`` holds the folder ``<user>/`` (SageMaker untars into ``.../model`` and Triton
-finds the model folder there): ``config.pbtxt`` rendered from the schema, ``1/model.py`` from
-``model_repository/user_template``, ``1/adapter/`` with the LoRA weights and metadata. It is
-checked before it is written and its bytes are reproducible.
+finds the model folder there)::
+
+    <user>/config.pbtxt                   rendered from the schema; base id + hash, no paths
+    <user>/1/model.py                     triton_models/user.py (a thin BLS forwarder)
+    <user>/1/avatarforge_bootstrap.py     serving/bootstrap.py: start-up on a bare Triton image
+    <user>/1/shared_base.json             the shared base's config (the instance adds its env)
+    <user>/1/adapter/                     LoRA weights + metadata
+
+Everything comes from the installed package (``importlib.resources``), so a wheel packages as
+well as a checkout. It is checked before it is written, and its bytes are reproducible.
 """
 
 from __future__ import annotations
 
-import os
-import re
+import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from ..adapter import METADATA_FILE, WEIGHTS_FILE, read_adapter
 from ..base import BaseInfo, check_same_base
+from ..names import InvalidNameError, check_user_id
 from ..paths import build_dir
 from ..safe_tar import write_reproducible_tar
-from . import schema
-from .config import ADAPTER_SUBDIR, SD_BASE_PREFIX, ServingConfig
-from .triton_config import SETUP_MODEL, parse_pbtxt, to_pbtxt, user_model_config
+from . import bootstrap, schema, triton_models
+from .config import ServingConfig
+from .triton_config import parse_pbtxt, sd_base_config, to_pbtxt, user_model_config
 
-USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")  # a Triton model name and S3 key
+VERSION_DIR = "1"
+BOOTSTRAP_FILE = "avatarforge_bootstrap.py"  # the name user.py imports it by
 
 
 class PackageError(ValueError):
     """The user model cannot be packaged as asked; the message says why."""
 
 
-def model_repository() -> Path:
-    """The checked-in model_repository/ (or $AVATARFORGE_MODEL_REPOSITORY)."""
-    default = Path(__file__).resolve().parents[3] / "model_repository"
-    return Path(os.environ.get("AVATARFORGE_MODEL_REPOSITORY", default))
-
-
 def check_user_name(user: str) -> str:
-    if not USER_NAME.match(user) or user == SETUP_MODEL or user.startswith(SD_BASE_PREFIX):
-        raise PackageError(
-            f"user {user!r}: use 1-63 letters, digits, '_' or '-' (not {SETUP_MODEL!r} or "
-            f"{SD_BASE_PREFIX}*): it becomes a Triton model name and an S3 key"
-        )
-    return user
+    try:
+        return check_user_id(user)
+    except InvalidNameError as exc:
+        raise PackageError(str(exc)) from None
 
 
 def _check_config(text: str, user: str) -> None:
@@ -67,15 +67,20 @@ def package_user(
     serving = serving or ServingConfig(device=device)
     text = to_pbtxt(user_model_config(user, base.base_id, base.content_hash, serving))
     _check_config(text, user)
-    template = model_repository() / "user_template" / "1" / "model.py"
+    shared_base = sd_base_config(base.base_id, base.content_hash, serving)
     out_dir = Path(out_dir or build_dir() / "package")
     with tempfile.TemporaryDirectory(prefix=f".{user}-", dir=_mkdir(out_dir)) as tmp:
         model = Path(tmp) / user
-        (model / ADAPTER_SUBDIR).mkdir(parents=True)
+        version = model / VERSION_DIR
+        (version / bootstrap.ADAPTER_SUBDIR).mkdir(parents=True)
         (model / "config.pbtxt").write_text(text)
-        shutil.copyfile(template, model / "1" / "model.py")
+        (version / "model.py").write_bytes(triton_models.source("user.py"))
+        (version / BOOTSTRAP_FILE).write_bytes(triton_models.bootstrap_source())
+        (version / bootstrap.SHARED_BASE_FILE).write_text(
+            json.dumps(shared_base, indent=1, sort_keys=True) + "\n"
+        )
         for name in (WEIGHTS_FILE, METADATA_FILE):  # only what serving reads
-            shutil.copyfile(Path(adapter_dir) / name, model / ADAPTER_SUBDIR / name)
+            shutil.copyfile(Path(adapter_dir) / name, version / bootstrap.ADAPTER_SUBDIR / name)
         return write_reproducible_tar(model, out_dir / f"{user}.tar.gz", arcname=user)
 
 

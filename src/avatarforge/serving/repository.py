@@ -4,25 +4,34 @@ packaged users, unpacked the way SageMaker unpacks them (safely)."""
 from __future__ import annotations
 
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..names import SETUP_MODEL
 from ..safe_tar import safe_extract
+from . import triton_models
 from .config import ServingConfig
-from .package import model_repository
-from .triton_config import SETUP_MODEL, setup_model_config, to_pbtxt
+from .triton_config import setup_model_config, to_pbtxt
 
 
 def build_repository(
-    out: Path, packages: Sequence[Path] = (), serving: ServingConfig | None = None
+    out: Path,
+    packages: Sequence[Path] = (),
+    serving: ServingConfig | None = None,
+    *,
+    env_path: str | None = None,
 ) -> list[str]:
-    """(Re)make ``out`` and return the user model names it holds."""
+    """(Re)make ``out`` and return the user model names it holds; model_setup runs in
+    ``env_path`` (a serving environment: it needs the full library; default: this one)."""
     if out.exists():
         shutil.rmtree(out)
     setup = out / SETUP_MODEL
     (setup / "1").mkdir(parents=True)
-    (setup / "config.pbtxt").write_text(to_pbtxt(setup_model_config(serving)))
-    shutil.copyfile(model_repository() / SETUP_MODEL / "1" / "model.py", setup / "1" / "model.py")
+    (setup / "config.pbtxt").write_text(
+        to_pbtxt(setup_model_config(serving, env_path=env_path or sys.prefix))
+    )
+    (setup / "1" / "model.py").write_bytes(triton_models.source("model_setup.py"))
     users = []
     for package in packages:
         unpacked = out / f".{Path(package).name}.unpacked"

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .bootstrap import ADAPTER_INPUT
+
 MAX_BATCH_SIZE = 8  # rows per Triton request; every row is answered
 
 
@@ -37,7 +39,7 @@ GEN_ARGS = TensorSpec(
     optional=True,
 )
 # Only the shared base model takes this: the calling user model names its adapter folder.
-ADAPTER = TensorSpec("adapter", "adapter folder of the calling user model", optional=True)
+ADAPTER = TensorSpec(ADAPTER_INPUT, "adapter folder of the calling user model", optional=True)
 
 INPUTS: tuple[TensorSpec, ...] = (PROMPT, NEGATIVE_PROMPT, GEN_ARGS)
 BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER)

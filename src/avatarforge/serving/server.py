@@ -1,5 +1,8 @@
 """Run the real tritonserver from the nvidia-pytriton wheel on loopback ports, always stopped.
 
+Models run as they would on the stock SageMaker Triton image: a model without
+EXECUTION_ENV_PATH gets a bare Python (numpy only; see :func:`avatarforge.envs.bare_env`).
+
 Used by `avatarforge serve local-triton`, the integration tests and the local MME
 (:func:`avatarforge.mme.launch.sagemaker_triton`: ``extra_args`` adds the SageMaker front end).
 """
@@ -16,6 +19,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..envs import bare_env
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
 from ..subprocesses import die_with_parent
@@ -119,6 +123,10 @@ def tritonserver(
     proc_env["LD_LIBRARY_PATH"] = os.pathsep.join(
         p for p in (str(install.libs), proc_env.get("LD_LIBRARY_PATH", "")) if p
     )
+    # Models without EXECUTION_ENV_PATH (every user model) get a Python like the SageMaker
+    # Triton image's default one: the stub takes the first python3 on PATH, which has numpy
+    # and nothing else. What works here then works on the stock image.
+    proc_env["PATH"] = os.pathsep.join((str(bare_env() / "bin"), proc_env.get("PATH", "")))
     t0 = time.monotonic()
     with open(log_path, "wb") as log_file:
         process = subprocess.Popen(

@@ -1,8 +1,9 @@
-"""Make sure the base weights and the serving environment are at the instance's shared path.
+"""Make sure the base weights are at the instance's shared path (the serving environment is
+:func:`avatarforge.serving.bootstrap.ensure_env`'s: it is needed before this library can run).
 
-Every model that needs them runs :func:`ensure_base` / :func:`ensure_env` from ``initialize()``
-(model_setup, each user model), so a restarted or newly scaled-out instance works without anyone
-invoking model_setup first. Each call is
+The shared base model runs :func:`ensure_base` from ``initialize()`` (as does model_setup), so a
+restarted or newly scaled-out instance works without anyone invoking model_setup first. Each
+call is
 - idempotent: a finished copy is recognised and reused;
 - atomic: fetched and unpacked under a temporary name, hash-verified, then renamed into place;
 - safe when several models start at once: one file lock per item, the loser of the race finds
@@ -138,32 +139,3 @@ def _install_base(source: str, root: Path, expected_hash: str, base_id: str) -> 
         return dest
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def ensure_env(source: str, shared: Path) -> str:
-    """An EXECUTION_ENV_PATH for the shared base ("" when ``source`` is empty: inherit).
-
-    A local folder (with bin/activate) or tarball (a path or ``file://`` URI) is used where it
-    is; an ``s3://`` URI is downloaded to ``shared/env/`` (Triton unpacks conda-pack tarballs
-    itself).
-    """
-    if not source:
-        return ""
-    if not source.startswith("s3://"):
-        local = local_path(source).expanduser()
-        if local.is_dir() and not (local / "bin" / "activate").is_file():
-            raise SharedFilesError(f"serving environment {local} has no bin/activate")
-        if not local.exists():
-            raise SharedFilesError(f"serving environment {local} does not exist")
-        return str(local.resolve())
-    dest = Path(shared) / "env" / f"{_key(source)}.tar.gz"
-    if not dest.exists():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with _lock(shared, f"env-{dest.stem}"):
-            if not dest.exists():
-                tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
-                try:
-                    os.replace(_fetch(source, tmp / dest.name), dest)
-                finally:
-                    shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)

@@ -1,41 +1,33 @@
 """Render model configs from :mod:`.schema`: a dict (what ``pb_utils.load_model`` takes as
-JSON) and its config.pbtxt text (what a repository holds), checked by Triton's own protobuf."""
+JSON) and its config.pbtxt text (what a repository holds), checked by Triton's own protobuf.
+
+Three models: a user's (packaged; forwards to the shared base), the shared base (started by
+the first model that needs it; its config is packaged with every user as a template the
+instance completes with its environment path) and model_setup (local repository only).
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
+from ..names import SETUP_MODEL
 from . import schema
 from .config import (
-    ADAPTER_CACHE_SIZE,
-    ADAPTER_SUBDIR,
-    P_ADAPTER_DIR,
     P_BASE_HASH,
     P_BASE_ID,
-    P_BASE_PATH,
-    P_BASE_SOURCE,
-    P_CACHE_SIZE,
-    P_DEVICE,
     P_ENV_PATH,
-    P_ENV_SOURCE,
-    P_SHARED_DIR,
     SD_BASE_PREFIX,
     ServingConfig,
 )
 
-SETUP_MODEL = "model_setup"
+_KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"}
 
 
 def instance_kind(device: str = "auto") -> str:
-    if device == "auto":
-        try:
-            import torch
-
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        except ImportError:  # a client-only install: no torch, no GPU use
-            device = "cpu"
-    return "KIND_GPU" if device == "cuda" else "KIND_CPU"
+    """Triton's instance kind: "auto" lets the server put the model on a GPU where it has one
+    (decided on the instance, not on the machine that packaged the model)."""
+    return _KINDS[device]
 
 
 def _tensors(specs: tuple[schema.TensorSpec, ...], *, inputs: bool) -> list[dict[str, Any]]:
@@ -69,46 +61,43 @@ def _config(name, inputs, outputs, *, max_batch, kind, params, batching) -> dict
     return config
 
 
-def _shared_files_params(serving: ServingConfig) -> dict[str, str]:
-    # Any model may be the first to start on an instance, so each one carries what it needs to
-    # fetch the shared files and to load the shared base (runtime.plan_shared_base reads them).
-    return {
-        P_SHARED_DIR: serving.shared_dir,
-        P_BASE_SOURCE: serving.base_source,
-        P_ENV_SOURCE: serving.env_source,
-        P_CACHE_SIZE: str(serving.adapter_cache_size),
-        P_DEVICE: serving.device,
-    }
-
-
 def user_model_config(
     user: str, base_id: str, base_hash: str, serving: ServingConfig | None = None
 ) -> dict[str, Any]:
+    """A user's model: no EXECUTION_ENV_PATH (it runs under the image's bare Python), no
+    machine paths; it never needs a GPU itself (it only forwards to the shared base)."""
     serving = serving or ServingConfig()
-    params = {
-        P_ENV_PATH: serving.resolved_env_path(),
-        P_BASE_ID: base_id,
-        P_BASE_HASH: base_hash,
-        P_ADAPTER_DIR: ADAPTER_SUBDIR,
-        **_shared_files_params(serving),
-    }
-    # The user model only forwards to the shared base: it never needs a GPU itself.
+    params = {P_BASE_ID: base_id, P_BASE_HASH: base_hash}
     return _config(
         user, schema.INPUTS, schema.OUTPUTS, max_batch=serving.max_batch_size,
         kind="KIND_CPU", params=params, batching=False,
     )  # fmt: skip
 
 
-def setup_model_config(
-    serving: ServingConfig | None = None, *, portable: bool = False
+def sd_base_name(base_hash: str) -> str:
+    return SD_BASE_PREFIX + base_hash[:12]
+
+
+def sd_base_config(
+    base_id: str, base_hash: str, serving: ServingConfig | None = None, *, env_path: str = ""
 ) -> dict[str, Any]:
-    """model_setup's config; ``portable``: without this machine's EXECUTION_ENV_PATH (the form
-    checked in as model_repository/model_setup/config.pbtxt)."""
+    """The shared base's config; ``env_path`` is the instance's serving environment (empty in
+    the template packaged with each user: the instance fills it in)."""
     serving = serving or ServingConfig()
-    params = {
-        P_ENV_PATH: "" if portable else serving.resolved_env_path(),
-        **_shared_files_params(serving),
-    }
+    params = {P_ENV_PATH: env_path, P_BASE_ID: base_id, P_BASE_HASH: base_hash}
+    params |= serving.to_params()
+    return _config(
+        sd_base_name(base_hash), schema.BASE_INPUTS, schema.OUTPUTS,
+        max_batch=schema.MAX_BATCH_SIZE, kind=instance_kind(serving.device), params=params,
+        batching=True,
+    )  # fmt: skip
+
+
+def setup_model_config(serving: ServingConfig | None = None, *, env_path: str = "") -> dict:
+    """model_setup's config; without ``env_path`` it is the portable form checked in as
+    model_repository/model_setup/config.pbtxt."""
+    serving = serving or ServingConfig()
+    params = {P_ENV_PATH: env_path, **serving.to_params()}
     return _config(
         SETUP_MODEL, schema.SETUP_INPUTS, schema.SETUP_OUTPUTS, max_batch=0,
         kind="KIND_CPU", params=params, batching=False,
@@ -123,29 +112,7 @@ SETUP_HEADER = (
 
 def checked_in_setup_config() -> str:
     """The text of model_repository/model_setup/config.pbtxt."""
-    return SETUP_HEADER + to_pbtxt(setup_model_config(portable=True))
-
-
-def sd_base_name(base_hash: str) -> str:
-    return SD_BASE_PREFIX + base_hash[:12]
-
-
-def sd_base_config(
-    base_id: str, base_hash: str, base_path: str, env_path: str, *,
-    cache_size: int = ADAPTER_CACHE_SIZE, max_batch_size: int = schema.MAX_BATCH_SIZE,
-    device: str = "auto",
-) -> dict[str, Any]:  # fmt: skip
-    params = {
-        P_ENV_PATH: env_path,
-        P_BASE_ID: base_id,
-        P_BASE_HASH: base_hash,
-        P_BASE_PATH: base_path,
-        P_CACHE_SIZE: str(cache_size),
-    }
-    return _config(
-        sd_base_name(base_hash), schema.BASE_INPUTS, schema.OUTPUTS,
-        max_batch=max_batch_size, kind=instance_kind(device), params=params, batching=True,
-    )  # fmt: skip
+    return SETUP_HEADER + to_pbtxt(setup_model_config())
 
 
 def to_pbtxt(config: dict[str, Any]) -> str:

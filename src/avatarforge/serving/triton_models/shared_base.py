@@ -1,8 +1,11 @@
-"""Triton model.py of the shared base (``sd_base_<hash>``); never imported by the library.
+"""The shared base model (``sd_base_<hash>``): one pipeline, every user's adapter, over BLS.
 
-A user model (or model_setup) reads these bytes and starts the model with
-``pb_utils.load_model(files={"file:1/model.py": ...})``: it lives in no repository, so it is
-loaded once per server however many user models forward to it through BLS.
+It lives in no repository: the first user model (or model_setup) starts it with
+``pb_utils.load_model(files={"file:1/model.py": bootstrap.SHARED_BASE_MODEL_PY})``, a one-line
+model.py that imports this module in the serving environment (EXECUTION_ENV_PATH), so it is
+loaded once per server however many user models forward to it, and always matches the
+avatarforge installed there. It fetches and checks the base weights itself (the ensure-step,
+with the full library) from the instance's AVATARFORGE_BASE_SOURCE.
 """
 
 import json

@@ -1,0 +1,431 @@
+"""A user model's start-up on a stock Triton image: the standard library only.
+
+Every packaged user model carries a copy of this file (``1/avatarforge_bootstrap.py``) and runs
+it from ``initialize()`` under the Python that Triton's python backend stub embeds — on the
+SageMaker Triton image a system Python with numpy and nothing else: no boto3, no avatarforge,
+no torch. It does what the first model on a fresh instance must do before the shared base can
+start, and nothing more, so a resident user model stays a ~20 MB process:
+
+1. read the instance's settings from the environment (never from a packaged config: a
+   tarball cannot redirect where the instance keeps or fetches its shared files);
+2. make the serving environment present: a local folder or tarball is used where it is; an
+   ``s3://`` tarball is downloaded once per instance (SigV4-signed GET with the instance's
+   credentials, sha256 checked, written under a temporary name and renamed, one download at a
+   time behind a file lock) — and refused when it was built for another Python than this stub's;
+3. start the one shared base model (``pb_utils.load_model``) in that environment unless it is
+   running; the shared base fetches and checks the base weights itself, with the full library.
+
+It must run on any Python a Triton image ships (3.10 on 24.10 and older, 3.12 after): no
+syntax newer than 3.8 (annotations are strings), imports of the standard library only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import quote, urlparse
+
+# The instance's environment (the SageMaker Model's Environment; the local launchers set the
+# same). Instance settings come from here only, never from a packaged config.
+ENV_SHARED_DIR = "AVATARFORGE_SHARED_DIR"  # where the shared base and serving env live
+ENV_BASE_SOURCE = "AVATARFORGE_BASE_SOURCE"  # base weights: folder, tarball or s3:// URI
+ENV_ENV_SOURCE = "AVATARFORGE_ENV_SOURCE"  # serving env: folder, tar.gz or s3:// URI
+ENV_ENV_SHA256 = "AVATARFORGE_ENV_SHA256"  # sha256 of the env tarball (checked after fetch)
+ENV_ENV_PYTHON = "AVATARFORGE_ENV_PYTHON"  # "3.12": must be the Python of the Triton stub
+
+# Files of a packaged user model, beside its model.py.
+SHARED_BASE_FILE = "shared_base.json"  # the shared base's config, written by the packager
+ADAPTER_SUBDIR = "adapter"
+ADAPTER_METADATA = "avatarforge_adapter.json"
+ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
+ADAPTER_INPUT = "adapter"  # the shared base's input naming the calling user's adapter folder
+# The shared base's model.py, as handed to pb_utils.load_model: it runs in the serving env,
+# where avatarforge is installed, so it always matches the library there.
+SHARED_BASE_MODEL_PY = (
+    b"from avatarforge.serving.triton_models.shared_base import TritonPythonModel  # noqa: F401\n"
+)
+
+LOCK_TIMEOUT_S = 1800.0  # a multi-GB env from S3 takes minutes; longer means a stuck peer
+DEFAULT_SHARED_DIR = "~/.cache/avatarforge/shared"
+_CHUNK = 1 << 20
+
+
+class BootstrapError(RuntimeError):
+    """The model cannot start on this instance; the message says what to change."""
+
+
+def stub_python() -> str:
+    """The Python of this process: on Triton, the one the python backend stub embeds."""
+    return f"{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+# ---------------------------------------------------------------- instance settings
+
+
+class Instance:
+    """What the instance's environment says (read once per model)."""
+
+    def __init__(self, environ: dict | None = None) -> None:
+        env = os.environ if environ is None else environ
+        self.shared_dir = Path(env.get(ENV_SHARED_DIR) or DEFAULT_SHARED_DIR).expanduser()
+        self.base_source = env.get(ENV_BASE_SOURCE, "")
+        self.env_source = env.get(ENV_ENV_SOURCE, "")
+        self.env_sha256 = env.get(ENV_ENV_SHA256, "").lower()
+        self.env_python = env.get(ENV_ENV_PYTHON, "")
+
+
+def check_env_python(env_python: str, source: str) -> None:
+    """Refuse a serving env built for another Python than this stub's: Triton would start it and
+    every import in it would fail, far from the cause."""
+    if env_python and env_python != stub_python():
+        raise BootstrapError(
+            f"serving environment {source} was built for Python {env_python}, but this Triton "
+            f"image's python backend runs Python {stub_python()}: build it for {stub_python()} "
+            "(conda_envs/build_in_image.sh <triton image tag>) and deploy again"
+        )
+
+
+def ensure_env(instance: Instance) -> str:
+    """The EXECUTION_ENV_PATH of the shared base ("" when none is configured: inherit).
+
+    A local folder (with ``bin/activate``) or tarball is used where it is; an ``s3://`` tarball
+    is downloaded once to ``<shared_dir>/env/`` (Triton unpacks it itself).
+    """
+    source = instance.env_source
+    if not source:
+        return ""
+    check_env_python(instance.env_python, source)
+    if not source.startswith("s3://"):
+        local = Path(source[len("file://") :] if source.startswith("file://") else source)
+        local = local.expanduser()
+        if local.is_dir() and not (local / "bin" / "activate").is_file():
+            raise BootstrapError(f"serving environment {local} has no bin/activate")
+        if not local.exists():
+            raise BootstrapError(f"serving environment {local} does not exist")
+        return str(local.resolve())
+    key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
+    dest = instance.shared_dir / "env" / f"serve-{key}.tar.gz"
+    if not dest.is_file():
+        with file_lock(instance.shared_dir, "env-" + key):
+            if not dest.is_file():  # a peer may have finished meanwhile
+                download(source, dest, sha256=instance.env_sha256 or None)
+    return str(dest)
+
+
+@contextlib.contextmanager
+def file_lock(shared_dir: Path, name: str, timeout: float = LOCK_TIMEOUT_S):
+    """An exclusive lock between the processes of one instance (models start in parallel)."""
+    folder = Path(shared_dir) / ".locks"
+    folder.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + timeout
+    with open(folder / (name + ".lock"), "a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() > deadline:
+                    raise BootstrapError(
+                        f"timed out after {timeout:.0f} s waiting for lock {name}"
+                    ) from None
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- the shared base
+
+
+class SharedBase:
+    """How to start the shared base model: its name, its config (JSON) and its model.py."""
+
+    def __init__(self, name: str, config_json: str, lock_dir: Path) -> None:
+        self.name = name
+        self.config_json = config_json
+        self.lock_dir = lock_dir
+
+    @classmethod
+    def from_template(cls, template: dict, env_path: str, lock_dir: Path) -> SharedBase:
+        """The packaged config of the shared base, given this instance's environment path."""
+        config = json.loads(json.dumps(template))  # a deep copy of plain JSON
+        params = config.setdefault("parameters", {})
+        params.pop("EXECUTION_ENV_PATH", None)
+        if env_path:
+            params["EXECUTION_ENV_PATH"] = {"string_value": env_path}
+        return cls(config["name"], json.dumps(config, sort_keys=True), Path(lock_dir))
+
+    def ensure_loaded(self, pb_utils) -> None:
+        """Start the shared base unless it is ready (``pb_utils``: the caller's Triton module).
+
+        The lock makes concurrent first loads start it once; models call this per batch, so
+        the shared base comes back if something unloaded it.
+        """
+        if pb_utils.is_model_ready(self.name):
+            return
+        with file_lock(self.lock_dir, self.name, timeout=600):
+            if not pb_utils.is_model_ready(self.name):
+                pb_utils.load_model(
+                    model_name=self.name,
+                    config=self.config_json,
+                    files={"file:1/model.py": SHARED_BASE_MODEL_PY},
+                )
+
+
+def read_user_model(version_dir: Path, base_hash: str) -> Path:
+    """The packaged adapter folder of a user model, checked against its config's base hash.
+
+    The shared base verifies the weights' sha256 when it loads them; this fails a model that
+    cannot work at load time, with the reason, instead of at its first request.
+    """
+    folder = Path(version_dir) / ADAPTER_SUBDIR
+    for name in (ADAPTER_METADATA, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise BootstrapError(f"{folder} is not a complete adapter: {name} is missing")
+    try:
+        meta = json.loads((folder / ADAPTER_METADATA).read_text())
+    except ValueError as exc:
+        raise BootstrapError(f"{folder / ADAPTER_METADATA}: not valid JSON ({exc})") from None
+    if not base_hash:
+        raise BootstrapError("BASE_HASH is missing from the user model's config parameters")
+    if not isinstance(meta, dict) or meta.get("base_hash") != base_hash:
+        trained = meta.get("base_hash") if isinstance(meta, dict) else None
+        raise BootstrapError(
+            f"adapter was trained on base {str(trained)[:12]}, but this model is configured "
+            f"for base {base_hash[:12]}"
+        )
+    return folder.resolve()
+
+
+def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None):
+    """Everything a user model's ``initialize()`` does: returns (adapter folder, shared base).
+
+    ``params``: the model config's parameters as plain strings.
+    """
+    version_dir = Path(version_dir)
+    adapter = read_user_model(version_dir, params.get("BASE_HASH", ""))
+    instance = Instance(environ)
+    template = json.loads((version_dir / SHARED_BASE_FILE).read_text())
+    base = SharedBase.from_template(template, ensure_env(instance), instance.shared_dir)
+    base.ensure_loaded(pb_utils)
+    return adapter, base
+
+
+def model_params(model_config_json: str) -> dict:
+    """A model config's parameters as plain strings (Triton's string_value form)."""
+    config = json.loads(model_config_json)
+    return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+# ---------------------------------------------------------------- S3 without boto3
+
+
+def download(uri: str, dest: Path, sha256: str | None = None, retries: int = 4) -> Path:
+    """Download ``s3://bucket/key`` to ``dest`` atomically; checks ``sha256`` when given.
+
+    Signed with SigV4 and the instance's credentials (environment, container credentials, or
+    the instance metadata service: the order boto3 uses). Server errors and broken connections
+    are retried with exponential backoff; a missing object or a refused request is not.
+    """
+    import urllib.error
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    delay = 1.0
+    try:
+        for attempt in range(retries + 1):
+            try:
+                actual = _get_to_file(uri, tmp)
+                break
+            except urllib.error.HTTPError as exc:
+                if exc.code < 500 or attempt == retries:
+                    raise BootstrapError(_http_failure(uri, exc)) from None
+            except (urllib.error.URLError, OSError) as exc:
+                if attempt == retries:
+                    raise BootstrapError(f"cannot download {uri}: {exc}") from None
+            time.sleep(delay)
+            delay *= 2
+        if sha256 and actual != sha256.lower():
+            raise BootstrapError(f"{uri}: sha256 is {actual}, expected {sha256.lower()}")
+        os.replace(tmp, dest)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return dest
+
+
+def _http_failure(uri: str, exc) -> str:
+    detail = ""
+    with contextlib.suppress(Exception):
+        detail = exc.read(2000).decode("utf-8", "replace")
+    reason = {403: "access denied (check the instance role's s3:GetObject)", 404: "no such object"}
+    detail = " ".join(detail.split())[:300]
+    return f"cannot download {uri}: HTTP {exc.code}, {reason.get(exc.code, '')} {detail}"
+
+
+def _get_to_file(uri: str, path: Path) -> str:
+    import urllib.request
+
+    url, headers = signed_get(uri, credentials(), region())
+    digest = hashlib.sha256()
+    request = urllib.request.Request(url, headers=headers, method="GET")
+    with urllib.request.urlopen(request, timeout=60) as response, open(path, "wb") as out:
+        while True:
+            chunk = response.read(_CHUNK)
+            if not chunk:
+                break
+            digest.update(chunk)
+            out.write(chunk)
+    return digest.hexdigest()
+
+
+def region(environ: dict | None = None) -> str:
+    env = os.environ if environ is None else environ
+    return env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_url(bucket: str, key: str, region_name: str, environ: dict | None = None) -> str:
+    """Where to GET an object: a configured endpoint (path style, e.g. a local moto server),
+    else the regional virtual-hosted endpoint (path style for bucket names with dots)."""
+    env = os.environ if environ is None else environ
+    path = "/" + quote(key, safe="/~")
+    endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        return endpoint.rstrip("/") + "/" + quote(bucket) + path
+    if "." in bucket:
+        return f"https://s3.{region_name}.amazonaws.com/{bucket}{path}"
+    return f"https://{bucket}.s3.{region_name}.amazonaws.com{path}"
+
+
+def signed_get(
+    uri: str, creds: dict, region_name: str, now: datetime.datetime | None = None
+) -> tuple[str, dict]:
+    """(url, headers) of a SigV4-signed S3 GET of ``s3://bucket/key``."""
+    parsed = urlparse(uri)
+    bucket, key = parsed.netloc, parsed.path.lstrip("/")
+    if parsed.scheme != "s3" or not bucket or not key:
+        raise BootstrapError(f"not an s3://bucket/key URI: {uri!r}")
+    url = s3_url(bucket, key, region_name)
+    target = urlparse(url)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    amz_date = now.strftime("%Y%m%dT%H%M%SZ")
+    scope = f"{amz_date[:8]}/{region_name}/s3/aws4_request"
+    headers = {
+        "host": target.netloc,
+        "x-amz-content-sha256": "UNSIGNED-PAYLOAD",
+        "x-amz-date": amz_date,
+    }
+    if creds.get("token"):
+        headers["x-amz-security-token"] = creds["token"]
+    signed = ";".join(sorted(headers))
+    canonical = "\n".join(
+        [
+            "GET",
+            target.path,  # already URI-encoded once, as S3 wants it
+            "",
+            "".join(f"{k}:{headers[k].strip()}\n" for k in sorted(headers)),
+            signed,
+            "UNSIGNED-PAYLOAD",
+        ]
+    )
+    to_sign = "\n".join(
+        ["AWS4-HMAC-SHA256", amz_date, scope, hashlib.sha256(canonical.encode()).hexdigest()]
+    )
+    key_bytes = ("AWS4" + creds["secret_key"]).encode()
+    for part in (amz_date[:8], region_name, "s3", "aws4_request"):
+        key_bytes = hmac.new(key_bytes, part.encode(), hashlib.sha256).digest()
+    signature = hmac.new(key_bytes, to_sign.encode(), hashlib.sha256).hexdigest()
+    headers["Authorization"] = (
+        f"AWS4-HMAC-SHA256 Credential={creds['access_key']}/{scope}, "
+        f"SignedHeaders={signed}, Signature={signature}"
+    )
+    headers.pop("host")  # urllib sends it from the URL
+    return url, headers
+
+
+def credentials(environ: dict | None = None) -> dict:
+    """The instance's AWS credentials, looked up in the order boto3 uses: environment
+    variables, the container credentials endpoint, then the instance metadata service (v2)."""
+    env = os.environ if environ is None else environ
+    if env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY"):
+        return {
+            "access_key": env["AWS_ACCESS_KEY_ID"],
+            "secret_key": env["AWS_SECRET_ACCESS_KEY"],
+            "token": env.get("AWS_SESSION_TOKEN", ""),
+        }
+    if env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI") or env.get(
+        "AWS_CONTAINER_CREDENTIALS_FULL_URI"
+    ):
+        return _container_credentials(env)
+    return _imds_credentials(env)
+
+
+def _http_json(url: str, headers: dict | None = None, method: str = "GET", timeout=2.0):
+    import urllib.request
+
+    request = urllib.request.Request(url, headers=headers or {}, method=method)
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        body = response.read().decode()
+    return json.loads(body) if body.lstrip().startswith("{") else body
+
+
+def _from_aws_json(data: dict, where: str) -> dict:
+    try:
+        return {
+            "access_key": data["AccessKeyId"],
+            "secret_key": data["SecretAccessKey"],
+            "token": data.get("Token", ""),
+        }
+    except (KeyError, TypeError):
+        raise BootstrapError(f"no credentials in the answer of {where}") from None
+
+
+def _container_credentials(env: dict) -> dict:
+    relative = env.get("AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")
+    url = (
+        "http://169.254.170.2" + relative if relative else env["AWS_CONTAINER_CREDENTIALS_FULL_URI"]
+    )
+    headers = {}
+    token = env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN")
+    if env.get("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"):
+        token = Path(env["AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE"]).read_text().strip()
+    if token:
+        headers["Authorization"] = token
+    try:
+        return _from_aws_json(_http_json(url, headers), url)
+    except OSError as exc:
+        raise BootstrapError(f"cannot read container credentials from {url}: {exc}") from None
+
+
+def _imds_credentials(env: dict) -> dict:
+    base = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254").rstrip("/")
+    try:
+        token = _http_json(
+            base + "/latest/api/token",
+            {"X-aws-ec2-metadata-token-ttl-seconds": "21600"},
+            method="PUT",
+        )
+        headers = {"X-aws-ec2-metadata-token": token}
+        roles = _http_json(base + "/latest/meta-data/iam/security-credentials/", headers)
+        role = roles.split()[0]
+        data = _http_json(base + "/latest/meta-data/iam/security-credentials/" + role, headers)
+    except (OSError, IndexError, AttributeError) as exc:
+        raise BootstrapError(
+            "no AWS credentials: none in the environment, no container credentials endpoint, "
+            f"and the instance metadata service did not answer ({exc})"
+        ) from None
+    return _from_aws_json(data, base)

@@ -84,58 +84,177 @@ def fetch(uri: str, dest: Path, *, sha256: str | None = None) -> Path:
     return dest
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One S3 object as a listing or HeadObject reports it (nothing downloaded yet)."""
+
+    uri: str
+    size: int
+
+    @property
+    def name(self) -> str:
+        """The base name of its key (what it is called once fetched into a flat folder)."""
+        return self.uri.rsplit("/", 1)[-1]
+
+
+class ListingLimitError(StorageError):
+    """A listing breaks a count or size limit (refused before any download)."""
+
+
+def _split_prefix(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3" or not parsed.netloc:
+        raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
+    prefix = parsed.path.lstrip("/")
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return parsed.netloc, prefix
+
+
+def list_prefix(uri: str, *, limit: int | None = None) -> list[ObjectInfo]:
+    """The objects under ``s3://bucket/prefix/`` (folder markers left out), in key order.
+
+    With ``limit``, the listing stops after ``limit`` objects: a caller that refuses more than
+    N objects lists N + 1, not a hostile prefix's millions.
+    """
+    bucket, prefix = _split_prefix(uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    found: list[ObjectInfo] = []
+    try:
+        pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for obj in page.get("Contents", []):
+                if obj["Key"].endswith("/"):  # folder markers
+                    continue
+                found.append(ObjectInfo(f"s3://{bucket}/{obj['Key']}", int(obj["Size"])))
+                if limit is not None and len(found) >= limit:
+                    return found
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"cannot list {uri}: {exc}") from exc
+    return found
+
+
+def head_objects(uris: list[str]) -> list[ObjectInfo]:
+    """Size of each ``s3://bucket/key`` from HeadObject; :class:`ObjectNotFoundError` names the
+    first that does not exist."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    out = []
+    for uri in uris:
+        target = parse_s3_uri(uri)
+        try:
+            head = _s3_client().head_object(Bucket=target.bucket, Key=target.key)
+        except ClientError as exc:
+            code = str(exc.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound"):
+                raise ObjectNotFoundError(f"{uri}: no such object") from exc
+            raise StorageError(f"{uri}: HeadObject failed: {exc}") from exc
+        except BotoCoreError as exc:
+            raise StorageError(f"{uri}: HeadObject failed: {exc}") from exc
+        out.append(ObjectInfo(str(target), int(head["ContentLength"])))
+    return out
+
+
+def check_listing(
+    objects: list[ObjectInfo],
+    where: str,
+    *,
+    max_objects: int,
+    max_object_bytes: int,
+    max_total_bytes: int | None = None,
+    complete: bool = True,
+) -> None:
+    """Refuse (:class:`ListingLimitError`, naming the object or count) a listing with too many
+    objects, one too large, or too many bytes in all; ``where`` names the listing in messages.
+    Also refuses two objects that would get the same file name in a flat folder. ``complete``
+    False says the listing was cut short (``list_prefix(limit=...)``): there may be more."""
+    if len(objects) > max_objects:
+        count = f"{len(objects)}" if complete else f"at least {len(objects)}"
+        raise ListingLimitError(f"{where}: {count} objects, more than the limit of {max_objects}")
+    names: dict[str, str] = {}
+    for obj in objects:
+        if obj.size > max_object_bytes:
+            size, limit = obj.size / 2**20, max_object_bytes / 2**20
+            raise ListingLimitError(
+                f"{obj.uri}: {size:.0f} MiB, more than {limit:.0f} MiB per object"
+            )
+        if obj.name in names:
+            raise ListingLimitError(
+                f"{where}: two objects named {obj.name!r} ({names[obj.name]}, {obj.uri})"
+            )
+        if obj.name in ("", ".", ".."):
+            raise ListingLimitError(f"{where}: {obj.uri} has no usable file name")
+        names[obj.name] = obj.uri
+    total = sum(o.size for o in objects)
+    if max_total_bytes is not None and total > max_total_bytes:
+        raise ListingLimitError(
+            f"{where}: {total / 2**20:.1f} MiB in all, more than the limit of "
+            f"{max_total_bytes / 2**20:.1f} MiB"
+        )
+
+
+def fetch_objects(objects: list[ObjectInfo], dest: Path) -> list[Path]:
+    """Download each object into the folder ``dest`` under its base name (atomically, each)."""
+    return [fetch(o.uri, Path(dest) / o.name) for o in sorted(objects, key=lambda o: o.name)]
+
+
 def fetch_prefix(
-    uri: str, dest: Path, *, max_objects: int = 200, max_object_bytes: int = 64 * 2**20
+    uri: str,
+    dest: Path,
+    *,
+    max_objects: int = 200,
+    max_object_bytes: int = 64 * 2**20,
+    max_total_bytes: int | None = None,
 ) -> list[Path]:
     """Download every object under ``s3://bucket/prefix/`` into the folder ``dest`` (flat, by
     base name); returns the files. The limits are checked on the listing, before any download:
     an upload folder of selfies is small, and a larger one is refused with the key that broke it.
     """
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3" or not parsed.netloc:
-        raise ValueError(f"not an s3://bucket/prefix URI: {uri!r}")
-    bucket, prefix = parsed.netloc, parsed.path.lstrip("/")
-    if prefix and not prefix.endswith("/"):
-        prefix += "/"
-    from botocore.exceptions import BotoCoreError, ClientError
-
-    try:
-        pages = _s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        objects = [o for page in pages for o in page.get("Contents", [])]
-    except (ClientError, BotoCoreError) as exc:
-        raise StorageError(f"cannot list {uri}: {exc}") from exc
-    objects = [o for o in objects if not o["Key"].endswith("/")]  # folder markers
+    objects = list_prefix(uri, limit=max_objects + 1)
     if not objects:
         raise ObjectNotFoundError(f"{uri}: no objects under this prefix")
-    if len(objects) > max_objects:
-        raise StorageError(f"{uri}: {len(objects)} objects, more than the limit of {max_objects}")
-    names: dict[str, str] = {}
-    for obj in objects:
-        if obj["Size"] > max_object_bytes:
-            size, limit = obj["Size"] / 2**20, max_object_bytes / 2**20
-            raise StorageError(
-                f"s3://{bucket}/{obj['Key']}: {size:.0f} MiB, more than {limit:.0f} MiB per object"
-            )
-        name = obj["Key"].rsplit("/", 1)[-1]
-        if name in names:
-            raise StorageError(f"{uri}: two objects named {name!r} ({names[name]}, {obj['Key']})")
-        names[name] = obj["Key"]
-    return [fetch(f"s3://{bucket}/{key}", Path(dest) / name) for name, key in sorted(names.items())]
+    check_listing(
+        objects,
+        uri,
+        max_objects=max_objects,
+        max_object_bytes=max_object_bytes,
+        max_total_bytes=max_total_bytes,
+        complete=len(objects) <= max_objects,
+    )
+    return fetch_objects(objects, dest)
 
 
 def upload(path: Path, s3_uri: str) -> str:
-    """Upload the file ``path`` to ``s3://bucket/key``; returns the URI."""
+    """Upload the file ``path`` to ``s3://bucket/key``; returns the URI.
+
+    Never a visible partial object: boto3 sends a small file as one PUT and a large one as a
+    multipart upload that S3 shows only once it is completed; a failed multipart upload is
+    aborted by boto3's transfer manager (its parts are discarded).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file to upload")
     target = parse_s3_uri(s3_uri)
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         _s3_client().upload_file(str(path), target.bucket, target.key)
-    except (ClientError, BotoCoreError) as exc:
+    except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
         raise StorageError(f"upload of {path} to {target} failed: {exc}") from exc
     return str(target)
+
+
+def delete(s3_uri: str) -> None:
+    """Delete the object ``s3://bucket/key`` (no error when it is already gone)."""
+    target = parse_s3_uri(s3_uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        _s3_client().delete_object(Bucket=target.bucket, Key=target.key)
+    except (ClientError, BotoCoreError) as exc:
+        raise StorageError(f"delete of {target} failed: {exc}") from exc
 
 
 def local_path(uri: str) -> Path:

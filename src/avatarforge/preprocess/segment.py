@@ -117,6 +117,11 @@ class GrabCutSegmenter:
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         try:
             bgr = np.ascontiguousarray(small[:, :, ::-1])  # OpenCV's colour order
+            # GrabCut seeds its colour models with k-means on OpenCV's per-thread RNG, whose
+            # state carries over from call to call: reset it, so the same photo gives the same
+            # mask in any process and at any point (a resumed training job checks the dataset
+            # hash, which covers the masks' scores).
+            cv2.setRNGSeed(0)
             cv2.grabCut(bgr, labels, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
         except cv2.error:
             # A flat image (one colour) gives GrabCut no model to fit; fall back to the seed.

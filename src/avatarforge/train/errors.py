@@ -10,14 +10,18 @@ class TrainingError(RuntimeError):
 
 
 class TrainingStopped(TrainingError):
-    """The run stopped early on purpose (``max_steps_this_run``); run again to resume.
+    """The run stopped early on purpose (``max_steps_this_run``, or the caller's
+    ``should_stop``); run again to resume.
 
     Still an error: there is no adapter yet, and a caller must not treat the run as finished.
     """
 
-    def __init__(self, step: int, total: int, checkpoint: Path) -> None:
+    def __init__(
+        self, step: int, total: int, checkpoint: Path, reason: str = "max_steps_this_run"
+    ) -> None:
         super().__init__(
-            f"stopped after step {step} of {total} (max_steps_this_run); checkpoint at "
+            f"stopped after step {step} of {total} ({reason}); checkpoint at "
             f"{checkpoint}; run again with the same output folder to resume"
         )
         self.step, self.total, self.checkpoint = step, total, checkpoint
+        self.reason = reason

@@ -111,12 +111,19 @@ def train(
     base: BaseInfo | None = None,
     *,
     on_step: Callable[[StepInfo], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> TrainResult:
     """Train a DreamBooth LoRA for the photos in ``dataset_dir``; the adapter goes to
     ``out_dir/adapter`` and resumable checkpoints to ``out_dir/checkpoints``.
 
+    ``should_stop`` is asked after each optimizer step; when it says True the run saves a
+    checkpoint and stops as ``max_steps_this_run`` does (a deadline). ``on_checkpoint`` gets
+    each checkpoint folder once it is saved (to copy it somewhere safer).
+
     Raises :class:`TrainingError` when it cannot produce a trustworthy adapter and
-    :class:`TrainingStopped` (a TrainingError) when ``max_steps_this_run`` ended the run early.
+    :class:`TrainingStopped` (a TrainingError) when ``max_steps_this_run`` or ``should_stop``
+    ended the run early.
     """
     import torch
 
@@ -256,8 +263,17 @@ def train(
             bar.update(1)
             if on_step is not None:
                 on_step(StepInfo(done, config.steps, total, step_times[-1]))
-            if done < config.steps and (done % config.checkpoint_every == 0 or done == stop_at):
-                _save_checkpoint(ckpt_root, done, models, optimizer, scaler, losses, identity)
+            stop_now = done < config.steps and should_stop is not None and should_stop()
+            if done < config.steps and (
+                done % config.checkpoint_every == 0 or done == stop_at or stop_now
+            ):
+                saved = _save_checkpoint(
+                    ckpt_root, done, models, optimizer, scaler, losses, identity
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(saved)
+            if stop_now:
+                raise TrainingStopped(done, config.steps, saved, reason="should_stop")
     finally:
         bar.close()
 

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# `make training-image`: build avatarforge's wheel into a build context, then the LMI training
+# image with docker where an engine runs. Where none runs (our development machines), the
+# wheel is still built and checked, and the script says why it stops and exits 2.
+#
+# Environment: IMAGE (tag, default avatarforge-training:<version>), LMI_REPOSITORY and LMI_TAG
+# (the base image; defaults in the Dockerfile), PYTHON (default .venv/bin/python).
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+repo="$(dirname "$here")"
+python="${PYTHON:-$repo/.venv/bin/python}"
+context="${AVATARFORGE_BUILD:-$repo/build}/training-image"
+
+rm -rf "$context"
+mkdir -p "$context/wheels" "$context/source"
+# Built from a copy, so setuptools' build/ and egg-info never land in the checkout.
+cp -r "$repo/pyproject.toml" "$repo/README.md" "$repo/src" "$context/source/"
+find "$context/source" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+# --no-build-isolation: setuptools comes from the venv (no download); --no-deps: only ours.
+"$python" -m pip wheel --quiet --no-deps --no-build-isolation -w "$context/wheels" \
+    "$context/source"
+rm -rf "$context/source"
+wheels=("$context"/wheels/avatarforge-*.whl)
+if [[ ${#wheels[@]} -ne 1 || ! -f ${wheels[0]} ]]; then
+    echo "training-image: expected one avatarforge wheel in $context/wheels" >&2
+    exit 1
+fi
+wheel="$(basename "${wheels[0]}")"
+cp "$here/Dockerfile" "$here/serving.properties" "$here/model.py" "$context/"
+echo "training-image: build context ready in $context (wheel $wheel)"
+
+if ! command -v docker >/dev/null 2>&1; then
+    echo "training-image: cannot build the image here: the docker client is not installed." >&2
+    echo "  Run 'make training-image' on a machine with Docker; the context above is complete." >&2
+    exit 2
+fi
+if ! docker info >/dev/null 2>&1; then
+    echo "training-image: cannot build the image here: no Docker engine runs on this machine" >&2
+    echo "  ('docker info' failed). Run 'make training-image' where one does, logged in to the" >&2
+    echo "  LMI registry (aws ecr get-login-password | docker login ... 763104351884.dkr.ecr...)." >&2
+    exit 2
+fi
+
+version="${wheel#avatarforge-}"
+version="${version%%-*}"
+image="${IMAGE:-avatarforge-training:$version}"
+args=(--build-arg "WHEEL=$wheel")
+[[ -n "${LMI_REPOSITORY:-}" ]] && args+=(--build-arg "LMI_REPOSITORY=$LMI_REPOSITORY")
+[[ -n "${LMI_TAG:-}" ]] && args+=(--build-arg "LMI_TAG=$LMI_TAG")
+docker build "${args[@]}" -t "$image" "$context"
+echo "training-image: built $image"

@@ -1,0 +1,277 @@
+"""`avatarforge deploy mme|training|destroy`: put avatarforge on SageMaker, or take it down."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from ..deploy import AssetError, DeployConfig, DeployError, Plan, execute, make_clients, make_plan
+from ..settings import ConfigError
+from .common import config_options, console, fail
+
+deploy_app = typer.Typer(
+    help="Deploy to AWS SageMaker: the multi-model endpoint (Triton) that serves every user, the "
+    "async training endpoint that scales to zero, and their S3 layout. Every command prints "
+    "its plan first; --dry-run prints only the plan and needs no AWS account.",
+    no_args_is_help=True,
+)
+
+CONFIG_HELP = "deployment description (JSON with DeployConfig fields; options override it)"
+DRY_RUN_HELP = "print the plan and change nothing (no AWS account or network needed)"
+JSON_HELP = "print the plan as JSON on stdout (progress goes to stderr)"
+CREATE_ROLE_HELP = (
+    "create the endpoint's least-privilege IAM role (tagged; destroy removes it) when no role "
+    "ARN is configured"
+)
+_ACTION_STYLE = {
+    "create": "green",
+    "update": "yellow",
+    "delete": "red",
+    "conflict": "bold red",
+    "unchanged": "dim",
+}
+
+
+def load_config(
+    ctx: typer.Context, config_file: Path | None, options: dict[str, Any]
+) -> DeployConfig:
+    """The --config file's fields, overridden by the options given on the command line."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = json.loads(Path(config_file).read_text())
+        except (OSError, ValueError) as exc:
+            fail(f"--config {config_file}: {exc}")
+        if not isinstance(data, dict):
+            fail(f"--config {config_file}: must hold a JSON object of deploy settings")
+    for name, value in options.items():
+        source = ctx.get_parameter_source(name)
+        # by name: typer's ParameterSource is not click's enum (other values)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            data[name] = value
+    try:
+        return DeployConfig.from_dict(data)
+    except (ConfigError, TypeError) as exc:
+        fail(str(exc))
+
+
+def _detail(r) -> str:
+    a = r.attrs
+    match r.kind:
+        case "s3_object":
+            size = a.get("size")
+            return f"sha256 {a['sha256'][:12]}…, {size / 2**20:.1f} MiB" if size else "not built"
+        case "sagemaker_model" if "PrimaryContainer" in a:
+            c = a["PrimaryContainer"]
+            return f"{c['Mode']} {c['Image'].rsplit('/', 1)[-1]}"
+        case "endpoint_config" if "ProductionVariants" in a:
+            v = a["ProductionVariants"][0]
+            kind = "async" if "AsyncInferenceConfig" in a else "real time"
+            return f"{v['InstanceType']} x{v['InitialInstanceCount']}, {kind}"
+        case "endpoint":
+            return f"config {a.get('EndpointConfigName', '')}" if a else ""
+        case "scalable_target" if "MinCapacity" in a:
+            return f"{a['MinCapacity']}..{a['MaxCapacity']} instances"
+        case "scaling_policy" if "PolicyType" in a:
+            body = a.get("TargetTrackingScalingPolicyConfiguration")
+            if body:
+                metric = body.get("PredefinedMetricSpecification", {}).get(
+                    "PredefinedMetricType"
+                ) or body.get("CustomizedMetricSpecification", {}).get("MetricName")
+                return f"target {metric} = {body['TargetValue']:g}"
+            return "step +1 instance when the alarm fires"
+        case "cloudwatch_alarm" if "MetricName" in a:
+            return f"{a['MetricName']} >= {a['Threshold']:g} for {a['EvaluationPeriods']} min"
+        case "s3_prefix":
+            return f"{a['objects']} objects"
+    return ""
+
+
+def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
+    """The plan as a table plus the facts a reader needs (image, Python, cost, blockers)."""
+    where = f"account {plan.account}" if plan.account else "dry run: planned against nothing"
+    out.print(f"[bold]deploy {plan.command}[/]: {plan.deployment} in {plan.region} ({where})")
+    # one line per resource (not a table): names stay whole and greppable at any width
+    for r in plan.resources:
+        style = _ACTION_STYLE.get(r.action, "")
+        detail = _detail(r)
+        if r.changes and r.action != "unchanged":
+            detail = "; ".join([detail, *r.changes]) if detail else "; ".join(r.changes)
+        out.print(
+            f"  [{style}]{r.action:<9}[/] {r.kind:<16} {r.name}  [dim]{detail}[/]",
+            soft_wrap=True,
+            highlight=False,
+        )
+    facts = plan.facts
+    if image := facts.get("image"):
+        line = f"image: {image['uri']}"
+        if "stub_python" in image:
+            line += f"  (Triton {image['triton_tag']}: its python stub needs Python "
+            line += f"{image['stub_python']}; the serving env is built for it)"
+        if "built_from" in image:
+            line += f"  (FROM {image['built_from']})"
+        out.print(line, soft_wrap=True)
+    if cost := facts.get("cost"):
+        price = cost["usd_per_instance_hour"]
+        if price is None:
+            out.print(f"cost: no price on record for {cost['instance_type']}")
+        else:
+            out.print(
+                f"cost: {cost['instance_type']} ≈ ${price:.3f}/h per instance: "
+                f"${cost['usd_per_hour_at_min']:g}/h at {cost['min_instances']}, "
+                f"${cost['usd_per_hour_at_max']:g}/h at {cost['max_instances']} instances "
+                f"({cost['as_of']})",
+                soft_wrap=True,
+            )
+    if "invocation_timeout_s" in facts:
+        out.print(
+            f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation (sent by "
+            f"the client), service deadline {facts['service_deadline_s']} s",
+            soft_wrap=True,
+        )
+    for note in plan.notes:
+        out.print(f"note: {note}", soft_wrap=True)
+    if show_policies:
+        for component, docs in facts.get("policies", {}).items():
+            out.print(f"IAM for the {component} endpoint's execution role:")
+            out.print(f"  trust policy: {json.dumps(docs['trust'])}", soft_wrap=True)
+            out.print("  permissions policy:")
+            out.print(json.dumps(docs["permissions"], indent=2), soft_wrap=True, highlight=False)
+    for blocker in plan.blockers:
+        out.print(f"[bold red]blocker:[/] {blocker}", soft_wrap=True)
+    changes = len(plan.changes)
+    out.print(f"{changes} change(s), {len(plan.resources) - changes} unchanged")
+
+
+def _run(
+    command: str,
+    ctx: typer.Context,
+    config_file: Path | None,
+    dry_run: bool,
+    as_json: bool,
+    options: dict[str, Any],
+    *,
+    create_role: bool = False,
+    delete_data: bool = False,
+) -> None:
+    config = load_config(ctx, config_file, options)
+    out = Console(stderr=True) if as_json else console
+    if logging.getLogger().level > logging.DEBUG:  # boto's INFO lines hide the plan (-v: shown)
+        for name in ("botocore", "boto3", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        if dry_run and command != "destroy":
+            plan = make_plan(command, config, create_role=create_role)
+        else:
+            clients = make_clients(config)
+            plan = make_plan(
+                command, config, clients, create_role=create_role, delete_data=delete_data
+            )
+    except (AssetError, DeployError, ConfigError) as exc:
+        fail(str(exc))
+    if as_json:
+        print(json.dumps(plan.to_dict(), indent=2, default=str))
+    else:
+        show = dry_run or any("IAM role" in b for b in plan.blockers)
+        print_plan(plan, out, show_policies=show)
+    if dry_run:
+        return
+    if plan.blockers:
+        fail(f"deploy {command} stopped before changing anything: {plan.blockers[0]}")
+    if not plan.changes:
+        out.print("nothing to do: what exists matches the plan")
+        return
+    try:
+        execute(plan, clients, config, progress=lambda line: out.print(line, soft_wrap=True))
+    except DeployError as exc:
+        fail(str(exc))
+    _print_next_steps(command, config, plan, out)
+
+
+def _print_next_steps(command: str, config: DeployConfig, plan: Plan, out: Console) -> None:
+    if command == "mme":
+        out.print(
+            f"[bold]MME endpoint {config.mme_endpoint_name} is in service.[/] Put user models at "
+            f"{config.models_prefix}<user>.tar.gz, then: avatarforge generate --endpoint "
+            f"{config.mme_endpoint_name} --user <user> --prompt ...",
+            soft_wrap=True,
+        )
+    elif command == "training":
+        out.print(
+            f"[bold]training endpoint {config.training_endpoint_name} is in service[/] (it "
+            "scales to zero when idle). Submit a job: avatarforge submit --user <user> "
+            "--photos <dir>",
+            soft_wrap=True,
+        )
+    else:
+        out.print(f"removed {len(plan.changes)} resource(s) of deployment {config.name}")
+
+
+@deploy_app.command("mme")
+@config_options(DeployConfig)
+def mme(
+    ctx: typer.Context,
+    config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    create_role: bool = typer.Option(False, "--create-role", help=CREATE_ROLE_HELP),
+    **options: Any,
+) -> None:
+    """The multi-model endpoint: S3 layout, base + serving env uploads, Triton model,
+    endpoint (default ml.g5.2xlarge) and its autoscaling (min 1). Re-running applies only
+    what changed: a new endpoint config and an in-place endpoint update, or nothing."""
+    _run("mme", ctx, config_file, dry_run, as_json, options, create_role=create_role)
+
+
+@deploy_app.command("training")
+@config_options(DeployConfig)
+def training(
+    ctx: typer.Context,
+    config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    create_role: bool = typer.Option(False, "--create-role", help=CREATE_ROLE_HELP),
+    **options: Any,
+) -> None:
+    """The async training endpoint (our LMI image): SNS success/error topics, async output and
+    failure paths, jobs per instance, and scale to zero (min 0, backlog target tracking, an
+    alarm + step policy that wakes it for the first job after idle)."""
+    _run("training", ctx, config_file, dry_run, as_json, options, create_role=create_role)
+
+
+_DESTROY_FIELDS = ("name", "region", "bucket", "prefix")
+
+
+@deploy_app.command("destroy")
+@config_options(
+    DeployConfig,
+    skip=tuple(f for f in DeployConfig.__dataclass_fields__ if f not in _DESTROY_FIELDS),
+)
+def destroy(
+    ctx: typer.Context,
+    config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="list what would be removed (needs AWS credentials to list)"
+    ),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    delete_data: bool = typer.Option(
+        False,
+        "--delete-data",
+        help="also delete every S3 object under the deployment's prefix (photos, user models, "
+        "jobs, outputs) and the bucket if deploy created it and nothing else is in it",
+    ),
+    **options: Any,
+) -> None:
+    """Remove exactly what deploy made — everything tagged avatarforge:deployment=<name> — and
+    nothing else. S3 data stays unless --delete-data."""
+    _run("destroy", ctx, config_file, dry_run, as_json, options, delete_data=delete_data)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this area's commands to the root app."""
+    app.add_typer(deploy_app, name="deploy")

@@ -1,0 +1,140 @@
+"""The plan of ``deploy mme``: the multi-model endpoint on the stock SageMaker Triton image."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..serving.bootstrap import (
+    ENV_BASE_SOURCE,
+    ENV_ENV_PYTHON,
+    ENV_ENV_SHA256,
+    ENV_ENV_SOURCE,
+    ENV_SHARED_DIR,
+)
+from .assets import Asset, MMEAssets
+from .config import DeployConfig
+from .images import triton_image_uri, triton_python
+from .plan import VARIANT, Plan, State
+from .policies import mme_policy, trust_policy
+from .prices import cost_line
+from .resources import (
+    bucket,
+    endpoint_trio,
+    execution_role,
+    finish,
+    planning_config,
+    s3_uri,
+    scalable_target,
+    scaling_policy,
+    shared_object,
+)
+
+# Scale out fast (a cold user model loads in seconds), in slowly (a scaled-in instance drops
+# every user model it had loaded).
+MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
+
+
+def mme_environment(
+    config: DeployConfig, base_uri: str, env_uri: str, env: Asset | None
+) -> dict[str, str]:
+    """The MME container's environment: where the user models' bootstrap finds the shared base
+    and serving env (see avatarforge.serving.bootstrap), and the region of their S3 fetches."""
+    return {
+        ENV_SHARED_DIR: config.shared_dir,
+        ENV_BASE_SOURCE: base_uri,
+        ENV_ENV_SOURCE: env_uri,
+        ENV_ENV_SHA256: env.sha256 if env else "",
+        ENV_ENV_PYTHON: env.python if env else triton_python(config.triton_image_tag),
+        "AWS_DEFAULT_REGION": config.region,
+    }
+
+
+def plan_mme(
+    config: DeployConfig,
+    assets: MMEAssets,
+    state: State | None = None,
+    *,
+    account: str = "",
+    create_role: bool = False,
+) -> Plan:
+    """The MME: bucket, shared assets, [role], Triton model, config, endpoint, autoscaling."""
+    blockers: list[str] = []
+    cfg = planning_config(config, blockers)
+    acct = account or "*"
+    tag = cfg.triton_image_tag
+    image = triton_image_uri(cfg.region, tag)
+    base_obj = shared_object(cfg, assets.base, "base")
+    env_obj = shared_object(cfg, assets.env, "env")
+    if assets.env is None:
+        blockers.append(assets.env_problem)
+    role, role_resource = execution_role(cfg, "mme", acct, create_role, blockers)
+
+    def model(a: str) -> dict[str, Any]:
+        return {
+            "ExecutionRoleArn": role(a),
+            "PrimaryContainer": {
+                "Image": image,
+                "Mode": "MultiModel",
+                "ModelDataUrl": cfg.models_prefix,
+                "Environment": mme_environment(cfg, s3_uri(base_obj), s3_uri(env_obj), assets.env),
+            },
+        }
+
+    def endpoint_config(model_name: str, a: str) -> dict[str, Any]:
+        return {
+            "ProductionVariants": [
+                {
+                    "VariantName": VARIANT,
+                    "ModelName": model_name,
+                    "InstanceType": cfg.mme_instance_type,
+                    "InitialInstanceCount": cfg.mme_min_instances,
+                }
+            ]
+        }
+
+    trio = endpoint_trio(cfg, "mme", acct, model, endpoint_config)
+    endpoint = cfg.mme_endpoint_name
+    resources = [
+        bucket(cfg),
+        base_obj,
+        env_obj,
+        *([role_resource] if role_resource else []),
+        *trio,
+        scalable_target(endpoint, cfg.mme_min_instances, cfg.mme_max_instances),
+        scaling_policy(
+            endpoint,
+            f"{endpoint}-invocations",
+            "TargetTrackingScaling",
+            {
+                "TargetValue": float(cfg.mme_invocations_per_instance),
+                "PredefinedMetricSpecification": {
+                    "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+                },
+                "ScaleOutCooldown": MME_SCALE_OUT_COOLDOWN_S,
+                "ScaleInCooldown": MME_SCALE_IN_COOLDOWN_S,
+            },
+        ),
+    ]
+    facts = {
+        "image": {
+            "uri": image,
+            "triton_tag": tag,
+            "stub_python": triton_python(tag),
+            "note": "the serving env must be built for the stub's Python",
+        },
+        "assets": {
+            "base": assets.base.to_dict() if assets.base else None,
+            "env": assets.env.to_dict() if assets.env else None,
+        },
+        "s3": {"models": cfg.models_prefix, "shared": cfg.shared_prefix},
+        "endpoint": endpoint,
+        "cost": cost_line(cfg.mme_instance_type, cfg.mme_min_instances, cfg.mme_max_instances),
+        "execution_role": role(acct),
+        "policies": {"mme": {"trust": trust_policy(), "permissions": mme_policy(cfg, acct)}},
+    }
+    notes = [
+        f"user models go to {cfg.models_prefix}<user>.tar.gz; the endpoint loads one on its "
+        "first request (TargetModel=<user>.tar.gz)",
+    ]
+    plan = Plan("mme", cfg.name, cfg.region, account, resources, facts, blockers, notes)
+    return finish(plan, cfg, state, "mme")

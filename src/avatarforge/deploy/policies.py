@@ -1,0 +1,179 @@
+"""Least-privilege IAM policy documents of the two endpoints' execution roles (plain dicts).
+
+Each role may read and write only under the deployment's own S3 prefixes, publish only to its
+two topics, pull only the one image repository it runs, and write logs only to its endpoint's
+log group. Two actions AWS does not scope to resources take ``"Resource": "*"``:
+``ecr:GetAuthorizationToken`` (an ECR login is account-wide) and ``cloudwatch:PutMetricData``
+(limited instead by a condition on the metric namespace). :data:`UNSCOPED_ACTIONS` lists them;
+the tests check that nothing else is unscoped.
+
+``account`` is the AWS account id where known (a real run reads it from STS); a dry run has
+none and writes ``*`` in the account field of the ARNs, which IAM accepts as-is.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DeployConfig
+from .images import TRITON_REPOSITORY, dlc_account, ecr_repository_arn, parse_ecr_uri
+
+VERSION = "2012-10-17"
+UNSCOPED_ACTIONS = frozenset({"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"})
+# The repository name written into the training policy while no training image is configured.
+TRAINING_REPOSITORY_PLACEHOLDER = "avatarforge-training"
+_ECR_PULL = ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
+
+Policy = dict[str, Any]
+
+
+def trust_policy() -> Policy:
+    """Who may assume the role: SageMaker, nobody else."""
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": {"Service": "sagemaker.amazonaws.com"},
+                "Action": "sts:AssumeRole",
+            }
+        ],
+    }
+
+
+def s3_object_arn(config: DeployConfig, folder: str) -> str:
+    """``arn:aws:s3:::<bucket>/<prefix><folder>*``: every object under one of our folders."""
+    return f"arn:aws:s3:::{config.bucket}/{config.key(folder)}*"
+
+
+def topic_arn(config: DeployConfig, name: str, account: str) -> str:
+    return f"arn:aws:sns:{config.region}:{account}:{name}"
+
+
+def _log_resources(config: DeployConfig, account: str, endpoint: str) -> list[str]:
+    group = f"arn:aws:logs:{config.region}:{account}:log-group:/aws/sagemaker/Endpoints/{endpoint}"
+    return [group, f"{group}:log-stream:*"]
+
+
+def _common(config: DeployConfig, account: str, endpoint: str, repository_arn: str) -> list:
+    return [
+        {
+            "Sid": "PullImage",
+            "Effect": "Allow",
+            "Action": list(_ECR_PULL),
+            "Resource": [repository_arn],
+        },
+        {
+            "Sid": "EcrLoginIsAccountWide",
+            "Effect": "Allow",
+            "Action": ["ecr:GetAuthorizationToken"],
+            "Resource": "*",
+        },
+        {
+            "Sid": "EndpointLogs",
+            "Effect": "Allow",
+            "Action": [
+                "logs:CreateLogGroup",
+                "logs:CreateLogStream",
+                "logs:DescribeLogStreams",
+                "logs:PutLogEvents",
+            ],
+            "Resource": _log_resources(config, account, endpoint),
+        },
+        {
+            "Sid": "EndpointMetrics",
+            "Effect": "Allow",
+            "Action": ["cloudwatch:PutMetricData"],
+            "Resource": "*",
+            "Condition": {
+                "StringEquals": {
+                    "cloudwatch:namespace": ["/aws/sagemaker/Endpoints", "AWS/SageMaker"]
+                }
+            },
+        },
+    ]
+
+
+def _list_bucket(config: DeployConfig, folders: list[str]) -> Policy:
+    return {
+        "Sid": "ListOurPrefixes",
+        "Effect": "Allow",
+        "Action": ["s3:ListBucket"],
+        "Resource": [f"arn:aws:s3:::{config.bucket}"],
+        "Condition": {"StringLike": {"s3:prefix": [config.key(f) + "*" for f in folders]}},
+    }
+
+
+def mme_policy(config: DeployConfig, account: str = "*") -> Policy:
+    """The MME's role: read user models and the shared assets, pull the Triton image, log."""
+    triton_repo = ecr_repository_arn(config.region, dlc_account(config.region), TRITON_REPOSITORY)
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {
+                "Sid": "ReadModelsAndSharedAssets",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [s3_object_arn(config, "models/"), s3_object_arn(config, "shared/")],
+            },
+            _list_bucket(config, ["models/", "shared/"]),
+            *_common(config, account, config.mme_endpoint_name, triton_repo),
+        ],
+    }
+
+
+def training_repository_arn(config: DeployConfig, account: str = "*") -> str:
+    """The ECR repository of our training image (a placeholder name until one is configured)."""
+    if config.training_image_uri:
+        parts = parse_ecr_uri(config.training_image_uri)
+        return ecr_repository_arn(parts["region"], parts["account"], parts["repository"])
+    return ecr_repository_arn(config.region, account, TRAINING_REPOSITORY_PLACEHOLDER)
+
+
+def training_policy(config: DeployConfig, account: str = "*") -> Policy:
+    """The training endpoint's role: read photos, jobs and the base; write job records, user
+    models and the async outputs/failures; publish to its two topics; pull its image; log."""
+    return {
+        "Version": VERSION,
+        "Statement": [
+            {
+                "Sid": "ReadInputs",
+                "Effect": "Allow",
+                "Action": ["s3:GetObject"],
+                "Resource": [
+                    s3_object_arn(config, f) for f in ("photos/", "jobs/", "shared/", "models/")
+                ],
+            },
+            {
+                "Sid": "WriteResults",
+                "Effect": "Allow",
+                "Action": ["s3:PutObject", "s3:AbortMultipartUpload"],
+                "Resource": [
+                    s3_object_arn(config, f)
+                    for f in ("jobs/", "models/", "async/out/", "async/failed/")
+                ],
+            },
+            {
+                "Sid": "CleanJobScratch",
+                "Effect": "Allow",
+                "Action": ["s3:DeleteObject"],
+                "Resource": [s3_object_arn(config, "jobs/")],
+            },
+            _list_bucket(config, ["photos/", "jobs/", "shared/", "models/"]),
+            {
+                "Sid": "NotifyJobOutcome",
+                "Effect": "Allow",
+                "Action": ["sns:Publish"],
+                "Resource": [
+                    topic_arn(config, config.success_topic_name, account),
+                    topic_arn(config, config.error_topic_name, account),
+                ],
+            },
+            *_common(
+                config,
+                account,
+                config.training_endpoint_name,
+                training_repository_arn(config, account),
+            ),
+        ],
+    }

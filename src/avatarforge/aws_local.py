@@ -14,7 +14,7 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .netutil import free_port, wait_until_http_ok
@@ -54,10 +54,38 @@ def reset(endpoint: str) -> None:
 
 
 @contextlib.contextmanager
+def environ(values: dict[str, str | None]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block (None: unset), restored after: boto3 and the
+    servers we start read their AWS endpoint and credentials from there."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def moto_server(
-    port: int | None = None, *, start_timeout: float = 30.0, log_path: Path | None = None
+    port: int | None = None,
+    *,
+    start_timeout: float = 30.0,
+    log_path: Path | None = None,
+    command: Sequence[str] | None = None,
 ) -> Iterator[str]:
-    """Run a moto server on 127.0.0.1 for the duration of the block; yields its endpoint URL."""
+    """Run a moto server on 127.0.0.1 for the duration of the block; yields its endpoint URL.
+
+    ``command``: how to start it (default: this environment's ``moto_server``); it is given
+    ``-H 127.0.0.1 -p PORT``.
+    """
     port = port or free_port()
     endpoint = f"http://127.0.0.1:{port}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
@@ -65,7 +93,7 @@ def moto_server(
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(log_path, "wb")) if log_path else subprocess.DEVNULL
         process = subprocess.Popen(
-            [str(find_moto_server()), "-H", "127.0.0.1", "-p", str(port)],
+            [*(command or [str(find_moto_server())]), "-H", "127.0.0.1", "-p", str(port)],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -1,5 +1,6 @@
 """`avatarforge generate`: images from a served user model, straight from tritonserver
-(``--url`` + ``--user``) or through the local MME front (``--mme`` + ``--target-model``)."""
+(``--url`` + ``--user``), through the local MME front (``--mme`` + ``--target-model``), or from a
+SageMaker multi-model endpoint (``--endpoint`` + ``--user``, boto3)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 import typer
 
 from ..paths import build_dir
-from .common import fail, save_images
+from .common import console, fail, save_images
 
-TARGETS = "give --url and --user (tritonserver) or --mme and --target-model (local MME)"
+TARGETS = (
+    "give --url and --user (tritonserver), --mme and --target-model (local MME), "
+    "or --endpoint and --user (SageMaker endpoint)"
+)
 
 
 def generate(
@@ -18,13 +22,24 @@ def generate(
     url: str = typer.Option(
         None, "--url", help="tritonserver HTTP address, e.g. 127.0.0.1:8000 (with --user)"
     ),
-    user: str = typer.Option(None, "--user", help="the user's model name on that tritonserver"),
+    user: str = typer.Option(
+        None, "--user", help="the user's model name (on tritonserver, or <user>.tar.gz on MME)"
+    ),
     mme: str = typer.Option(
         None, "--mme", help="the local MME front, e.g. http://127.0.0.1:8090 (with --target-model)"
     ),
     target_model: str = typer.Option(
         None, "--target-model", help="the MME TargetModel, e.g. alice.tar.gz"
     ),
+    endpoint: str = typer.Option(
+        None,
+        "--endpoint",
+        help="a SageMaker multi-model endpoint name, e.g. avatarforge-mme (with --user)",
+    ),
+    config: Path = typer.Option(
+        None, "--config", help="deployment description (with --endpoint): region, models prefix"
+    ),
+    region: str = typer.Option(None, "--region", help="AWS region (with --endpoint)"),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="what to avoid"),
     gen_args: str = typer.Option(None, "--gen-args", help="JSON, e.g. '{\"seed\": 1}'"),
     out: Path = typer.Option(
@@ -32,12 +47,17 @@ def generate(
     ),
 ) -> None:
     """Generate images with a served user model and write them as JPEGs."""
-    direct = bool(url and user)
-    if (url or user) and (mme or target_model):
-        fail(f"{TARGETS}, not both", code=2)
-    if not direct and not (mme and target_model):
+    modes = [bool(url), bool(mme or target_model), bool(endpoint)]
+    if sum(modes) != 1:
+        fail(f"{TARGETS}, one of them", code=2)
+    if endpoint:
+        if not user:
+            fail(f"--endpoint needs --user ({TARGETS})", code=2)
+        _from_endpoint(endpoint, user, prompt, negative_prompt, gen_args, config, region, out)
+        return
+    if (url and not user) or (mme and not target_model) or (target_model and not mme):
         fail(TARGETS, code=2)
-    if direct:
+    if url:
         from ..serving.client import ServingError as RequestError
         from ..serving.client import generate as request
 
@@ -54,6 +74,67 @@ def generate(
     except OSError as exc:
         fail(f"cannot reach {address}: {exc}")
     save_images(images, out or build_dir() / "generate" / name)
+
+
+def _from_endpoint(
+    endpoint: str,
+    user: str,
+    prompt: str,
+    negative_prompt: str | None,
+    gen_args: str | None,
+    config: Path | None,
+    region: str | None,
+    out: Path | None,
+) -> None:
+    from ..cloud import CloudError
+    from ..cloud import generate as cloud_generate
+    from ..names import InvalidNameError
+    from ..settings import ConfigError
+    from .cloud import deploy_config
+
+    deployment = deploy_config(config, region=region, need_bucket=False)
+    # the models prefix tells "no model yet" apart from other errors; without --config or
+    # --region, boto3's own region (AWS_REGION, the profile) is used
+    prefix = deployment.models_prefix if deployment.bucket else None
+    region = region or (deployment.region if config else None)
+
+    def waiting(reason: str, seconds: float) -> None:
+        console.print(f"[dim]{reason}: retrying in {seconds:.1f} s[/]")
+
+    try:
+        images = cloud_generate(
+            endpoint,
+            user,
+            prompt,
+            negative_prompt,
+            gen_args,
+            region=region,
+            models_prefix=prefix,
+            on_retry=waiting,
+        )
+    except (CloudError, InvalidNameError, ConfigError) as exc:
+        fail(str(exc))
+    save_jpeg_bytes(images, out or build_dir() / "generate" / user)
+
+
+def save_jpeg_bytes(images: list[bytes], folder: Path) -> list[Path]:
+    """Write each JPEG as the server sent it to the next free ``NN.jpg`` in ``folder`` (an
+    existing file is never overwritten); print each path on its own line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, index = [], 0
+    for data in images:
+        while True:
+            path = folder / f"{index:02d}.jpg"
+            index += 1
+            try:
+                with open(path, "xb") as f:  # exclusive: fails if it exists, even in a race
+                    f.write(data)
+                break
+            except FileExistsError:
+                continue
+        print(path)
+        paths.append(path)
+    return paths
 
 
 def register(app: typer.Typer) -> None:

@@ -2,10 +2,22 @@
 
 ``POST /endpoints/<name>/invocations`` with header ``X-Amzn-SageMaker-Target-Model: x.tar.gz``
 loads (on first use) and invokes that model, as ``sagemaker-runtime invoke_endpoint`` with
-``TargetModel`` does; the body (KServe v2 JSON for Triton) passes through unchanged. Errors are
-``{"error": ..., "type": ...}`` with the status the loader's exception carries (404 unknown
-TargetModel, 424 refused archive or failed load, 413 body over SageMaker's 6 MB).
+``TargetModel`` does; the body (KServe v2 JSON for Triton) passes through unchanged.
 ``GET /ping`` answers 200; ``GET /models`` lists the loaded TargetModels, oldest use first.
+
+:class:`Invoker` is what an MME does with one invocation, apart from HTTP: this front and the
+local SageMaker runtime (:mod:`avatarforge.cloud.local_runtime`) both call it. Its errors carry
+SageMaker's error code in the ``x-amzn-ErrorType`` header and the body
+``{"message", "error", "type", ...}``, which is how botocore reads a SageMaker error
+(``ValidationError``, ``ModelError`` with ``OriginalStatusCode``/``OriginalMessage``,
+``ModelNotReadyException``, ``InternalFailure``). The HTTP status is the loader's: 404 unknown
+TargetModel, 424 refused archive, failed load or no answer within the loader's invoke timeout,
+400 (or 507) error from the model, 413 body over SageMaker's 6 MB, 429 not ready.
+
+With ``not_ready_while_loading`` a request for a model that is not loaded starts its load in
+the background and is answered ``ModelNotReadyException`` until the load is done, as SageMaker
+answers the first requests of a TargetModel it is still loading; without it (the default of
+``avatarforge mme serve``) the request waits for the load.
 """
 
 from __future__ import annotations
@@ -18,20 +30,176 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from ..safe_tar import UnsafeArchiveError
-from .loader import MMEError, MultiModelLoader
+from .loader import (
+    InvalidTargetModelError,
+    InvokeError,
+    MMEError,
+    ModelLoadError,
+    MultiModelLoader,
+    UnknownTargetModelError,
+    check_target_model,
+)
 from .protocol import TARGET_MODEL_HEADER
 
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation limit
-_INVOKE_RE = re.compile(r"^/endpoints/([A-Za-z0-9-]{1,63})/invocations$")
+ERROR_TYPE_HEADER = "x-amzn-ErrorType"  # botocore reads a rest-json error's code from it
+INVOKE_RE = re.compile(r"^/endpoints/([A-Za-z0-9-]{1,63})/invocations$")
 
 
-def _handler_class(loader: MultiModelLoader) -> type[BaseHTTPRequestHandler]:
+@dataclass(frozen=True)
+class Reply:
+    """An HTTP answer, independent of the server that sends it."""
+
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def json_reply(status: int, data: Any, headers: tuple[tuple[str, str], ...] = ()) -> Reply:
+    return Reply(status, json.dumps(data).encode(), "application/json", headers)
+
+
+def error_reply(status: int, code: str, message: str, **fields: Any) -> Reply:
+    """A SageMaker-shaped error: the code in the header, the message (and ``fields``, e.g.
+    ModelError's OriginalStatusCode) in the body; ``error`` for plain HTTP clients."""
+    body = {"message": message, "error": message, "type": code, **fields}
+    return json_reply(status, body, ((ERROR_TYPE_HEADER, code),))
+
+
+def reply_for(exc: BaseException) -> Reply:
+    """The SageMaker error an MME answers for one of the loader's exceptions."""
+    if isinstance(exc, InvalidTargetModelError):
+        return error_reply(400, "ValidationError", str(exc))
+    if isinstance(exc, UnknownTargetModelError):
+        return error_reply(exc.status, "ValidationError", f"Failed to download model data: {exc}")
+    if isinstance(exc, ModelLoadError | UnsafeArchiveError):
+        return error_reply(
+            424, "ModelError", str(exc), OriginalStatusCode=500, OriginalMessage=str(exc)
+        )
+    if isinstance(exc, InvokeError):
+        side = "client" if 400 <= exc.triton_status < 500 else "server"
+        return error_reply(
+            exc.status,
+            "ModelError",
+            f'Received {side} error ({exc.triton_status}) from model with message "{exc}"',
+            OriginalStatusCode=exc.triton_status,
+            OriginalMessage=str(exc),
+        )
+    if isinstance(exc, TimeoutError):  # the model did not answer within invoke_timeout_s
+        return error_reply(
+            424,
+            "ModelError",
+            f"Your invocation timed out while waiting for a response from the model ({exc})",
+        )  # SageMaker's answer; not retried by clients (5xx would be, piling work on the model)
+    status = exc.status if isinstance(exc, MMEError) else 500
+    return error_reply(status, "InternalFailure", f"{type(exc).__name__}: {exc}")
+
+
+class Invoker:
+    """One invocation of an MME endpoint: TargetModel + body in, a :class:`Reply` out."""
+
+    def __init__(self, loader: MultiModelLoader, *, not_ready_while_loading: bool = False):
+        self.loader = loader
+        self.not_ready_while_loading = not_ready_while_loading
+        self._lock = threading.Lock()
+        self._loading: dict[str, Future[Any]] = {}
+        self._threads: list[threading.Thread] = []
+
+    def invoke(self, target_model: str | None, body: bytes, content_type: str | None) -> Reply:
+        if not target_model:
+            return error_reply(400, "ValidationError", f"{TARGET_MODEL_HEADER} header is required")
+        try:
+            if self.not_ready_while_loading and (waiting := self._not_ready(target_model)):
+                return waiting
+            response = self.loader.invoke_raw(
+                target_model, body, content_type or "application/json"
+            )
+        except (MMEError, UnsafeArchiveError) as exc:
+            return reply_for(exc)
+        except Exception as exc:  # the front keeps serving; the caller sees what broke
+            log.exception("invocation of %s failed", target_model)
+            return reply_for(exc)
+        return Reply(200, response.body, response.content_type or "application/json")
+
+    def _not_ready(self, target_model: str) -> Reply | None:
+        """None when the model is loaded (or its load just ended: its error is raised once,
+        and the next request loads it again); else start or await its load: 429."""
+        check_target_model(target_model)
+        with self._lock:
+            future = self._loading.get(target_model)
+            if future is not None and future.done():
+                del self._loading[target_model]
+                future.result()  # raises the load's error for the caller's reply
+                return None
+            if future is None:
+                if target_model in self.loader.loaded():
+                    return None
+                future = self._loading[target_model] = Future()
+                thread = threading.Thread(
+                    target=self._load, args=(target_model, future), name="mme-load", daemon=True
+                )
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(thread)
+                thread.start()
+        return error_reply(
+            429,
+            "ModelNotReadyException",
+            f"Model {target_model} is being loaded on the endpoint; retry the request",
+        )
+
+    def _load(self, target_model: str, future: Future[Any]) -> None:
+        try:
+            future.set_result(self.loader.load(target_model))
+        except BaseException as exc:
+            future.set_exception(exc)
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Wait for background loads (they register models the loader later unloads)."""
+        for thread in self._threads:
+            thread.join(timeout)
+
+
+def read_body(request: BaseHTTPRequestHandler) -> bytes | Reply:
+    """The request body, or the error a SageMaker endpoint answers for its size."""
+    try:
+        length = int(request.headers.get("Content-Length") or 0)
+    except ValueError:
+        length = -1
+    if length < 0:
+        return error_reply(400, "ValidationError", "Content-Length must be a byte count")
+    if length > MAX_BODY_BYTES:
+        return error_reply(
+            413,
+            "ValidationError",
+            f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit of real-time "
+            "invocations",
+        )
+    return request.rfile.read(length)
+
+
+def send_reply(request: BaseHTTPRequestHandler, reply: Reply) -> None:
+    try:
+        request.send_response(reply.status)
+        request.send_header("Content-Type", reply.content_type)
+        request.send_header("Content-Length", str(len(reply.body)))
+        for name, value in reply.headers:
+            request.send_header(name, value)
+        request.end_headers()
+        request.wfile.write(reply.body)
+    except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting (its timeout)
+        log.info("client %s left before its %d answer", request.client_address[0], reply.status)
+
+
+def _handler_class(invoker: Invoker) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "avatarforge-mme"
 
@@ -40,66 +208,36 @@ def _handler_class(loader: MultiModelLoader) -> type[BaseHTTPRequestHandler]:
 
         def do_GET(self) -> None:
             if self.path == "/ping":
-                self._send(200, b"", "text/plain")
+                send_reply(self, Reply(200, b"", "text/plain"))
             elif self.path == "/models":
-                self._json(200, {"loaded": loader.loaded()})
+                send_reply(self, json_reply(200, {"loaded": invoker.loader.loaded()}))
             else:
-                self._json(404, {"error": f"no route GET {self.path}"})
+                send_reply(self, error_reply(404, "UnknownOperation", f"no route GET {self.path}"))
 
         def do_POST(self) -> None:
-            if not _INVOKE_RE.match(self.path):
-                self._json(404, {"error": f"no route POST {self.path}"})
+            if not INVOKE_RE.match(self.path):
+                send_reply(self, error_reply(404, "UnknownOperation", f"no route POST {self.path}"))
                 return
-            target = self.headers.get(TARGET_MODEL_HEADER)
-            if not target:
-                self._json(400, {"error": f"{TARGET_MODEL_HEADER} header is required"})
+            body = read_body(self)
+            if isinstance(body, Reply):
+                send_reply(self, body)
                 return
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-            except ValueError:
-                length = -1
-            if length < 0:
-                self._json(400, {"error": "Content-Length must be a byte count"})
-                return
-            if length > MAX_BODY_BYTES:
-                self._json(413, {"error": f"body of {length} bytes > {MAX_BODY_BYTES}"})
-                return
-            body = self.rfile.read(length)
-            content_type = self.headers.get("Content-Type") or "application/json"
-            try:
-                response = loader.invoke_raw(target, body, content_type)
-            except MMEError as exc:
-                self._error(exc.status, exc)
-            except UnsafeArchiveError as exc:
-                self._error(424, exc)
-            except Exception as exc:  # the front keeps serving; the caller sees what broke
-                log.exception("invocation of %s failed", target)
-                self._error(500, exc)
-            else:
-                self._send(200, response.body, response.content_type or "application/json")
-
-        def _error(self, status: int, exc: BaseException) -> None:
-            self._json(status, {"error": str(exc), "type": type(exc).__name__})
-
-        def _json(self, status: int, data: Any) -> None:
-            self._send(status, json.dumps(data).encode(), "application/json")
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            reply = invoker.invoke(
+                self.headers.get(TARGET_MODEL_HEADER), body, self.headers.get("Content-Type")
+            )
+            send_reply(self, reply)
 
     return Handler
 
 
 @contextlib.contextmanager
-def mme_front(loader: MultiModelLoader, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Serve the front in a background thread for the block; yields its base URL."""
-    server = ThreadingHTTPServer((host, port), _handler_class(loader))
+def serve_http(
+    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0, name: str = ""
+) -> Iterator[str]:
+    """Serve ``handler`` in a background thread for the block; yields the base URL."""
+    server = ThreadingHTTPServer((host, port), handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, name="mme-front", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, name=name or "http", daemon=True)
     thread.start()
     try:
         yield f"http://{host}:{server.server_address[1]}"
@@ -109,11 +247,29 @@ def mme_front(loader: MultiModelLoader, host: str = "127.0.0.1", port: int = 0) 
         thread.join(timeout=10)
 
 
+@contextlib.contextmanager
+def mme_front(
+    loader: MultiModelLoader,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    not_ready_while_loading: bool = False,
+) -> Iterator[str]:
+    """Serve the front in a background thread for the block; yields its base URL."""
+    invoker = Invoker(loader, not_ready_while_loading=not_ready_while_loading)
+    try:
+        with serve_http(_handler_class(invoker), host, port, "mme-front") as url:
+            yield url
+    finally:
+        invoker.close()
+
+
 class EndpointError(RuntimeError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
         self.message = message
+        self.code = code
 
 
 def invoke_endpoint(
@@ -137,8 +293,9 @@ def invoke_endpoint(
     except urllib.error.HTTPError as err:
         with err:
             body = err.read().decode(errors="replace")
+            code = err.headers.get(ERROR_TYPE_HEADER, "")
         try:
             message = json.loads(body).get("error", body)
         except (ValueError, AttributeError):
             message = body
-        raise EndpointError(err.code, message) from None
+        raise EndpointError(err.code, message, code) from None

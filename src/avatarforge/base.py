@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,9 +149,13 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=True))
 
 
-def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The 49408-token CLIP BPE vocabulary and merges, built as open_clip builds them."""
-    lines = gzip.decompress(clip_bpe_path().read_bytes()).decode("utf-8").split("\n")
+def clip_vocab_and_merges(bpe: Path | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The 49408-token CLIP BPE vocabulary and merges, built as open_clip builds them.
+
+    ``bpe``: a copy of ``bpe_simple_vocab_16e6.txt.gz`` (where open-clip-torch is not installed,
+    e.g. a GPU machine without network); default: the one in the open-clip-torch wheel.
+    """
+    lines = gzip.decompress(Path(bpe or clip_bpe_path()).read_bytes()).decode("utf-8").split("\n")
     merges = [tuple(m.split()) for m in lines[1 : 49152 - 256 - 2 + 1]]
     vocab = list(_bytes_to_unicode().values())
     vocab += [v + "</w>" for v in vocab]
@@ -161,7 +166,7 @@ def clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
 
 def _tiny_components(seed: int) -> dict[str, Any]:
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(seed)
@@ -207,7 +212,22 @@ def _tiny_components(seed: int) -> dict[str, Any]:
             pad_token_id=0,
         )
     )
-    scheduler = DDIMScheduler(
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": sd21_scheduler()}
+
+
+def clip_tokenizer(bpe: Path | None = None):
+    """SD 2.x's tokenizer: the real CLIP BPE vocabulary, padded with "!" (OpenCLIP's pad, id 0)."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = clip_vocab_and_merges(bpe)
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token="!", model_max_length=77)
+
+
+def sd21_scheduler():
+    """SD 2.1-base's noise schedule (epsilon prediction), sampled with DDIM."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
@@ -217,41 +237,51 @@ def _tiny_components(seed: int) -> dict[str, Any]:
         steps_offset=1,
         prediction_type="epsilon",
     )
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
 
 
 def build_tiny_base(out: Path, seed: int = 0, *, force: bool = False) -> BaseInfo:
     """Build the embedded base into ``out`` (atomically). Same seed -> same bytes."""
+    return build_base_folder(
+        out, f"{TINY_ID_PREFIX}@seed{seed}", lambda: _tiny_components(seed), force=force
+    )
+
+
+def build_base_folder(
+    out: Path,
+    base_id: str,
+    components: Callable[[], dict[str, Any]],
+    *,
+    force: bool = False,
+    bpe: Path | None = None,
+) -> BaseInfo:
+    """Save ``components()`` (unet, vae, text_encoder, scheduler) with SD 2.x's tokenizer as a
+    diffusers folder at ``out``, atomically, identified as ``base_id``.
+
+    An existing folder is reused when it holds ``base_id`` and refused when it holds another
+    base (``force`` rebuilds it). ``bpe``: see :func:`clip_vocab_and_merges`.
+    """
     from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTokenizer
 
     quiet_hf()
     out = Path(out).resolve()
-    base_id = f"{TINY_ID_PREFIX}@seed{seed}"
     if out.exists() and not force:
         info = read_base_info(out)
         if info.base_id != base_id:
             raise BaseError(f"{out} holds {info.base_id}, not {base_id}; use --force to rebuild")
         return info
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-base-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=out.parent))
     try:
-        vocab, merges = clip_vocab_and_merges()
-        tokenizer = CLIPTokenizer(
-            vocab=vocab,
-            merges=merges,
-            pad_token="!",  # SD 2.x (OpenCLIP) pads with "!", id 0
-            model_max_length=77,
-        )
         pipe = StableDiffusionPipeline(
-            **_tiny_components(seed),
-            tokenizer=tokenizer,
+            **components(),
+            tokenizer=clip_tokenizer(bpe),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
         model_dir = tmp / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
+        del pipe
         if out.exists():
             shutil.rmtree(out)
         os.replace(model_dir, out)

@@ -1,0 +1,89 @@
+"""The benchmark scripts start, and bench/gpu.py runs end to end in its reduced (tiny, CPU) mode.
+
+Only that they run and record what they measured is checked here: the figures themselves are the
+benchmarks' business (bench/, not tests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if not p.name.startswith("_"))
+
+
+def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=BENCH.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},  # AVATARFORGE_BUILD: the tests' build cache (tiny base built once)
+    )
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help(script):
+    out = _run(f"bench/{script}", "--help", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage:" in out.stdout
+
+
+def test_gpu_bench_budget_skips_and_says_so(tmp_path):
+    out = _run("bench/gpu.py", "--tiny", "--budget-s", "1", "--out-dir", str(tmp_path))
+    assert out.returncode == 0, out.stderr
+    report = json.loads((tmp_path / "gpu-tiny.json").read_text())["results"]
+    statuses = {k: v["status"] for k, v in report["measurements"].items()}
+    assert statuses == dict.fromkeys(statuses, "skipped") and "training" in statuses
+    assert all("--budget-s" in v["reason"] for v in report["measurements"].values())
+    assert report["environment"]["versions"]["torch"]
+
+
+def test_gpu_bench_unknown_measurement_is_refused():
+    out = _run("bench/gpu.py", "--only", "generation,warp-drive", timeout=120)
+    assert out.returncode == 2
+    assert "unknown measurement(s) warp-drive" in out.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_end_to_end(tmp_path):
+    out = _run(
+        "bench/gpu.py", "--tiny", "--skip", "triton,training_no_checkpointing",
+        "--runs", "1", "--switches", "2", "--train-steps", "2", "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu-tiny.json").read_text())
+    m = report["results"]["measurements"]
+    assert {k: v["status"] for k, v in m.items()} == dict.fromkeys(
+        ("base", "generation", "adapters", "batching", "training"), "ok"
+    )
+    assert m["base"]["base_id"] == "avatarforge/tiny-sd21@seed0"
+    gen = m["generation"]["figures"]
+    assert (
+        gen["avatarforge generate_images vs plain diffusers pipeline: max pixel diff"]["value"] == 0
+    )
+    adapters = m["adapters"]["figures"]
+    assert adapters["adapter a vs b: max pixel diff"]["value"] > 0
+    paths = (
+        "today, capacity 1 (unload + load)",
+        "today, capacity 2 (set_adapters)",
+        "slots, cold from disk (1 slot, no host cache)",
+        "slots, from the host cache (1 slot)",
+        "slots, resident (8 slots)",
+    )
+    for path in paths:
+        assert adapters[f"{path}: vs fresh pipeline, max pixel diff"]["value"] == 0
+        assert adapters[f"{path}: switch, median"]["value"] > 0
+    batching = m["batching"]["figures"]
+    assert batching["batched vs alone (before JPEG): max pixel diff"]["value"] <= 2
+    train = m["training"]
+    assert len(train["step_seconds"]) == 2 and train["log"]["optimizer"] == "adamw"
+    assert "Traceback" not in out.stderr  # no measurement failed
+    assert "training" in out.stdout and "switch, median" in out.stdout  # the summary table

@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test lint clean base env package local-triton local-mme deploy-mme training-image bench
+.PHONY: help setup demo demo-service demo-cloud test lint clean base env package local-triton local-mme \
+        deploy-mme deploy-training destroy training-image bench bench-gpu
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -36,7 +37,7 @@ demo: $(STAMP)  ## run the whole path on the tiny base and sample photos; result
 lint: $(STAMP)  ## ruff + hadolint
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
-	@if ls training_container/Dockerfile >/dev/null 2>&1; then $(VENV)/bin/hadolint training_container/Dockerfile; fi
+	$(VENV)/bin/hadolint $(wildcard training_container/Dockerfile conda_envs/Dockerfile)
 
 test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration with real servers)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -58,9 +59,33 @@ package: $(STAMP)  ## package a user's adapter as build/package/USER.tar.gz (mak
 local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver; Ctrl-C stops
 	$(AF) serve local-triton
 
-bench: $(STAMP)  ## trainer memory/speed variants and serving density, side by side; JSON in build/bench/
+bench: $(STAMP)  ## trainer variants, serving density, per-user memory, adapter switch + batching; JSON in build/bench/
 	$(PY) bench/train_memory.py
 	$(PY) bench/serving_density.py
+	$(PY) bench/serving_memory.py
+	$(PY) bench/adapter_switch.py
 
-deploy-mme training-image:
-	@echo "make $@: not built yet (a later issue adds it)"; exit 2
+bench-gpu: $(STAMP)  ## full-size SD 2.1 on one GPU (< 8 min, H100): latency, adapter switch, training; build/bench/gpu.json
+	$(PY) bench/gpu.py $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(OUT_DIR),--out-dir $(OUT_DIR))
+
+demo-service: $(STAMP)  ## one training job against a local S3 (moto), then its tarball served by the local MME
+	$(AF) demo-service
+
+demo-cloud: $(STAMP)  ## the whole system locally: moto S3/SNS/SQS, async training runner, MME; submit -> generate
+	$(AF) demo-cloud
+
+# CONFIG=deploy.json holds the deployment description; DRY_RUN=1 prints the plan and touches
+# nothing (no AWS account needed); CREATE_ROLE=1 creates the least-privilege roles too
+DEPLOY_ARGS = $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(CREATE_ROLE),--create-role)
+
+deploy-mme: $(STAMP)  ## S3 layout + shared assets + the SageMaker MME (Triton) endpoint (DRY_RUN=1: plan only)
+	$(AF) deploy mme $(DEPLOY_ARGS) $(if $(ENV_TARBALL),--env-tarball $(ENV_TARBALL))
+
+deploy-training: $(STAMP)  ## the async training endpoint (LMI) with SNS topics and scale to zero (DRY_RUN=1)
+	$(AF) deploy training $(DEPLOY_ARGS)
+
+destroy: $(STAMP)  ## remove exactly what deploy made (tagged), nothing else (DELETE_DATA=1: its S3 data too)
+	$(AF) deploy destroy $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(DELETE_DATA),--delete-data)
+
+training-image: $(STAMP)  ## build the LMI training image with docker (where an engine runs)
+	bash training_container/build.sh

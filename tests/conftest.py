@@ -19,6 +19,9 @@ pytest_plugins = [
     "fixtures.serving",
     "fixtures.aws",
     "fixtures.mme",
+    "fixtures.jobs",
+    "fixtures.deploy",
+    "fixtures.cloud",
 ]
 
 

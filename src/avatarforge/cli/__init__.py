@@ -6,7 +6,7 @@ import logging
 
 import typer
 
-from . import base, config, demo, generate, mme, preprocess, serve, train
+from . import base, cloud, config, demo, deploy, generate, jobs, mme, preprocess, serve, train
 
 app = typer.Typer(
     name="avatarforge",
@@ -27,7 +27,7 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
     )
 
 
-for _module in (base, preprocess, train, serve, generate, mme, demo, config):
+for _module in (base, preprocess, train, serve, generate, mme, jobs, deploy, cloud, demo, config):
     _module.register(app)
 
 

@@ -17,6 +17,8 @@ CONFIGS = (
     ("avatarforge.generate", "GenArgs"),
     ("avatarforge.serving.config", "ServingConfig"),
     ("avatarforge.mme.loader", "MMEConfig"),
+    ("avatarforge.jobs", "ServiceConfig"),
+    ("avatarforge.deploy.config", "DeployConfig"),
 )
 
 

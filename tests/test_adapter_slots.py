@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.images import pixels
 
 from avatarforge.adapter import (
     WEIGHTS_FILE,
@@ -39,12 +40,8 @@ BIG = 2**30
 RANK_2 = {"unet_rank": 2, "unet_alpha": 3.0, "text_encoder_rank": 2, "text_encoder_alpha": 1.0}
 
 
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"))
-
-
 def _generate(pipe, args: GenArgs = ARGS) -> np.ndarray:
-    return _pixels(generate_images(pipe, PROMPT, "blurry", args)[0])
+    return pixels(generate_images(pipe, PROMPT, "blurry", args)[0])
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import json
 
 import numpy as np
 import pytest
+from fixtures.images import pixel_diff, pixels
 
 from avatarforge.adapter import AdapterError
 from avatarforge.base import load_pipeline
@@ -27,15 +28,6 @@ from avatarforge.settings import ConfigError
 
 PROMPT = "a photo of <<TOK>> person"
 MAX_DIFF, MEAN_DIFF = 2, 0.05  # per pixel, of 255: see the module docstring
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def _diff(a, b) -> tuple[int, float]:
-    d = np.abs(_pixels(a) - _pixels(b))
-    return int(d.max()), float(d.mean())
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +74,10 @@ def test_batched_rows_equal_separate_runs(shared, users, args):
         (alone,) = shared.generate_jobs([job])
         assert len(images) == len(alone) == job.row.args.num_images
         for a, b in zip(images, alone, strict=True):
-            max_diff, mean_diff = _diff(a, b)
+            max_diff, mean_diff = pixel_diff(a, b)
             assert max_diff <= MAX_DIFF and mean_diff <= MEAN_DIFF, (job.adapter, max_diff)
     # and the rows really are different images (adapters, prompts, seeds)
-    firsts = [_pixels(images[0]) for images in batched]
+    firsts = [pixels(images[0]) for images in batched]
     assert all(np.abs(firsts[0] - other).mean() > 1 for other in firsts[1:])
 
 
@@ -121,7 +113,9 @@ def test_batched_requests_through_the_handler(shared, users, tiny_base, tmp_path
         shared.batching = True
     assert isinstance(alone[1], RequestError)
     for i in (0, 2, 3, 4):
-        max_diff, _ = _diff(from_jpeg_base64(served[i][0][0]), from_jpeg_base64(alone[i][0][0]))
+        max_diff, _ = pixel_diff(
+            from_jpeg_base64(served[i][0][0]), from_jpeg_base64(alone[i][0][0])
+        )
         assert max_diff <= MAX_DIFF + 2, i  # + JPEG: one rounding apart can move a block
     # request 3 ran alone (its own key), so it is exactly generate_images with the adapter
     from avatarforge.adapter import load_adapter

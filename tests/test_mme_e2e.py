@@ -21,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
+from fixtures.images import pixel_diff
 from fixtures.serving import triton_env
 from fixtures.train import FIXTURE_TRAIN
 
@@ -41,15 +41,6 @@ pytestmark = pytest.mark.integration
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 7}
 ALICE, BOB = "alice.tar.gz", "bob.tar.gz"
-
-
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
-def _diff(a, b) -> tuple[int, float]:
-    d = np.abs(_pixels(a) - _pixels(b))
-    return int(d.max()), float(d.mean())
 
 
 @pytest.fixture(scope="module")
@@ -146,11 +137,11 @@ def test_two_users_load_invoke_unload_and_reload(
 
     assert alice.format == bob.format == "JPEG"
     assert alice.size == bob.size == (64, 64)
-    max_diff, mean_diff = _diff(alice, alice_reference)
+    max_diff, mean_diff = pixel_diff(alice, alice_reference)
     print(f"served alice vs generate-local: max abs diff {max_diff}, mean {mean_diff:.4f}")
     assert max_diff <= 2 and mean_diff < 0.05
-    assert _diff(alice_warm_image, alice)[0] <= 2
-    assert _diff(bob, alice)[1] > 1.0, "bob's adapter should change the image"
+    assert pixel_diff(alice_warm_image, alice)[0] <= 2
+    assert pixel_diff(bob, alice)[1] > 1.0, "bob's adapter should change the image"
 
     # both registered with Triton's SageMaker front end under their hash; one shared base
     alice_hash, bob_hash = model_hash(ALICE), model_hash(BOB)
@@ -168,13 +159,13 @@ def test_two_users_load_invoke_unload_and_reload(
     assert sd_loader.loaded() == [BOB]
     assert _ready(sd_sagemaker_server, base), "the shared base must outlive a user model"
     (bob_again,), _ = _invoke(sd_loader, BOB, prompt)
-    assert _diff(bob_again, bob)[0] <= 2
+    assert pixel_diff(bob_again, bob)[0] <= 2
 
     # the next request for alice loads her again, with the same result
     (alice_again,), alice_reload = _invoke(sd_loader, ALICE, prompt)
     print(f"alice again after unload (reload + invoke): {alice_reload:.2f} s")
     assert sd_loader.loaded() == [BOB, ALICE]
-    assert _diff(alice_again, alice)[0] <= 2
+    assert pixel_diff(alice_again, alice)[0] <= 2
     log = sd_sagemaker_server.log_path.read_text(errors="replace")
     assert log.count(f"successfully loaded '{base}'") == 1
 
@@ -206,7 +197,7 @@ def test_user_package_from_an_s3_prefix(
     try:
         (image,), cold = _invoke(loader, target, prompt)
         print(f"\ncold invoke from s3:// (fetch + load + generate): {cold:.2f} s")
-        assert _diff(image, alice_reference)[0] <= 2
+        assert pixel_diff(image, alice_reference)[0] <= 2
         with pytest.raises(UnknownTargetModelError, match=r"not found in s3://"):
             loader.invoke("bob.tar.gz", generate_request(prompt, gen_args=SMALL))
     finally:
@@ -221,14 +212,14 @@ def test_updated_package_is_served_after_reload(
     # must not keep answering with the adapter it cached for that path.
     (before,), _ = _invoke(sd_loader, ALICE, prompt)
     (bob,), _ = _invoke(sd_loader, BOB, prompt)
-    assert _diff(before, bob)[1] > 1.0
+    assert pixel_diff(before, bob)[1] > 1.0
     new = package_user("alice", bob_adapter, tmp_path, base=tiny_base, device="cpu")
     original = (mme_sd_source / ALICE).read_bytes()
     try:
         (mme_sd_source / ALICE).write_bytes(new.read_bytes())
         assert sd_loader.unload(ALICE)
         (after,), _ = _invoke(sd_loader, ALICE, prompt)
-        assert _diff(after, bob)[0] <= 2, "alice's old adapter was served after her update"
+        assert pixel_diff(after, bob)[0] <= 2, "alice's old adapter was served after her update"
     finally:
         (mme_sd_source / ALICE).write_bytes(original)
         sd_loader.unload(ALICE)

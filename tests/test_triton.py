@@ -13,6 +13,7 @@ import json
 
 import numpy as np
 import pytest
+from fixtures.images import pixels
 from fixtures.serving import triton_env
 
 from avatarforge.adapter import load_adapter, read_adapter
@@ -45,10 +46,6 @@ def server(packaged_users, tiny_base, tmp_path_factory):
         yield running
 
 
-def _pixels(image) -> np.ndarray:
-    return np.asarray(image.convert("RGB"), dtype=np.int16)
-
-
 def test_image_decodes_to_requested_size(server, prompt):
     images = client.generate(
         server.url, "alice", prompt, gen_args={**SMALL, "width": 80, "num_images": 2}
@@ -65,7 +62,7 @@ def test_output_equals_generate_local(server, prompt, trained_adapter, tiny_base
     load_adapter(pipe, trained_adapter, tiny_base, "user")
     local = generate_images(pipe, prompt, "blurry", GenArgs.parse(args))[0]
     local_jpeg = from_jpeg_base64(to_jpeg_base64(local))
-    diff = np.abs(_pixels(served) - _pixels(local_jpeg))
+    diff = np.abs(pixels(served) - pixels(local_jpeg))
     print(f"\nserved vs generate-local: max abs diff {diff.max()}, mean {diff.mean():.4f}")
     assert diff.max() <= 2 and diff.mean() < 0.05
 
@@ -98,7 +95,7 @@ def test_every_request_of_a_batch_is_answered(server, prompt):
     ]
     answers = [from_jpeg_base64(p.get_result().as_numpy("generated_image")[0][0]) for p in pending]
     for (_, seed), image in zip((("a", 1), ("b", 2), ("a", 3), ("b", 1)), answers, strict=True):
-        assert np.abs(_pixels(image) - _pixels(images[seed - 1])).max() <= 2
+        assert np.abs(pixels(image) - pixels(images[seed - 1])).max() <= 2
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from fixtures.images import pixel_diff
 from fixtures.serving import triton_env
-from fixtures.train import FIXTURE_TRAIN
 
 from avatarforge.adapter import load_adapter, read_adapter
 from avatarforge.base import load_pipeline
@@ -46,18 +45,6 @@ ALICE, BOB = "alice.tar.gz", "bob.tar.gz"
 @pytest.fixture(scope="module")
 def prompt(trained_adapter) -> str:
     return f"a photo of {read_adapter(trained_adapter).token} person"
-
-
-@pytest.fixture(scope="module")
-def bob_adapter(train_dataset, tiny_base, tmp_path_factory) -> Path:
-    """A second real training run (another seed): bob's images must differ from alice's."""
-    from avatarforge.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("train-bob")
-    started = time.perf_counter()
-    train(train_dataset, out, TrainConfig(**{**FIXTURE_TRAIN, "seed": 1}), tiny_base)
-    print(f"\nbob's training run (seed 1): {time.perf_counter() - started:.1f} s")
-    return out / "adapter"
 
 
 @pytest.fixture(scope="module")

@@ -139,13 +139,21 @@ def test_bad_request_fails_alone_and_names_the_field():
     assert "prompt: must not be empty" in errors[3]
 
 
-def test_unexpected_failure_is_an_error_not_a_success():
+def test_unexpected_failure_is_an_error_not_a_success(caplog):
     def broken(*_):
-        raise RuntimeError("out of memory")
+        raise RuntimeError("out of memory in /opt/ml/secret/path")
 
-    (result,) = handle_requests([_req(prompt=["a"])], broken)
-    assert isinstance(result, RequestError)
-    assert "internal error: RuntimeError: out of memory" in str(result)
+    with caplog.at_level("ERROR"):
+        (result, client) = handle_requests(
+            [_req(prompt=["a"]), _req(prompt=["b"], gen_args=['{"steps": 0}'])], broken
+        )
+    assert isinstance(result, RequestError) and not result.client_fault
+    # the client learns it was our failure and where to look, not our paths or exception text
+    assert str(result).startswith("internal error (reference ")
+    assert "secret" not in str(result) and "RuntimeError" not in str(result)
+    reference = str(result).split("reference ")[1].split(" ")[0]
+    assert any(reference in r.getMessage() and r.exc_info for r in caplog.records)
+    assert isinstance(client, RequestError) and client.client_fault  # gen_args.steps
 
 
 def test_rows_of_one_request_must_agree():

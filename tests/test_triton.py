@@ -84,18 +84,26 @@ def test_omitted_optional_inputs_work(server, prompt):
 def test_every_request_of_a_batch_is_answered(server, prompt):
     http = server.client()
     rows = [json.dumps({**SMALL, "seed": s}) for s in (1, 2, 3)]
-    out = client.infer(http, "alice", client.build_inputs([prompt] * 3, None, rows))
-    assert out.shape == (3, 1)
-    images = [from_jpeg_base64(b) for b in out[:, 0]]
-    assert len({im.tobytes() for im in images}) == 3  # three seeds, three images
-    # concurrent requests from two users reach the shared base together; all are answered
+    references = {}
+    for user in ("alice", "bob"):
+        out = client.infer(http, user, client.build_inputs([prompt] * 3, None, rows))
+        assert out.shape == (3, 1)
+        references[user] = [from_jpeg_base64(b) for b in out[:, 0]]
+        assert len({im.tobytes() for im in references[user]}) == 3  # three seeds, three images
+    # alice and bob have different adapters: a mix-up below could not go unseen
+    for a, b in zip(references["alice"], references["bob"], strict=True):
+        assert np.abs(pixels(a) - pixels(b)).mean() > 1.0
+    # interleaved concurrent requests of two users reach the shared base together; each is
+    # answered with its own user's pixels
+    order = (("alice", 1), ("bob", 2), ("alice", 3), ("bob", 1), ("alice", 2), ("bob", 3))
     pending = [
         http.async_infer(user, client.build_inputs([prompt], None, [{**SMALL, "seed": s}]))
-        for user, s in (("alice", 1), ("bob", 2), ("alice", 3), ("bob", 1))
+        for user, s in order
     ]
     answers = [from_jpeg_base64(p.get_result().as_numpy("generated_image")[0][0]) for p in pending]
-    for (_, seed), image in zip((("a", 1), ("b", 2), ("a", 3), ("b", 1)), answers, strict=True):
-        assert np.abs(pixels(image) - pixels(images[seed - 1])).max() <= 2
+    for (user, seed), image in zip(order, answers, strict=True):
+        own = np.abs(pixels(image) - pixels(references[user][seed - 1])).max()
+        assert own <= 4, (user, seed, own)  # batched with others: float rounding, then JPEG
 
 
 @pytest.mark.parametrize(

@@ -280,10 +280,18 @@ def invoke_endpoint(
     endpoint: str = "local-mme",
     timeout: float = 120.0,
 ) -> dict[str, Any]:
-    """Client of the front: KServe v2 JSON in and out; :class:`EndpointError` otherwise."""
+    """Client of the front: KServe v2 JSON in and out; :class:`EndpointError` otherwise.
+
+    A body over SageMaker's 6 MB is refused here, before it is sent (the server would refuse
+    it too, and close the connection while it is still being written)."""
+    body = json.dumps(payload).encode()
+    if len(body) > MAX_BODY_BYTES:
+        raise EndpointError(
+            413, f"request body of {len(body)} bytes is over the {MAX_BODY_BYTES}-byte limit"
+        )
     request = urllib.request.Request(
         f"{url.rstrip('/')}/endpoints/{endpoint}/invocations",
-        data=json.dumps(payload).encode(),
+        data=body,
         method="POST",
         headers={"Content-Type": "application/json", TARGET_MODEL_HEADER: target_model},
     )

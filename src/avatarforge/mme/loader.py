@@ -5,6 +5,13 @@
 ``<root>/<hash>/model``, ``POST /models``. At most ``max_loaded`` models stay loaded; loading one
 more first unloads the least recently used (``DELETE /models/<hash>``, files removed). A 507
 (out of memory) from Triton evicts the least recently used and retries, as SageMaker does.
+
+The archive is fetched and checked before anything is evicted, and outside the lock that
+serialises Triton's loads and unloads: a missing or refused TargetModel costs no healthy model
+its place, and a slow or large download does not stall other loads. A model with a request in
+flight is never chosen for eviction (Triton's unload would wait for that request, up to 350 s,
+holding every other load): eviction takes the least recently used idle model, and waits for
+one to become idle when all are busy.
 """
 
 from __future__ import annotations
@@ -55,12 +62,27 @@ class ModelLoadError(MMEError):
 
 
 class InvokeError(MMEError):
-    """Triton answered an invocation with an error; ``triton_status`` is its HTTP status."""
+    """Triton answered an invocation with an error; ``triton_status`` is its HTTP status.
+
+    ``status`` keeps its class: the caller's fault (4xx) is 400, out of memory 507, a failure
+    of the model or server (other 5xx) 500.
+    """
 
     def __init__(self, message: str, triton_status: int) -> None:
         super().__init__(message)
         self.triton_status = triton_status
-        self.status = 507 if triton_status == 507 else 400
+        if triton_status == 507:
+            self.status = 507
+        elif 400 <= triton_status < 500:
+            self.status = 400
+        else:
+            self.status = 500
+
+
+class AllModelsBusyError(MMEError):
+    """Every loaded model has a request in flight and none became idle in time to be evicted."""
+
+    status = 503
 
 
 @dataclass
@@ -115,10 +137,13 @@ class MultiModelLoader:
             sagemaker_url, self.config.load_timeout_s, self.config.invoke_timeout_s
         )
         self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()  # oldest use first
-        # _load_lock serialises loads and unloads (slow: Triton calls); _lru_lock guards the
-        # dict only, so invocations of loaded models never wait behind a load.
+        # _load_lock serialises Triton's loads and unloads; _lru_lock guards the dict and the
+        # in-flight counts only, so invocations of loaded models never wait behind a load.
         self._load_lock = threading.RLock()
         self._lru_lock = threading.Lock()
+        self._idle = threading.Condition(self._lru_lock)  # notified when a request finishes
+        self._in_flight: dict[str, int] = {}
+        self._staging: dict[str, threading.Lock] = {}  # one fetch + extract per TargetModel
         self.root.mkdir(parents=True, exist_ok=True)
 
     def loaded(self) -> list[str]:
@@ -131,15 +156,34 @@ class MultiModelLoader:
         check_target_model(target_model)
         if (found := self._touch(target_model)) is not None:
             return found  # the common case never waits for a load in progress
-        with self._load_lock:
+        with self._staging_lock(target_model):
             if (found := self._touch(target_model)) is not None:
                 return found  # loaded by another thread meanwhile
-            while len(self.loaded()) >= self.config.max_loaded:
-                self._evict_lru()
-            model = self._load_new(target_model)
-            with self._lru_lock:
-                self._loaded[target_model] = model
+            started = time.perf_counter()
+            name_hash = model_hash(target_model)
+            work = self.root / name_hash
+            shutil.rmtree(work, ignore_errors=True)  # leftovers of a crash
+            try:
+                # fetched and checked before any eviction, outside the Triton lock
+                repo_dir = self._fetch_and_extract(target_model, work)
+                with self._load_lock:
+                    while len(self.loaded()) >= self.config.max_loaded:
+                        self._evict_lru()
+                    self._triton_load(target_model, name_hash, repo_dir)
+                    model = LoadedModel(
+                        target_model, name_hash, repo_dir, time.perf_counter() - started
+                    )
+                    with self._lru_lock:
+                        self._loaded[target_model] = model
+            except BaseException:
+                shutil.rmtree(work, ignore_errors=True)
+                raise
+            log.info("loaded %s in %.2f s", target_model, model.load_seconds)
             return model
+
+    def _staging_lock(self, target_model: str) -> threading.Lock:
+        with self._lru_lock:
+            return self._staging.setdefault(target_model, threading.Lock())
 
     def unload(self, target_model: str) -> bool:
         """Unload and delete its files; False if it was not loaded."""
@@ -148,12 +192,15 @@ class MultiModelLoader:
                 model = self._loaded.pop(target_model, None)
             if model is None:
                 return False
-            try:
-                self.client.unload(model.model_hash, target_model)
-            finally:
-                shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
-            log.info("unloaded %s", target_model)
+            self._unload(model)
             return True
+
+    def _unload(self, model: LoadedModel) -> None:
+        try:
+            self.client.unload(model.model_hash, model.target_model)
+        finally:
+            shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
+        log.info("unloaded %s", model.target_model)
 
     def _touch(self, target_model: str) -> LoadedModel | None:
         with self._lru_lock:
@@ -172,8 +219,11 @@ class MultiModelLoader:
     ) -> Response:
         """Load if needed, then invoke; Triton's response as is when it is 200."""
         for attempt in range(2):
-            model = self.load(target_model)
-            response = self.client.invoke(model.model_hash, target_model, body, content_type)
+            model = self._acquire(target_model)
+            try:
+                response = self.client.invoke(model.model_hash, target_model, body, content_type)
+            finally:
+                self._release(target_model)
             if response.status == 404 and attempt == 0:
                 # Gone behind our back (server restarted, unloaded by hand): load it again.
                 log.warning("%s was not loaded in Triton; loading it again", target_model)
@@ -194,25 +244,49 @@ class MultiModelLoader:
         """KServe v2 JSON in, KServe v2 JSON out."""
         return self.invoke_raw(target_model, json.dumps(payload).encode()).json()
 
-    def _evict_lru(self) -> None:
-        oldest = self.loaded()[0]
-        log.info("evicting least recently used %s", oldest)
-        self.unload(oldest)
+    def in_flight(self, target_model: str) -> int:
+        """Requests of ``target_model`` being answered now."""
+        with self._lru_lock:
+            return self._in_flight.get(target_model, 0)
 
-    def _load_new(self, target_model: str) -> LoadedModel:
-        started = time.perf_counter()
-        name_hash = model_hash(target_model)
-        work = self.root / name_hash
-        shutil.rmtree(work, ignore_errors=True)  # leftovers of a crash
-        try:
-            repo_dir = self._fetch_and_extract(target_model, work)
-            self._triton_load(target_model, name_hash, repo_dir)
-        except BaseException:
-            shutil.rmtree(work, ignore_errors=True)
-            raise
-        seconds = time.perf_counter() - started
-        log.info("loaded %s in %.2f s", target_model, seconds)
-        return LoadedModel(target_model, name_hash, repo_dir, seconds)
+    def _acquire(self, target_model: str) -> LoadedModel:
+        """Load if needed and count a request in flight, atomically with respect to eviction
+        (a model evicted between its load and the count is loaded again)."""
+        while True:
+            model = self.load(target_model)
+            with self._lru_lock:
+                if self._loaded.get(target_model) is model:
+                    self._in_flight[target_model] = self._in_flight.get(target_model, 0) + 1
+                    return model
+
+    def _release(self, target_model: str) -> None:
+        with self._lru_lock:
+            left = self._in_flight.get(target_model, 0) - 1
+            if left > 0:
+                self._in_flight[target_model] = left
+            else:
+                self._in_flight.pop(target_model, None)
+                self._idle.notify_all()
+
+    def _evict_lru(self) -> None:
+        """Unload the least recently used model that has no request in flight; when every
+        model is busy, wait (up to the load timeout) for one to finish."""
+        deadline = time.monotonic() + self.config.load_timeout_s
+        with self._lru_lock:
+            while True:
+                idle = [t for t in self._loaded if not self._in_flight.get(t)]
+                if idle:
+                    victim = self._loaded.pop(idle[0])
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AllModelsBusyError(
+                        f"all {len(self._loaded)} loaded models have requests in flight; "
+                        "none could be unloaded to make room (raise max_loaded, or retry)"
+                    )
+                self._idle.wait(left)
+        log.info("evicting least recently used idle model %s", victim.target_model)
+        self._unload(victim)
 
     def _fetch_and_extract(self, target_model: str, work: Path) -> Path:
         archive = work / "archive.tar.gz"

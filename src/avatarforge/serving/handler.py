@@ -13,6 +13,7 @@ Two ways to run the rows: :func:`handle_requests`, one row at a time, and
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,20 @@ log = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
-    """This request cannot be answered; the message is what the client sees."""
+    """This request cannot be answered; the message is what the client sees.
+
+    ``client_fault``: the caller's mistake (a bad input, an adapter it cannot have) — Triton
+    answers it as INVALID_ARG (HTTP 400); otherwise ours (INTERNAL, HTTP 500).
+    """
+
+    client_fault = True
+
+
+class InternalError(RequestError):
+    """Our failure: the client is told that, with a reference to the log line holding the
+    detail (exception text and server paths stay in the log)."""
+
+    client_fault = False
 
 
 @dataclass(frozen=True)
@@ -139,8 +153,9 @@ def as_request_error(exc: Exception, client_errors: tuple[type[Exception], ...])
     """What the client is told: its own error as is, anything else as an internal error."""
     if isinstance(exc, client_errors):
         return exc if isinstance(exc, RequestError) else RequestError(str(exc))
-    log.error("request failed", exc_info=exc)
-    return RequestError(f"internal error: {type(exc).__name__}: {exc}")
+    reference = uuid.uuid4().hex[:12]
+    log.error("request failed (reference %s)", reference, exc_info=exc)
+    return InternalError(f"internal error (reference {reference} in the server's log)")
 
 
 # ---------------------------------------------------------------- rows of many requests at once

@@ -34,9 +34,14 @@ class TritonPythonModel:
         responses = []
         for result in self.model.handle(batch):
             if isinstance(result, Exception):
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(str(result)))
+                # the caller's mistake is INVALID_ARG (HTTP 400), ours INTERNAL (500)
+                code = (
+                    pb_utils.TritonError.INVALID_ARG
+                    if result.client_fault
+                    else pb_utils.TritonError.INTERNAL
                 )
+                error = pb_utils.TritonError(str(result), code)
+                responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 out = pb_utils.Tensor(self.output, result)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))

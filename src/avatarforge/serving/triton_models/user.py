@@ -45,7 +45,8 @@ class TritonPythonModel:
         responses = []
         for result in results:
             if result.has_error():
-                error = pb_utils.TritonError(result.error().message())
+                # the shared base's message and code (INVALID_ARG: 400, INTERNAL: 500)
+                error = pb_utils.TritonError(result.error().message(), result.error().code())
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 out = pb_utils.get_output_tensor_by_name(result, self.output)

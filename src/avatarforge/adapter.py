@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import TINY, TINY_ID_PREFIX, BaseConfig, BaseInfo, check_same_base
+from .fsutil import replace_dir
 from .hashing import sha256_file
 
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name
@@ -153,9 +153,7 @@ def save_adapter(
         )
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        os.replace(tmp, adapter_dir)
+        replace_dir(tmp, adapter_dir)  # a reader sees the old adapter or the new one, never none
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return adapter_dir

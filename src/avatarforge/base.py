@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .fsutil import replace_dir
 from .hashing import update_from_file
 from .paths import tiny_base_dir
 from .settings import ConfigError, Settings, setting
@@ -282,9 +283,7 @@ def build_base_folder(
         model_dir = tmp / "model"
         pipe.save_pretrained(model_dir, safe_serialization=True)
         del pipe
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(model_dir, out)
+        replace_dir(model_dir, out)  # readers see the old base or the new one, never none
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return read_base_info(out, base_id=base_id)

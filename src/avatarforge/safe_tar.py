@@ -21,6 +21,8 @@ import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 
+from .fsutil import replace_dir
+
 MAX_MEMBER_BYTES = 2 * 1024**3  # one LoRA adapter is < 100 MB; base weights are a few GB
 MAX_TOTAL_BYTES = 8 * 1024**3
 MAX_MEMBERS = 10_000
@@ -62,7 +64,7 @@ def safe_extract(
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
             files = _extract(tar, tar_path, members, tmp, max_member_bytes, max_total_bytes)
-            _move_into_place(tmp, dest)
+            replace_dir(tmp, dest)  # never a half-written mix, never a moment without dest
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -163,17 +165,6 @@ def _extract(
         target.chmod(0o755 if member.mode & 0o111 else 0o644)
         files.append(target)
     return files
-
-
-def _move_into_place(tmp: Path, dest: Path) -> None:
-    if not dest.exists():
-        os.rename(tmp, dest)
-        return
-    # Swap the old folder out first so dest is never a half-written mix of both.
-    old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-    os.rename(dest, old)
-    os.rename(tmp, dest)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_reproducible_tar(

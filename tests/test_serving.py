@@ -350,3 +350,19 @@ def test_user_model_checks_its_adapter_against_its_config(trained_adapter, tmp_p
     (tmp_path / "1" / "adapter" / "pytorch_lora_weights.safetensors").unlink()
     with pytest.raises(BootstrapError, match="safetensors is missing"):
         read_user_model(tmp_path / "1", meta["base_hash"])
+
+
+def test_nan_and_huge_texts_are_refused_by_name():
+    for bad in ('{"guidance_scale": NaN}', '{"guidance_scale": Infinity}'):
+        (result,) = handle_requests([_req(prompt=["a"], gen_args=[bad])], _fake_generate([]))
+        assert isinstance(
+            result, RequestError
+        ) and "gen_args.guidance_scale: must be a finite" in str(result)
+    calls = []
+    (long_prompt, long_negative) = handle_requests(
+        [_req(prompt=["a" * 5_000_000]), _req(prompt=["a"], negative_prompt=["n" * 3000])],
+        _fake_generate(calls),
+    )
+    assert "prompt: longer than 2000 characters" in str(long_prompt)
+    assert "negative_prompt: longer than" in str(long_negative)
+    assert calls == []  # refused before any work

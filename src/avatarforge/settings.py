@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Self
 
@@ -44,6 +45,8 @@ def _check(owner: str, f: dataclasses.Field, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name}: must be a number (got {value!r})")
+    if not math.isfinite(value):  # NaN passes every comparison; JSON parsers accept NaN
+        raise ConfigError(f"{name}: must be a finite number (got {value!r})")
     if meta.get("ge") is not None and value < meta["ge"]:
         raise ConfigError(f"{name}: must be >= {meta['ge']} (got {value!r})")
     if meta.get("le") is not None and value > meta["le"]:

@@ -25,6 +25,10 @@ from . import schema
 
 log = logging.getLogger(__name__)
 
+# Longest text a request may carry per row. CLIP reads 77 tokens of a prompt; a longer text is
+# tokenised whole before that cut, so an unbounded one is work the server does for nothing.
+MAX_TEXT_CHARS = {"prompt": 2000, "negative_prompt": 2000, "gen_args": 4096, "adapter": 4096}
+
 
 class RequestError(ValueError):
     """This request cannot be answered; the message is what the client sees.
@@ -93,6 +97,9 @@ def parse_request(
             raise RequestError(f"{spec.name}: has {n} rows, other inputs have {rows}")
         rows = n
         texts[spec.name] = _texts(spec.name, value)
+        limit = MAX_TEXT_CHARS.get(spec.name)
+        if limit and any(len(t) > limit for t in texts[spec.name]):
+            raise RequestError(f"{spec.name}: longer than {limit} characters")
         if len(texts[spec.name]) != n:
             raise RequestError(f"{spec.name}: expected one value per row")
     rows = rows or 0

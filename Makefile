@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-service demo-cloud test lint clean base env package local-triton local-mme \
+.PHONY: help setup demo demo-service demo-cloud test lint clean base env package export local-triton local-mme \
         deploy-mme deploy-training destroy training-image bench bench-gpu
 
 help:  ## list the verbs
@@ -48,16 +48,21 @@ clean:  ## remove build/ (keeps .venv)
 env: $(STAMP)  ## serving env for EXECUTION_ENV_PATH: conda-pack if conda, else build/envs/serve venv (PACK=1: tar.gz)
 	$(PY) conda_envs/build_env.py $(if $(PACK),--pack)
 
-local-mme: $(STAMP)  ## tritonserver with the SageMaker front end + TargetModel loader on build/package (Ctrl-C stops)
-	$(AF) mme serve $(if $(SOURCE),--source $(SOURCE)) $(if $(MAX_LOADED),--max-loaded $(MAX_LOADED))
+local-mme: $(STAMP)  ## tritonserver's SageMaker front end + TargetModel loader on build/package, on 127.0.0.1:8080 (Ctrl-C stops)
+	$(AF) mme serve $(if $(SOURCE),--source $(SOURCE)) $(if $(MAX_LOADED),--max-loaded $(MAX_LOADED)) $(if $(PORT),--port $(PORT))
 
 package: $(STAMP)  ## package a user's adapter as build/package/USER.tar.gz (make package USER=x)
 	@# USER is also the login name in the environment: only a USER given on the command line counts
 	@test "$(origin USER)" = "command line" || { echo "usage: make package USER=name"; exit 2; }
 	$(AF) package --user $(USER)
 
-local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver; Ctrl-C stops
-	$(AF) serve local-triton
+export: $(STAMP)  ## a user's adapter for ComfyUI / AUTOMATIC1111: build/export/kohya/USER.safetensors
+	@test "$(origin USER)" = "command line" || { echo "usage: make export USER=name"; exit 2; }
+	$(AF) export $(USER) --format kohya
+
+local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver on 127.0.0.1:8000; Ctrl-C stops
+	$(AF) serve local-triton $(if $(PORT),--port $(PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
+	  $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
 
 bench: $(STAMP)  ## trainer variants, serving density, per-user memory, adapter switch + batching; JSON in build/bench/
 	$(PY) bench/train_memory.py

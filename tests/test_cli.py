@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+
 import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
@@ -69,3 +71,31 @@ def test_generate_needs_exactly_one_target(targets):
     assert result.exit_code == 2, result.output
     assert "--url and --user" in result.output and "--mme and --target-model" in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def _command(path):
+    group = get_command(app)
+    for name in path:
+        group = group.commands[name]
+    return group
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_help_shows_every_option_name_whole(command):
+    # 80 columns, as in a pipe or a small terminal: names are never cut ("--gradient-accum…")
+    result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert "…" not in result.output
+    words = set(result.output.replace(",", " ").replace("/", " ").split())
+    for param in _command(command).params:
+        for name in [*param.opts, *param.secondary_opts]:
+            if name.startswith("-"):
+                assert name in words, (name, result.output)
+
+
+def test_version():
+    from avatarforge import __version__
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output == f"avatarforge {__version__}\n"
+    assert __version__ == importlib.metadata.version("avatarforge")

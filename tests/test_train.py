@@ -1,4 +1,5 @@
-"""The trainer on the tiny base: learning, reproducibility, resume, failures, class-image cache."""
+"""The trainer on the tiny base: learning, reproducibility, resume, failures, class-image cache,
+presets, time-based checkpoints, the learning-rate schedule and the run-time estimate."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from avatarforge.train import TrainConfig, TrainingError, TrainingStopped, train
 from avatarforge.train import class_images as class_images_module
 from avatarforge.train import loop as loop_module
 from avatarforge.train.class_images import class_images
+from avatarforge.train.config import PRESETS, preset_config
+from avatarforge.train.estimate import estimate_run
+from avatarforge.train.optim import make_lr_scheduler
 
 
 def _config(**changes) -> TrainConfig:
@@ -156,3 +160,64 @@ def test_class_images_are_cached_and_only_missing_ones_are_made(tiny_base, tmp_p
     assert made == [[0, 1], [2]] and three[:2] == two  # the second user pays only for one more
     other = class_images(tiny_base, "a photo of woman", 1, 64, **kw)
     assert other[0].parent != two[0].parent
+
+
+def test_presets_are_valid_configs_and_explicit_values_win():
+    quick, defaults = preset_config("cpu-quick"), TrainConfig()
+    assert {k: getattr(quick, k) for k in PRESETS["cpu-quick"]} == PRESETS["cpu-quick"]
+    assert quick.resolution < defaults.resolution and quick.steps < defaults.steps
+    assert quick.num_class_images < defaults.num_class_images
+    assert quick.gradient_checkpointing is False  # it only costs time on a CPU
+    mine = preset_config("cpu-quick", steps=7, seed=3)
+    assert (mine.steps, mine.seed, mine.resolution) == (7, 3, quick.resolution)
+    with pytest.raises(ConfigError, match=r"train\.preset: unknown preset 'gpu-fast'.*cpu-quick"):
+        preset_config("gpu-fast")
+    with pytest.raises(ConfigError, match="train.resolution: must be a multiple of 8"):
+        preset_config("cpu-quick", resolution=100)
+
+
+def test_checkpoints_also_come_by_time(train_dataset, tiny_base, tmp_path):
+    def saved(minutes: float) -> list[str]:
+        names: list[str] = []
+        cfg = _config(steps=3, checkpoint_every=1000, checkpoint_minutes=minutes)
+        train(train_dataset, tmp_path / f"{minutes}", cfg, tiny_base, on_checkpoint=names.append)
+        return [p.name for p in names]
+
+    # every step is "due" after a nanosecond; none after the last (the adapter supersedes them)
+    assert saved(1e-9) == ["step-0000001", "step-0000002"]
+    assert saved(0.0) == []  # off; and 1000 steps never come
+
+
+def test_lr_schedule_warms_up_from_the_first_step_and_resumes_from_the_step_alone():
+    def lrs(start: int, count: int) -> list[float]:
+        param = torch.nn.Parameter(torch.zeros(1))
+        optimizer = torch.optim.AdamW([param], lr=0.01)
+        schedule = make_lr_scheduler(optimizer, warmup=4, start=start)
+        seen = []
+        for _ in range(count):
+            seen.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert np.allclose(lrs(0, 6), [0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])  # never 0
+    assert lrs(2, 4) == lrs(0, 6)[2:]  # a resumed run gets the same rates, from no saved state
+
+
+def test_estimate_measures_the_run_and_counts_only_what_is_left(train_dataset, tiny_base, tmp_path):
+    cfg = _config(steps=4, max_steps_this_run=3)
+    with pytest.raises(TrainingStopped):
+        train(train_dataset, tmp_path, cfg, tiny_base)
+    est = estimate_run(tiny_base, cfg, "cpu", instance_images=5, out_dir=tmp_path)
+    assert est.steps == 1 and est.step_s > 0 and est.training_s == est.step_s
+    assert est.class_images == 0 and est.class_images_s == 0  # the run made them: cached
+    assert est.encode_images == 5 + cfg.num_class_images and est.encode_s > 0
+    assert est.total_s == est.setup_s + est.training_s
+
+    # a prompt no run has used: every class image is still to make, and costs its steps
+    fresh = _config(steps=2, class_prompt="a photo of an estimated person", cache_latents=False)
+    est = estimate_run(tiny_base, fresh, "cpu", instance_images=5)
+    assert est.class_images == fresh.num_class_images and est.denoise_s > 0 and est.decode_s > 0
+    per_image = fresh.class_image_steps * est.denoise_s + est.decode_s
+    assert est.class_images_s == pytest.approx(est.load_s + 2 * per_image)
+    assert est.encode_images == 0 and est.steps == 2  # latents not cached: encoded in each step

@@ -88,7 +88,7 @@ class AdapterMetadata:
         return cls(**values, extra=extra)
 
 
-def _canonicalize_header(path: Path) -> None:
+def canonicalize_header(path: Path) -> None:
     """Rewrite a safetensors header with sorted keys, in place.
 
     safetensors writes its header from a hash map, so the same tensors and metadata can give
@@ -146,7 +146,7 @@ def save_adapter(
             if text_encoder_layers
             else None,
         )
-        _canonicalize_header(tmp / WEIGHTS_FILE)
+        canonicalize_header(tmp / WEIGHTS_FILE)
         metadata = dataclasses.replace(metadata, weights_sha256=sha256_file(tmp / WEIGHTS_FILE))
         (tmp / METADATA_FILE).write_text(
             json.dumps(metadata.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -9,10 +9,12 @@ reference path. Request parameters are a validated :class:`GenArgs`; a bad field
 from __future__ import annotations
 
 import base64
+import dataclasses
+import difflib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from PIL import Image
 
@@ -40,6 +42,22 @@ class GenArgs(Settings):
     num_images: int = setting(1, "images per prompt", ge=1, le=8)
     scheduler: str = setting("ddim", "sampler", choices=tuple(SCHEDULERS))
 
+    # Names other clients send for our fields: the published sample's and diffusers' pipeline
+    # arguments, AUTOMATIC1111's API, ComfyUI's sampler node. Accepted as given, one per field.
+    ALIASES: ClassVar[dict[str, str]] = {
+        "num_inference_steps": "steps",
+        "num_images_per_prompt": "num_images",
+        "cfg_scale": "guidance_scale",
+        "cfg": "guidance_scale",
+        "sampler": "scheduler",
+    }
+    # Fields that belong elsewhere in a request: what to do instead.
+    NOT_HERE: ClassVar[dict[str, str]] = {
+        "prompt": "send it as the prompt input, not inside gen_args",
+        "negative_prompt": "send it as the negative_prompt input, not inside gen_args",
+        "generator": "give seed (an integer) instead",
+    }
+
     def validate(self) -> None:
         for name in ("steps", "seed", "height", "width", "num_images"):
             value = getattr(self, name)
@@ -64,6 +82,48 @@ class GenArgs(Settings):
         if not isinstance(data, dict):
             raise ConfigError(f"gen_args: must be a JSON object (got {type(data).__name__})")
         return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GenArgs:
+        """Like :meth:`Settings.from_dict`, also accepting :attr:`ALIASES`; an unknown field's
+        error suggests the closest known name ("did you mean ...")."""
+        return super().from_dict(canonical_fields(data))
+
+
+def canonical_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with GenArgs' aliases renamed to their fields; ConfigError for an unknown field
+    (suggesting the closest known name), a field given twice, or one that belongs elsewhere."""
+    fields = [f.name for f in dataclasses.fields(GenArgs)]
+    out: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
+    unknown = []
+    for key, value in data.items():
+        if key in GenArgs.NOT_HERE:
+            raise ConfigError(f"gen_args.{key}: {GenArgs.NOT_HERE[key]}")
+        name = GenArgs.ALIASES.get(key, key)
+        if name not in fields:
+            unknown.append(str(key))
+        elif name in out:
+            raise ConfigError(f"gen_args: {given_as[name]!r} and {key!r} both set {name}; give one")
+        else:
+            out[name], given_as[name] = value, key
+    if unknown:
+        raise ConfigError(
+            f"gen_args: unknown field(s) {', '.join(sorted(unknown))} ({_hint(unknown, fields)})"
+        )
+    return out
+
+
+def _hint(unknown: list[str], fields: list[str]) -> str:
+    """ "did you mean ..." for each unknown name close to a field or alias, else the fields."""
+    hints = []
+    for key in sorted(unknown):
+        match = difflib.get_close_matches(key, [*fields, *GenArgs.ALIASES], n=1, cutoff=0.6)
+        if match:
+            name = match[0]
+            alias = f" (= {GenArgs.ALIASES[name]})" if name in GenArgs.ALIASES else ""
+            hints.append(f"{key}: did you mean {name}{alias}?")
+    return "; ".join(hints) if hints else f"fields: {', '.join(fields)}"
 
 
 def set_scheduler(pipe, name: str) -> None:

@@ -1,4 +1,9 @@
-"""sha256 of files, read in chunks so a multi-GB base or tarball never sits in memory."""
+"""sha256 of files, read in chunks so a multi-GB base or tarball never sits in memory.
+
+One file's hash is :func:`hashlib.file_digest`. A hash over several files (the base's content
+hash: paths and bytes of every file in one digest) needs the bytes fed into a running digest,
+which ``file_digest`` cannot do (it always starts a new one): :func:`update_from_file` does that.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +22,5 @@ def update_from_file(digest: hashlib._Hash, path: Path) -> None:
 
 def sha256_file(path: Path) -> str:
     """Hex sha256 of one file's bytes."""
-    digest = hashlib.sha256()
-    update_from_file(digest, path)
-    return digest.hexdigest()
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

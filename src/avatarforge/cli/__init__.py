@@ -6,7 +6,21 @@ import logging
 
 import typer
 
-from . import base, cloud, config, demo, deploy, generate, jobs, mme, preprocess, serve, train
+from .. import __version__
+from . import (
+    base,
+    cloud,
+    config,
+    demo,
+    deploy,
+    export,
+    generate,
+    jobs,
+    mme,
+    preprocess,
+    serve,
+    train,
+)
 
 app = typer.Typer(
     name="avatarforge",
@@ -15,11 +29,26 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    # Help as click writes it: option names are never cut (rich's tables cut them with "…" to
+    # fit 80 columns: "--gradient-accum…"); lines use the terminal's width, up to 120.
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 120},
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        print(f"avatarforge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging")) -> None:
+def _root(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="debug logging"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
+) -> None:
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -27,7 +56,20 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="debug log
     )
 
 
-for _module in (base, preprocess, train, serve, generate, mme, jobs, deploy, cloud, demo, config):
+for _module in (
+    base,
+    preprocess,
+    train,
+    serve,
+    generate,
+    export,
+    mme,
+    jobs,
+    deploy,
+    cloud,
+    demo,
+    config,
+):
     _module.register(app)
 
 

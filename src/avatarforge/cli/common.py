@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
+import re
 import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -24,17 +26,51 @@ def fail(message: str, code: int = 1) -> typing.NoReturn:
 def save_images(
     images: Iterable[Image.Image], folder: Path, *, suffix: str = "", image_format: str = "jpeg"
 ) -> list[Path]:
-    """Write ``NN<suffix>.jpg`` (or ``.png``) into ``folder``; print each path on its own line
-    (plain print: scripts read the paths from stdout)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Encode each image and write it as a new ``NN<suffix>.jpg`` (or ``.png``) in ``folder``
+    (:func:`write_new_files`: nothing is overwritten); print each path on its own line."""
     ext = "jpg" if image_format == "jpeg" else "png"
-    paths = []
-    for i, image in enumerate(images):
-        path = folder / f"{i:02d}{suffix}.{ext}"
+    files = []
+    for image in images:
+        buf = io.BytesIO()
         if image_format == "jpeg":
-            image.convert("RGB").save(path, format="JPEG", quality=95)
+            image.convert("RGB").save(buf, format="JPEG", quality=95)
         else:
-            image.save(path, format="PNG")
+            image.save(buf, format="PNG")
+        files.append(buf.getvalue())
+    return write_new_files(files, folder, suffix=suffix, ext=ext)
+
+
+def save_jpeg_bytes(images: Iterable[bytes], folder: Path) -> list[Path]:
+    """Write each JPEG exactly as the server sent it (no re-encoding) as a new ``NN.jpg`` in
+    ``folder``; print each path on its own line."""
+    return write_new_files(images, folder, ext="jpg")
+
+
+_NUMBERED = re.compile(r"^(\d+)(?!\d)")
+
+
+def write_new_files(
+    files: Iterable[bytes], folder: Path, *, suffix: str = "", ext: str = "jpg"
+) -> list[Path]:
+    """Write each file to the next number no file in ``folder`` starts with: ``NN<suffix>.<ext>``
+    (00, 01, ...; an existing file is never overwritten, also by a writer running at the same
+    time: files are created exclusively). Print each path on its own line (plain print: scripts
+    read the paths from stdout)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = {int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))}
+    paths, index = [], 0
+    for data in files:
+        while True:
+            while index in taken:
+                index += 1
+            path = folder / f"{index:02d}{suffix}.{ext}"
+            taken.add(index)
+            try:
+                with open(path, "xb") as f:  # exclusive: fails if it exists, even in a race
+                    f.write(data)
+                break
+            except FileExistsError:
+                continue
         print(path)
         paths.append(path)
     return paths

@@ -1,6 +1,9 @@
 """`avatarforge generate`: images from a served user model, straight from tritonserver
 (``--url`` + ``--user``), through the local MME front (``--mme`` + ``--target-model``), or from a
-SageMaker multi-model endpoint (``--endpoint`` + ``--user``, boto3)."""
+SageMaker multi-model endpoint (``--endpoint`` + ``--user``, boto3).
+
+Every mode saves the JPEGs exactly as the server sent them, each as a new numbered file:
+nothing is re-encoded, nothing is overwritten."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 import typer
 
 from ..paths import build_dir
-from .common import console, fail, save_images
+from .common import console, fail, save_jpeg_bytes
 
 TARGETS = (
     "give --url and --user (tritonserver), --mme and --target-model (local MME), "
@@ -26,7 +29,7 @@ def generate(
         None, "--user", help="the user's model name (on tritonserver, or <user>.tar.gz on MME)"
     ),
     mme: str = typer.Option(
-        None, "--mme", help="the local MME front, e.g. http://127.0.0.1:8090 (with --target-model)"
+        None, "--mme", help="the local MME front, e.g. http://127.0.0.1:8080 (with --target-model)"
     ),
     target_model: str = typer.Option(
         None, "--target-model", help="the MME TargetModel, e.g. alice.tar.gz"
@@ -41,12 +44,18 @@ def generate(
     ),
     region: str = typer.Option(None, "--region", help="AWS region (with --endpoint)"),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="what to avoid"),
-    gen_args: str = typer.Option(None, "--gen-args", help="JSON, e.g. '{\"seed\": 1}'"),
+    gen_args: str = typer.Option(
+        None,
+        "--gen-args",
+        help='JSON, e.g. \'{"seed": 1, "num_inference_steps": 20}\' (avatarforge contract)',
+    ),
     out: Path = typer.Option(
-        None, help="output folder (default: build/generate/USER or build/generate/TARGET)"
+        None,
+        help="output folder (default: build/generate/USER or build/generate/TARGET); each image "
+        "is a new NN.jpg, an existing file is never overwritten",
     ),
 ) -> None:
-    """Generate images with a served user model and write them as JPEGs."""
+    """Generate images with a served user model; save the server's JPEGs as new files."""
     modes = [bool(url), bool(mme or target_model), bool(endpoint)]
     if sum(modes) != 1:
         fail(f"{TARGETS}, one of them", code=2)
@@ -57,23 +66,35 @@ def generate(
         return
     if (url and not user) or (mme and not target_model) or (target_model and not mme):
         fail(TARGETS, code=2)
+    _check_gen_args(gen_args)
     if url:
         from ..serving.client import ServingError as RequestError
-        from ..serving.client import generate as request
+        from ..serving.client import generate_jpegs as request
 
         address, model, name = url, user, user
     else:
         from ..mme.front import EndpointError as RequestError
-        from ..mme.generate import generate as request
+        from ..mme.generate import generate_jpegs as request
 
         address, model, name = mme, target_model, target_model.removesuffix(".tar.gz")
     try:
-        images = request(address, model, prompt, negative_prompt, gen_args)
+        jpegs = request(address, model, prompt, negative_prompt, gen_args)
     except RequestError as exc:
         fail(str(exc))
     except OSError as exc:
         fail(f"cannot reach {address}: {exc}")
-    save_images(images, out or build_dir() / "generate" / name)
+    save_jpeg_bytes(jpegs, out or build_dir() / "generate" / name)
+
+
+def _check_gen_args(gen_args: str | None) -> None:
+    """A bad field is named here, before a request (and a cold start) is spent on it."""
+    from ..generate import GenArgs
+    from ..settings import ConfigError
+
+    try:
+        GenArgs.parse(gen_args)
+    except ConfigError as exc:
+        fail(f"--gen-args: {exc}")
 
 
 def _from_endpoint(
@@ -115,26 +136,6 @@ def _from_endpoint(
     except (CloudError, InvalidNameError, ConfigError) as exc:
         fail(str(exc))
     save_jpeg_bytes(images, out or build_dir() / "generate" / user)
-
-
-def save_jpeg_bytes(images: list[bytes], folder: Path) -> list[Path]:
-    """Write each JPEG as the server sent it to the next free ``NN.jpg`` in ``folder`` (an
-    existing file is never overwritten); print each path on its own line."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths, index = [], 0
-    for data in images:
-        while True:
-            path = folder / f"{index:02d}.jpg"
-            index += 1
-            try:
-                with open(path, "xb") as f:  # exclusive: fails if it exists, even in a race
-                    f.write(data)
-                break
-            except FileExistsError:
-                continue
-        print(path)
-        paths.append(path)
-    return paths
 
 
 def register(app: typer.Typer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -10,13 +11,19 @@ import typer
 
 from ..paths import build_dir
 from .common import console, fail
-from .serve import instance_env, stop_on_sigterm
+from .serve import instance_env, port_in_use, say, stop_on_sigterm, usable_port
+
+FRONT_PORT = 8080  # where a SageMaker container serves invocations: the port people know
 
 mme_app = typer.Typer(
     help="A local SageMaker multi-model endpoint: tritonserver's SageMaker front end + a loader "
     "that fetches <user>.tar.gz on first use and evicts the least recently used.",
     no_args_is_help=True,
 )
+
+
+def _free_port_option(what: str, *, where: str = "127.0.0.1") -> int:
+    return typer.Option(0, min=0, max=65535, help=f"{what} port on {where} (0: any free port)")
 
 
 @mme_app.command("serve")
@@ -26,8 +33,19 @@ def serve(
     ),
     root: Path = typer.Option(None, help="where models are untarred (default: build/mme/models)"),
     max_loaded: int = typer.Option(8, min=1, help="models kept loaded (LRU eviction past it)"),
-    port: int = typer.Option(8090, help="port of the SageMaker-runtime-like front (127.0.0.1)"),
-    sagemaker_port: int = typer.Option(None, help="tritonserver's SageMaker port (default: free)"),
+    port: int = typer.Option(
+        FRONT_PORT,
+        min=0,
+        max=65535,
+        help="port of the SageMaker-runtime-like front on 127.0.0.1 (0: any free port)",
+    ),
+    sagemaker_port: int = _free_port_option(
+        "tritonserver's SageMaker front end",
+        where="all interfaces (Triton 2.51 has no address flag for it)",
+    ),
+    http_port: int = _free_port_option("tritonserver's HTTP (KServe v2)"),
+    grpc_port: int = _free_port_option("tritonserver's gRPC"),
+    metrics_port: int = _free_port_option("tritonserver's Prometheus metrics"),
     shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
     base: str = typer.Option("tiny", help="base source for the shared base: 'tiny' or a path"),
 ) -> None:
@@ -35,12 +53,33 @@ def serve(
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import mme_front
     from ..mme.launch import sagemaker_triton
+    from ..serving.server import PortInUseError
 
+    options = {
+        "MME front": "--port",
+        "SageMaker": "--sagemaker-port",
+        "HTTP": "--http-port",
+        "gRPC": "--grpc-port",
+        "metrics": "--metrics-port",
+    }
+    # all checked before anything starts; 0 stays 0 for tritonserver's ports (it picks them)
+    port = usable_port(port, "MME front", options)
+    if sagemaker_port:  # Triton 2.51 binds it on every interface
+        usable_port(sagemaker_port, "SageMaker", options, host="0.0.0.0")
+    for what, value in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
+        if value:
+            usable_port(value, what, options)
     stop_on_sigterm()  # models unloaded, tritonserver stopped
     source = source or str(build_dir() / "package")
     env = instance_env(base, shared_dir)  # the user models' ensure-step reads these
     try:
-        with sagemaker_triton(sagemaker_port=sagemaker_port, extra_env=env) as server:
+        with sagemaker_triton(
+            sagemaker_port=sagemaker_port,
+            extra_env=env,
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+        ) as server:
             loader = MultiModelLoader(
                 server.sagemaker_url,
                 source,
@@ -56,33 +95,40 @@ def serve(
                 loader.unload_all()
     except KeyboardInterrupt:
         console.print("stopped")
-    except (OSError, RuntimeError) as exc:
+    except PortInUseError as exc:
+        port_in_use(exc, options)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:  # the front's port, taken since it was checked
+            port_in_use(PortInUseError(port, "MME front"), options)
+        fail(str(exc))
+    except RuntimeError as exc:
         fail(str(exc))
 
 
 def _print_usage(url: str, server, source: str) -> None:
     examples = sorted(p.name for p in Path(source).glob("*.tar.gz")) if "://" not in source else []
     target = examples[0] if examples else "USER.tar.gz"
-    console.print(
-        f"local MME at [bold]{url}[/] (tritonserver SageMaker front end "
-        f"{server.sagemaker_url}, ready in {server.start_seconds:.1f} s)"
-    )
-    console.print(f"TargetModels from {source}: {', '.join(examples) or '(none yet)'}")
-    console.print(f"log: {server.log_path}")
-    console.print(
+    say(f"local MME ready in {server.start_seconds:.1f} s; log {server.log_path}")
+    say(f"  MME front        {url}  (POST /endpoints/<name>/invocations)")
+    say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver; all interfaces)")
+    say(f"  HTTP             {server.http_url}  (tritonserver, KServe v2)")
+    say(f"  gRPC             {server.grpc_url}")
+    say(f"  metrics          {server.metrics_url}  (Prometheus)")
+    say(f"TargetModels from {source}: {', '.join(examples) or '(none yet)'}")
+    say(
         f"try: avatarforge generate --mme {url} --target-model {target} "
-        "--prompt 'a photo of <<TOK>> person' --gen-args '{\"steps\": 20}'"
+        "--prompt 'a photo of <<TOK>> person' --gen-args '{\"num_inference_steps\": 20}'"
     )
-    console.print(
+    say(
         f"  or: curl -s -X POST {url}/endpoints/local-mme/invocations "
         f"-H 'X-Amzn-SageMaker-Target-Model: {target}' -H 'Content-Type: application/json' "
-        "-d @request.json"
+        "-d @request.json  (the request format: avatarforge contract)"
     )
 
 
 @mme_app.command("invoke")
 def invoke(
-    url: str = typer.Option(..., "--url", help="the local MME front, e.g. http://127.0.0.1:8090"),
+    url: str = typer.Option(..., "--url", help="the local MME front, e.g. http://127.0.0.1:8080"),
     target_model: str = typer.Option(..., "--target-model", help="e.g. alice.tar.gz"),
     payload: Path = typer.Option(..., "--payload", help="KServe v2 JSON request file"),
 ) -> None:

@@ -1,10 +1,12 @@
-"""`avatarforge package` and `avatarforge serve local-triton`."""
+"""`avatarforge package`, `avatarforge serve local-triton|load` and `avatarforge contract`."""
 
 from __future__ import annotations
 
 import signal
 import time
+import urllib.parse
 from pathlib import Path
+from typing import NoReturn
 
 import typer
 
@@ -45,44 +47,175 @@ def package(
     console.print(f"{path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
+# What people know: tritonserver's own defaults (and the NVIDIA containers' published ports).
+HTTP_PORT, GRPC_PORT, METRICS_PORT = 8000, 8001, 8002
+
+
+def _port_option(default: int, what: str) -> int:
+    return typer.Option(
+        default, min=0, max=65535, help=f"{what} port on 127.0.0.1 (0: any free port)"
+    )
+
+
 @serve_app.command("local-triton")
 def local_triton(
     users: list[str] = typer.Option(
-        None, "--users", help="users to load (packaged in build/package) (default: all packaged)"
+        None, "--users", help="users to load (packaged in --source) (default: all packaged)"
     ),
+    source: Path = typer.Option(
+        None, "--source", help="folder holding <user>.tar.gz (default: build/package)"
+    ),
+    port: int = _port_option(HTTP_PORT, "HTTP (KServe v2)"),
+    grpc_port: int = _port_option(GRPC_PORT, "gRPC"),
+    metrics_port: int = _port_option(METRICS_PORT, "Prometheus metrics"),
     base: str = typer.Option("tiny", help="the base source: 'tiny', a diffusers folder or tarball"),
     shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
 ) -> None:
-    """Start tritonserver on the repository: model_setup + the packaged users; Ctrl-C stops."""
+    """Start tritonserver on model_setup + the packaged users (HTTP, gRPC and metrics on
+    127.0.0.1); `avatarforge serve load USER` adds a user while it runs; Ctrl-C stops."""
     from ..serving.repository import build_repository
-    from ..serving.server import ServerError, tritonserver
+    from ..serving.server import PortInUseError, ServerError, tritonserver
 
-    packages = sorted((build_dir() / "package").glob("*.tar.gz"))
+    options = {"HTTP": "--port", "gRPC": "--grpc-port", "metrics": "--metrics-port"}
+    port = usable_port(port, "HTTP", options)  # checked before anything is built or started
+    grpc_port = usable_port(grpc_port, "gRPC", options)
+    metrics_port = usable_port(metrics_port, "metrics", options)
+    source = source or build_dir() / "package"
+    packages = sorted(source.glob("*.tar.gz"))
     if users:
-        packages = [build_dir() / "package" / f"{u}.tar.gz" for u in users]
+        packages = [source / f"{u}.tar.gz" for u in users]
         if missing := [p for p in packages if not p.is_file()]:
             fail(f"not packaged: {', '.join(map(str, missing))} (run make package USER=...)")
     env = instance_env(base, shared_dir)
-    repo = build_dir() / "triton" / "repository"
+    repo = repository_for(port)
     names = build_repository(repo, packages)
     stop_on_sigterm()
     try:
-        with tritonserver([repo], load=["model_setup", *names], env=env) as server:
-            took = f"{server.started_s:.1f} s"
-            console.print(f"tritonserver at [bold]http://{server.url}[/] (ready in {took})")
-            console.print(f"models: {', '.join(['model_setup', *names])}; log {server.log_path}")
-            example = names[0] if names else "USER"
-            console.print(
-                f"try: avatarforge generate --url {server.url} --user {example} "
-                "--prompt 'a photo of <<TOK>> person' --gen-args '{\"steps\": 20}'"
-            )
+        with tritonserver(
+            [repo],
+            load=["model_setup", *names],
+            env=env,
+            http_port=port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+        ) as server:
+            _print_urls(server, names, repo)
             while server.process.poll() is None:
                 time.sleep(0.5)
             fail(f"tritonserver exited ({server.process.returncode}); see {server.log_path}")
     except KeyboardInterrupt:
         console.print("stopped")
+    except PortInUseError as exc:
+        port_in_use(exc, options)
     except ServerError as exc:
         fail(str(exc))
+
+
+def say(text: str) -> None:
+    """One line, never wrapped (scripts and tests read the URLs)."""
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def _print_urls(server, names: list[str], repo: Path) -> None:
+    say(f"tritonserver ready in {server.started_s:.1f} s; log {server.log_path}")
+    say(f"  HTTP     http://{server.url}  (KServe v2: POST /v2/models/<user>/infer)")
+    say(f"  gRPC     {server.grpc_url}")
+    say(f"  metrics  {server.metrics_url}  (Prometheus)")
+    say(f"models: {', '.join(['model_setup', *names])} (repository {repo})")
+    example = names[0] if names else "USER"
+    say(
+        f"try: avatarforge generate --url {server.url} --user {example} "
+        "--prompt 'a photo of <<TOK>> person' --gen-args '{\"num_inference_steps\": 20}'"
+    )
+    say(f"add a newly packaged user: avatarforge serve load USER --url {server.url}")
+    say("the request format: avatarforge contract")
+
+
+def usable_port(port: int, what: str, options: dict[str, str], host: str = "127.0.0.1") -> int:
+    """``port`` if nothing listens on it (else a clear error naming its option in
+    ``options``, by ``what``), or a free one for 0."""
+    from ..netutil import free_port
+    from ..serving.server import PortInUseError, check_port_free
+
+    if port == 0:
+        return free_port()
+    try:
+        check_port_free(port, what, host)
+    except PortInUseError as exc:
+        port_in_use(exc, options)
+    return port
+
+
+def port_in_use(exc, options: dict[str, str]) -> NoReturn:
+    """Fail with the port, what it is for and the option that moves it."""
+    option = options.get(exc.what, "")
+    fail(
+        f"{exc}: stop what listens there or choose another port with {option} N (0: any free port)"
+    )
+
+
+def repository_for(port: int) -> Path:
+    """The repository local-triton serves on HTTP ``port`` (one per port: two servers never
+    share one, and `serve load` finds it from the URL)."""
+    return build_dir() / "triton" / f"repository-{port}"
+
+
+@serve_app.command("load")
+def load(
+    user: str = typer.Argument(..., help="the user: <source>/<user>.tar.gz is loaded"),
+    url: str = typer.Option(
+        f"127.0.0.1:{HTTP_PORT}", "--url", help="the running local-triton's HTTP address"
+    ),
+    source: Path = typer.Option(
+        None, "--source", help="folder holding <user>.tar.gz (default: build/package)"
+    ),
+    repository: Path = typer.Option(
+        None,
+        "--repository",
+        help="the server's model repository (default: the one local-triton made for the "
+        "port of --url, build/triton/repository-PORT)",
+    ),
+) -> None:
+    """Load a newly packaged user into a running local-triton, without a restart (a package
+    made again replaces the loaded one)."""
+    from ..names import InvalidNameError, check_user_id
+    from ..safe_tar import UnsafeArchiveError
+    from ..serving.server import ServerError, load_package
+
+    try:
+        check_user_id(user)
+    except InvalidNameError as exc:
+        fail(str(exc))
+    package = (source or build_dir() / "package") / f"{user}.tar.gz"
+    if not package.is_file():
+        fail(f"no package {package} (run make package USER={user})")
+    if repository is None:
+        port = urllib.parse.urlsplit("//" + url.removeprefix("http://")).port
+        if port is None:
+            fail(f"--url {url}: give host:port, or --repository")
+        repository = repository_for(port)
+    started = time.monotonic()
+    try:
+        name = load_package(url, repository, package)
+    except (ServerError, InvalidNameError, UnsafeArchiveError, OSError) as exc:
+        fail(str(exc))
+    took = time.monotonic() - started
+    console.print(f"loaded {name} on {url} in {took:.1f} s (from {package})", soft_wrap=True)
+
+
+def contract(
+    markdown: bool = typer.Option(False, help="print Markdown (as in README.md)"),
+) -> None:
+    """The request a served user model takes: inputs, datatypes, shapes, gen_args fields and
+    their bounds, a curl and a tritonclient example."""
+    from rich.markdown import Markdown
+
+    from ..serving.schema import contract_markdown
+
+    if markdown:
+        print(contract_markdown())
+    else:
+        console.print(Markdown(contract_markdown()))
 
 
 def instance_env(base: str, shared_dir: Path | None) -> dict[str, str]:
@@ -111,3 +244,4 @@ def register(app: typer.Typer) -> None:
     """Add this step's commands to the root app."""
     app.command("package")(package)
     app.add_typer(serve_app, name="serve")
+    app.command("contract")(contract)

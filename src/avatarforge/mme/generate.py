@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from PIL import Image
 
 from ..generate import from_jpeg_base64
 from ..serving import schema
-from .front import invoke_endpoint
+from ..serving.client import ServingError, decode_jpegs
+from .front import EndpointError, invoke_endpoint
 
 
 def generate_request(
@@ -37,12 +39,42 @@ def generate_request(
     return {"inputs": inputs, "outputs": outputs}
 
 
-def images_from_response(response: dict[str, Any]) -> list[Image.Image]:
+def _output_data(response: dict[str, Any]) -> list:
     name = schema.GENERATED_IMAGE.name
     output = next((o for o in response.get("outputs", []) if o["name"] == name), None)
     if output is None:
         raise ValueError(f"response has no {name!r} output: {sorted(response)}")
-    return [from_jpeg_base64(text) for text in output["data"]]
+    return output["data"]
+
+
+def images_from_response(response: dict[str, Any]) -> list[Image.Image]:
+    return [from_jpeg_base64(text) for text in _output_data(response)]
+
+
+def jpegs_from_response(response: dict[str, Any]) -> list[bytes]:
+    """The JPEG files of a one-row response, exactly as the model encoded them."""
+    data = _output_data(response)
+    return decode_jpegs(np.array([data], dtype=object))[0]
+
+
+def generate_jpegs(
+    url: str,
+    target_model: str,
+    prompt: str,
+    negative_prompt: str | None = None,
+    gen_args: str | dict[str, Any] | None = None,
+    *,
+    timeout: float = 600.0,
+) -> list[bytes]:
+    """JPEG files for one prompt from TargetModel ``target_model`` behind the MME front at
+    ``url``, exactly as the model sent them; EndpointError for an error answer or a response
+    that holds no JPEGs."""
+    request = generate_request(prompt, negative_prompt, gen_args)
+    response = invoke_endpoint(url, target_model, request, timeout=timeout)
+    try:
+        return jpegs_from_response(response)
+    except (ValueError, ServingError) as exc:
+        raise EndpointError(200, f"{target_model}: {exc}") from None
 
 
 def generate(

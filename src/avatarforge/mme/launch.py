@@ -4,7 +4,9 @@
 :func:`sagemaker_triton` passes them to the project's launcher
 (:func:`avatarforge.serving.server.tritonserver`: the real binary from the nvidia-pytriton wheel,
 explicit model control, loopback ports, always stopped) with an empty repository — models
-arrive only through ``POST /models`` — and waits until ``/ping`` answers.
+arrive only through ``POST /models`` — and waits until ``/ping`` answers. Triton's own HTTP,
+gRPC and metrics listen on 127.0.0.1; the SageMaker port on every interface (2.51 has no
+address flag for it). A port in use is a :class:`~avatarforge.serving.server.PortInUseError`.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class MMEServer:
     log_path: Path
     start_seconds: float  # until /ping answered
     pid: int  # of tritonserver (its python backend stubs are its children)
+    grpc_url: str | None = None  # host:port of Triton's gRPC endpoint; None: off
+    metrics_url: str | None = None  # Triton's Prometheus metrics; None: off
 
 
 @contextlib.contextmanager
@@ -66,13 +70,21 @@ def sagemaker_triton(
     sagemaker_port: int | None = None,
     start_timeout: float = 60.0,
     extra_env: dict[str, str] | None = None,
+    http_port: int = 0,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[MMEServer]:
-    """Run tritonserver with the SageMaker MME front end for the block; always stops it."""
-    from ..serving.server import tritonserver
+    """Run tritonserver with the SageMaker MME front end for the block; always stops it.
+
+    Ports as :func:`~avatarforge.serving.server.tritonserver` takes them (0 or None for the
+    SageMaker port: a free one)."""
+    from ..serving.server import ServerError, check_port_free, listener_error, tritonserver
 
     workdir = Path(workdir or build_dir() / "mme").resolve()
     empty_repo = workdir / "empty-repository"
     empty_repo.mkdir(parents=True, exist_ok=True)
+    if sagemaker_port:
+        check_port_free(sagemaker_port, "SageMaker", host="0.0.0.0")  # it binds all interfaces
     options = sagemaker_options(sagemaker_port or free_port())
     started = time.perf_counter()
     with tritonserver(
@@ -81,15 +93,28 @@ def sagemaker_triton(
         log_path=workdir / "tritonserver.log",
         extra_args=options.args,
         startup_timeout=start_timeout,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
     ) as server:
         url = f"http://127.0.0.1:{options.port}"
-        wait_until_http_ok(
-            f"{url}/ping", server.process, start_timeout, what="tritonserver (SageMaker front end)"
-        )
+        try:
+            wait_until_http_ok(
+                f"{url}/ping",
+                server.process,
+                start_timeout,
+                what="tritonserver (SageMaker front end)",
+            )
+        except (RuntimeError, TimeoutError) as exc:
+            raise listener_error(server, {"SageMaker": options.port}) or ServerError(
+                f"{exc}:\n{server.log_tail()}"
+            ) from None
         yield MMEServer(
             url,
             f"http://{server.url}",
             server.log_path,
             time.perf_counter() - started,
             server.process.pid,
+            grpc_url=server.grpc_url,
+            metrics_url=server.metrics_url,
         )

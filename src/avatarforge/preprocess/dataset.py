@@ -190,13 +190,31 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
 
 
 def _check_enough(manifest: Manifest, config: PreprocessConfig) -> None:
+    """NotEnoughPhotosError unless ``min_images`` photos are usable; its message lists each
+    rejection and names the settings that would have kept those photos."""
     usable = len(manifest.kept_sources)
     if usable >= config.min_images:
         return
     why = "; ".join(f"{i.source}: {i.reason}" for i in manifest.rejected) or "no photos found"
+    # (start of the reason, the setting that decides it, what to do with it)
+    settings = (
+        ("duplicate of", "duplicate_distance", "lower: fewer photos count as duplicates; -1: none"),
+        ("face too small", "min_face_px", "lower: smaller faces are kept"),
+        ("image too small", "min_side", "lower: smaller photos are kept"),
+        ("face cut off", "max_cut_off", "higher: faces nearer the edge are kept"),
+        ("no face found", "detector", "'cnn' finds more faces, slowly; or raise upsample"),
+    )
+    hints = []
+    for start, field, what in settings:
+        count = sum(1 for i in manifest.rejected if (i.reason or "").startswith(start))
+        if count:
+            flag = "--" + field.replace("_", "-")
+            now = getattr(config, field)
+            hints.append(f"{start} ({count}): preprocess.{field} ({flag}, now {now!r}; {what})")
+    hint = f" Settings that decide this: {'; '.join(hints)}." if hints else ""
     raise NotEnoughPhotosError(
         f"only {usable} usable photo(s), need at least {config.min_images} "
-        f"(preprocess.min_images); {len(manifest.rejected)} rejected: {why}. "
+        f"(preprocess.min_images, --min-images); {len(manifest.rejected)} rejected: {why}.{hint} "
         f"See {manifest.dir / 'contact_sheet.png'}",
         manifest,
     )

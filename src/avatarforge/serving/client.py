@@ -1,7 +1,11 @@
-"""Call a served user model over HTTP (tritonclient): prompt in, PIL images out."""
+"""Call a served user model over HTTP (tritonclient): prompt in, JPEGs (as sent) or PIL
+images out."""
 
 from __future__ import annotations
 
+import base64
+import binascii
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +53,27 @@ def decode_images(output: np.ndarray) -> list[list[Image.Image]]:
     return [[from_jpeg_base64(b) for b in row] for row in np.asarray(output, dtype=object)]
 
 
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_jpegs(output: np.ndarray) -> list[list[bytes]]:
+    """generated_image (rows, num_images) -> the JPEG files per row, exactly as the server
+    encoded them (base64-decoded only); ServingError if one is not a JPEG."""
+    rows = []
+    for r, row in enumerate(np.asarray(output, dtype=object)):
+        jpegs = []
+        for i, text in enumerate(row):
+            try:
+                data = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                raise ServingError(f"image {i} of row {r} is not base64") from None
+            if not data.startswith(JPEG_MAGIC):
+                raise ServingError(f"image {i} of row {r} is not a JPEG")
+            jpegs.append(data)
+        rows.append(jpegs)
+    return rows
+
+
 def infer(client, model: str, inputs) -> np.ndarray:
     """One request; errors become ServingError / ModelNotFoundError with the server's words."""
     import tritonclient.http as httpclient
@@ -78,6 +103,31 @@ def _is_ready(client, model: str) -> bool:
         return False
 
 
+def generate_jpegs(
+    url: str,
+    model: str,
+    prompt: str,
+    negative_prompt: str | None = None,
+    gen_args: str | dict[str, Any] | None = None,
+    *,
+    timeout: float = 600.0,
+) -> list[bytes]:
+    """JPEG files for one prompt from the user model ``model`` at ``url`` (host:port or
+    http://), exactly as the server sent them.
+
+    ``timeout`` is long on purpose: a user's first request starts its model and the shared
+    base, which can take longer than tritonclient's default of 60 s."""
+    import tritonclient.http as httpclient
+
+    url = url.removeprefix("http://")
+    client = httpclient.InferenceServerClient(url, network_timeout=timeout)
+    try:
+        inputs = build_inputs([prompt], [negative_prompt], [gen_args])
+        return decode_jpegs(infer(client, model, inputs))[0]
+    finally:
+        client.close()
+
+
 def generate(
     url: str,
     model: str,
@@ -88,12 +138,11 @@ def generate(
     timeout: float = 600.0,
 ) -> list[Image.Image]:
     """Images for one prompt from the user model ``model`` at ``url`` (host:port or http://)."""
-    import tritonclient.http as httpclient
+    jpegs = generate_jpegs(url, model, prompt, negative_prompt, gen_args, timeout=timeout)
+    return [from_jpeg_bytes(data) for data in jpegs]
 
-    url = url.removeprefix("http://")
-    client = httpclient.InferenceServerClient(url, network_timeout=timeout)
-    try:
-        inputs = build_inputs([prompt], [negative_prompt], [gen_args])
-        return decode_images(infer(client, model, inputs))[0]
-    finally:
-        client.close()
+
+def from_jpeg_bytes(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image

@@ -24,7 +24,7 @@ from ..adapter import METADATA_FILE, WEIGHTS_FILE, read_adapter
 from ..base import BaseInfo, check_same_base
 from ..names import InvalidNameError, check_user_id
 from ..paths import build_dir
-from ..safe_tar import write_reproducible_tar
+from ..safe_tar import safe_extract, write_reproducible_tar
 from . import bootstrap, schema, triton_models
 from .config import ServingConfig
 from .triton_config import parse_pbtxt, sd_base_config, to_pbtxt, user_model_config
@@ -82,6 +82,21 @@ def package_user(
         for name in (WEIGHTS_FILE, METADATA_FILE):  # only what serving reads
             shutil.copyfile(Path(adapter_dir) / name, version / bootstrap.ADAPTER_SUBDIR / name)
         return write_reproducible_tar(model, out_dir / f"{user}.tar.gz", arcname=user)
+
+
+def unpack_package(package: Path, staging: Path) -> Path:
+    """Extract a user package (``<user>.tar.gz``) safely into the new folder ``staging`` and
+    return the model folder in it, checked to be the one folder named after the user (what a
+    repository or the MME serves)."""
+    package = Path(package)
+    if not package.name.endswith(".tar.gz"):
+        raise PackageError(f"{package}: a package is named <user>.tar.gz")
+    name = check_user_name(package.name.removesuffix(".tar.gz"))
+    safe_extract(package, staging)
+    found = sorted(p.name for p in Path(staging).iterdir())
+    if found != [name] or not (Path(staging) / name).is_dir():
+        raise PackageError(f"{package} holds {found}, expected one folder {name}/")
+    return Path(staging) / name
 
 
 def _mkdir(path: Path) -> Path:

@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..names import SETUP_MODEL
-from ..safe_tar import safe_extract
 from . import triton_models
 from .config import ServingConfig
+from .package import unpack_package
 from .triton_config import setup_model_config, to_pbtxt
 
 
@@ -35,8 +35,7 @@ def build_repository(
     users = []
     for package in packages:
         unpacked = out / f".{Path(package).name}.unpacked"
-        safe_extract(Path(package), unpacked)
-        (model,) = [p for p in unpacked.iterdir() if p.is_dir()]
+        model = unpack_package(Path(package), unpacked)
         shutil.move(model, out / model.name)
         shutil.rmtree(unpacked)
         users.append(model.name)

@@ -1,9 +1,10 @@
-"""THE request schema of every served model: one declaration, three readers.
+"""THE request schema of every served model: one declaration, four readers.
 
 `triton_config` renders config.pbtxt from it, the Triton models parse requests with it (through
-:mod:`.handler`) and :mod:`.client` builds requests from it, so optional inputs, types and the
-batch size cannot drift apart (the reference implementation marked inputs optional and batched
-8 while its model read only ``[0][0]``).
+:mod:`.handler`), :mod:`.client` builds requests from it and :func:`contract_markdown` writes it
+for people (README.md, `avatarforge contract --markdown`), so optional inputs, types, the batch
+size and the documentation cannot drift apart (the reference implementation marked inputs
+optional and batched 8 while its model read only ``[0][0]``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ class TensorSpec:
         return "BYTES" if self.data_type == "TYPE_STRING" else self.data_type.removeprefix("TYPE_")
 
 
-PROMPT = TensorSpec("prompt", "what to draw; use the user's token, e.g. 'a photo of <<TOK>>'")
+PROMPT = TensorSpec(
+    "prompt", "what to draw; name the person with the user's token: `a photo of <<TOK>> person`"
+)
 NEGATIVE_PROMPT = TensorSpec("negative_prompt", "what to avoid", optional=True)
 GEN_ARGS = TensorSpec(
     "gen_args",
@@ -64,3 +67,140 @@ SETUP_INPUTS: tuple[TensorSpec, ...] = (
 SETUP_OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("status", "JSON: shared base path, base hash, environment"),
 )
+
+
+# --------------------------------------------------------------------- the contract, for people
+
+EXAMPLE_URL, EXAMPLE_USER = "127.0.0.1:8000", "alice"  # local-triton's default port
+
+TRITONCLIENT_EXAMPLE = f"""\
+import base64
+import json
+
+import numpy as np
+import tritonclient.http as httpclient
+
+URL, USER = "{EXAMPLE_URL}", "{EXAMPLE_USER}"
+GEN_ARGS = {{"num_inference_steps": 20, "seed": 1}}
+
+# A user's first request starts its model and the shared base: allow more than the default 60 s.
+client = httpclient.InferenceServerClient(URL, network_timeout=600.0)
+
+
+def text_input(name, values):
+    \"\"\"A BYTES input of shape [rows, 1]: one UTF-8 string per row.\"\"\"
+    data = np.array([[v.encode("utf-8")] for v in values], dtype=object)
+    tensor = httpclient.InferInput(name, list(data.shape), "BYTES")
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+prompts = ["a photo of <<TOK>> person", "an oil painting of <<TOK>> person"]
+inputs = [
+    text_input("prompt", prompts),
+    text_input("negative_prompt", ["blurry"] * len(prompts)),
+    text_input("gen_args", [json.dumps(GEN_ARGS)] * len(prompts)),
+]
+output = httpclient.InferRequestedOutput("generated_image")
+result = client.infer(USER, inputs, outputs=[output])
+for row, images in enumerate(result.as_numpy("generated_image")):  # [rows, num_images]
+    for i, jpeg in enumerate(images):
+        with open(f"{{USER}}-{{row}}-{{i}}.jpg", "wb") as f:
+            f.write(base64.b64decode(jpeg))
+"""
+
+# The user in the URL and the file name, and the URL, are EXAMPLE_USER and EXAMPLE_URL.
+CURL_EXAMPLE = r"""
+curl -s http://127.0.0.1:8000/v2/models/alice/infer \
+  -H 'Content-Type: application/json' -d '{"inputs": [
+    {"name": "prompt", "datatype": "BYTES", "shape": [1, 1],
+     "data": ["a photo of <<TOK>> person"]},
+    {"name": "gen_args", "datatype": "BYTES", "shape": [1, 1],
+     "data": ["{\"num_inference_steps\": 20, \"seed\": 1}"]}]}' \
+  | python3 -c 'import base64, json, sys
+r = json.load(sys.stdin)
+if "error" in r: sys.exit(r["error"])
+open("alice.jpg", "wb").write(base64.b64decode(r["outputs"][0]["data"][0]))'
+""".lstrip("\n")
+
+
+def _shape(spec: TensorSpec) -> str:
+    return str([-1, *spec.dims])  # Triton adds the batch dimension
+
+
+def _bounds(meta: dict[str, Any]) -> str:
+    if meta.get("choices"):
+        return ", ".join(f"`{c}`" for c in meta["choices"])
+    ge, le = meta.get("ge"), meta.get("le")
+    if ge is not None and le is not None:
+        return f"{ge} – {le}"
+    return f">= {ge}" if ge is not None else (f"<= {le}" if le is not None else "")
+
+
+def contract_markdown() -> str:
+    """The request contract of a user model as Markdown: inputs, output, gen_args fields with
+    bounds and aliases, a curl and a tritonclient example (README.md holds this text)."""
+    import dataclasses
+    import typing
+
+    from ..generate import GenArgs
+
+    rows = [
+        f"| `{s.name}` | `{s.wire_type}` | `{_shape(s)}` | {'no' if s.optional else 'yes'} "
+        f"| {s.help} |"
+        for s in INPUTS
+    ]
+    outputs = [f"| `{s.name}` | `{s.wire_type}` | `{_shape(s)}` | {s.help} |" for s in OUTPUTS]
+    aliases: dict[str, list[str]] = {}
+    for alias, name in GenArgs.ALIASES.items():
+        aliases.setdefault(name, []).append(f"`{alias}`")
+    hints = typing.get_type_hints(GenArgs)
+    fields = [
+        f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}` | {_bounds(f.metadata)} "
+        f"| {', '.join(aliases.get(f.name, []))} | {f.metadata['help']} |"
+        for f in dataclasses.fields(GenArgs)
+    ]
+    elsewhere = ", ".join(f"`{k}`" for k in GenArgs.NOT_HERE)
+    return "\n".join(
+        [
+            "Every user model takes the same request, KServe v2 JSON or through `tritonclient`: "
+            "on `local-triton` at `POST /v2/models/<user>/infer`; the same JSON body to the "
+            "local MME at `POST /endpoints/local-mme/invocations` with the header "
+            "`X-Amzn-SageMaker-Target-Model: <user>.tar.gz`, and to SageMaker with "
+            '`invoke_endpoint(EndpointName=..., TargetModel="<user>.tar.gz", '
+            'ContentType="application/json", Body=...)`.',
+            "",
+            "| input | datatype | shape | required | meaning |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            "| output | datatype | shape | meaning |",
+            "|---|---|---|---|",
+            *outputs,
+            "",
+            f"The first dimension is the batch: 1 to {MAX_BATCH_SIZE} rows per request (a package "
+            "may allow fewer: `serving.max_batch_size`), one prompt per row, every row answered "
+            "in order; send every input with the same number of rows, shape `[rows, 1]` (a shape "
+            "of `[1]` is refused). Text is UTF-8. An omitted optional input takes its defaults; "
+            "all rows of one request ask for the same `num_images`. A bad row fails its request "
+            'with an error that names the field (`{"error": "gen_args.steps: must be >= 1 '
+            '(got 0)"}`).',
+            "",
+            "`gen_args` is a JSON object; every field is optional:",
+            "",
+            "| field | type | default | allowed | also accepted as | meaning |",
+            "|---|---|---|---|---|---|",
+            *fields,
+            "",
+            "An unknown field is refused with the closest known name (`did you mean ...`); "
+            f"{elsewhere} do not belong in gen_args (the negative prompt is its own input).",
+            "",
+            "```bash",
+            CURL_EXAMPLE.rstrip("\n"),
+            "```",
+            "",
+            "```python",
+            TRITONCLIENT_EXAMPLE.rstrip("\n"),
+            "```",
+        ]
+    )

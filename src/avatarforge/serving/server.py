@@ -2,17 +2,24 @@
 
 Models run as they would on the stock SageMaker Triton image: a model without
 EXECUTION_ENV_PATH gets a bare Python (numpy only; see :func:`avatarforge.envs.bare_env`).
+HTTP, and where asked gRPC and Prometheus metrics, listen on 127.0.0.1 only; a port that is
+taken is a :class:`PortInUseError` naming it, before the server starts.
 
 Used by `avatarforge serve local-triton`, the integration tests and the local MME
 (:func:`avatarforge.mme.launch.sagemaker_triton`: ``extra_args`` adds the SageMaker front end).
+:func:`load_package` adds a packaged user to a running server's repository and loads it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
+import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -20,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..envs import bare_env
+from ..names import InvalidNameError, check_user_id
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
 from ..subprocesses import die_with_parent
@@ -28,8 +36,34 @@ from ..tritonserver import TritonInstall, find_tritonserver
 log = logging.getLogger(__name__)
 
 
+LOOPBACK = "127.0.0.1"
+
+
 class ServerError(RuntimeError):
     """tritonserver did not start, or a model did not load; the message quotes its log."""
+
+
+class PortInUseError(ServerError):
+    """A port the server must listen on is taken; ``what`` says which one (HTTP, gRPC, ...)."""
+
+    def __init__(self, port: int, what: str, host: str = LOOPBACK) -> None:
+        super().__init__(f"port {port} ({what}) is already in use on {host}")
+        self.port, self.what, self.host = port, what, host
+
+
+def check_port_free(port: int, what: str, host: str = LOOPBACK) -> None:
+    """Raise :class:`PortInUseError` if ``host:port`` cannot be listened on now.
+
+    SO_REUSEADDR as servers set it: a port left in TIME_WAIT by a stopped server counts as
+    free, one that something listens on does not (also when it listens on all interfaces)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUseError(port, what, host) from None
+            raise ServerError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
 
 
 def backend_dir(install: TritonInstall | None = None) -> Path:
@@ -58,6 +92,8 @@ class RunningServer:
     process: subprocess.Popen
     log_path: Path
     started_s: float  # seconds until the server answered ready
+    grpc_url: str | None = None  # host:port of the gRPC endpoint; None: off
+    metrics_url: str | None = None  # http://host:port/metrics (Prometheus text); None: off
 
     def client(self, network_timeout: float = 600.0):
         import tritonclient.http as httpclient
@@ -92,6 +128,16 @@ def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
     process.wait()
 
 
+def _port(port: int | None, what: str) -> int | None:
+    """None: off; 0: a free port now; else the port, checked free."""
+    if port is None:
+        return None
+    if port == 0:
+        return free_port()
+    check_port_free(port, what)
+    return port
+
+
 @contextlib.contextmanager
 def tritonserver(
     repositories: Sequence[Path],
@@ -101,10 +147,18 @@ def tritonserver(
     log_path: Path | None = None,
     extra_args: Sequence[str] = (),
     startup_timeout: float = 120.0,
+    http_port: int = 0,
+    grpc_port: int | None = None,
+    metrics_port: int | None = None,
 ) -> Iterator[RunningServer]:
-    """Start tritonserver (explicit model control), load ``load``, yield, then stop it."""
+    """Start tritonserver (explicit model control), load ``load``, yield, then stop it.
+
+    Ports, all on 127.0.0.1: 0 picks a free one; gRPC and metrics are off unless given. A port
+    in use is a :class:`PortInUseError` before anything starts."""
     install = find_tritonserver()
-    port = free_port()
+    port = _port(http_port, "HTTP")
+    grpc = _port(grpc_port, "gRPC")
+    metrics = _port(metrics_port, "metrics")
     log_path = log_path or build_dir() / "triton" / f"tritonserver-{port}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -112,10 +166,18 @@ def tritonserver(
         *(f"--model-repository={Path(r).resolve()}" for r in repositories),
         f"--backend-directory={backend_dir(install)}",
         "--model-control-mode=explicit",
-        "--http-address=127.0.0.1",
+        f"--http-address={LOOPBACK}",
         f"--http-port={port}",
-        "--allow-grpc=false",
-        "--allow-metrics=false",
+        *(
+            ["--allow-grpc=true", f"--grpc-address={LOOPBACK}", f"--grpc-port={grpc}"]
+            if grpc is not None
+            else ["--allow-grpc=false"]
+        ),
+        *(
+            ["--allow-metrics=true", f"--metrics-address={LOOPBACK}", f"--metrics-port={metrics}"]
+            if metrics is not None
+            else ["--allow-metrics=false"]
+        ),
         "--exit-timeout-secs=10",
         *extra_args,
     ]
@@ -137,16 +199,122 @@ def tritonserver(
             start_new_session=True,
             preexec_fn=die_with_parent,
         )
-    server = RunningServer(f"127.0.0.1:{port}", process, log_path, 0.0)
+    server = RunningServer(
+        f"{LOOPBACK}:{port}",
+        process,
+        log_path,
+        0.0,
+        grpc_url=f"{LOOPBACK}:{grpc}" if grpc is not None else None,
+        metrics_url=f"http://{LOOPBACK}:{metrics}/metrics" if metrics is not None else None,
+    )
     try:
         live = f"http://{server.url}/v2/health/live"
         try:
             wait_until_http_ok(live, process, startup_timeout, what="tritonserver")
         except (RuntimeError, TimeoutError) as exc:
-            raise ServerError(f"{exc}:\n{server.log_tail()}") from None
+            raise listener_error(server, {"HTTP": port, "gRPC": grpc, "metrics": metrics}) or (
+                ServerError(f"{exc}:\n{server.log_tail()}")
+            ) from None
+        if metrics is not None and (error := listener_error(server, {"metrics": metrics})):
+            raise error  # the server runs on without it: a silent gap in monitoring
         for model in load:
             server.load(model)
         server.started_s = time.monotonic() - t0
         yield server
     finally:
         _stop(process)
+
+
+# tritonserver 2.51, e.g.: failed to start GRPC service: Unavailable - Socket '127.0.0.1:8001'
+# already in use. HTTP and gRPC then exit; the metrics service fails alone and the server runs on.
+_FAILED_RE = re.compile(r"failed to start (\w+) service: (.*?)\"?$", re.M)
+_BUSY_RE = re.compile(r"Socket '[^']*:(\d+)' already in use")
+
+
+def listener_error(server: RunningServer, ports: dict[str, int | None]) -> ServerError | None:
+    """Why a listener of the server failed to start, from its log (e.g. another process took a
+    port between our check and the server's bind); None if none did."""
+    failed = _FAILED_RE.findall(server.log_path.read_text(errors="replace"))
+    for service, message in failed:
+        busy = _BUSY_RE.search(message)
+        for what, port in ports.items():
+            if busy and port == int(busy.group(1)):
+                return PortInUseError(port, what)
+        return ServerError(f"tritonserver could not start its {service} service: {message}")
+    return None
+
+
+def load_package(url: str, repository: Path, package: Path, *, timeout: float = 600.0) -> str:
+    """Add a packaged user (``<user>.tar.gz``) to the repository of the running tritonserver
+    at ``url`` and load it with Triton's repository API: no restart. Returns the model name.
+
+    The archive is unpacked as :func:`~avatarforge.serving.repository.build_repository` does
+    (:func:`~avatarforge.safe_tar.safe_extract`: traversal, links, bombs refused before
+    anything is written) into a hidden folder of the repository, then renamed into place; a
+    model of that name already there is replaced and reloaded. If Triton refuses the model,
+    the repository is left as it was (and Triton keeps serving what it served). ``repository``
+    must be the one the server serves: it must hold models the server lists, and no other."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    from .package import PackageError, unpack_package
+
+    package, repository = Path(package), Path(repository)
+    try:  # before the name goes into any path below
+        name = check_user_id(package.name.removesuffix(".tar.gz"), field="package")
+    except InvalidNameError as exc:
+        raise ServerError(str(exc)) from None
+    if not package.is_file():
+        raise ServerError(f"no package {package} (make package USER={name})")
+    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout)
+    try:
+        _check_serves(client, url, repository)
+        staging = repository / f".{name}.loading-{os.getpid()}"
+        old = repository / f".{name}.previous-{os.getpid()}"
+        target = repository / name
+        try:
+            try:
+                model = unpack_package(package, staging)
+            except PackageError as exc:
+                raise ServerError(str(exc)) from None
+            if target.exists():
+                os.replace(target, old)
+            os.replace(model, target)
+            try:
+                client.load_model(name)
+            except InferenceServerException as exc:
+                shutil.rmtree(target)
+                if old.exists():
+                    os.replace(old, target)
+                raise ServerError(
+                    f"tritonserver at {url} refused {name!r}: {exc.message()}"
+                ) from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        client.close()
+    return name
+
+
+def _check_serves(client, url: str, repository: Path) -> None:
+    """ServerError unless the server at ``url`` answers and ``repository`` is one it serves:
+    it holds a model the server lists and none it does not (a package unpacked into a folder
+    the server does not read would load nothing, or another folder's files)."""
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        index = {m["name"] for m in client.get_model_repository_index()}
+    except (InferenceServerException, OSError) as exc:
+        raise ServerError(f"no tritonserver answers at {url}: {exc}") from None
+    models = (
+        {p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        if repository.is_dir()
+        else set()
+    )
+    if not models & index or models - index:
+        raise ServerError(
+            f"the tritonserver at {url} does not serve {repository} (it lists "
+            f"{', '.join(sorted(index)) or 'no models'}; the folder holds "
+            f"{', '.join(sorted(models)) or 'none'}): give the repository it was started with"
+        )

@@ -37,6 +37,18 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def saved_step(root: Path) -> int:
+    """The step of the newest checkpoint under ``root`` (0 if none), without checking that it
+    fits a run: for estimates and messages; :func:`load` checks."""
+    path = latest(root)
+    if path is None:
+        return 0
+    try:
+        return int(json.loads((path / STATE_FILE).read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 def save(
     root: Path,
     step: int,

@@ -1,8 +1,9 @@
-"""TrainConfig: every training default, written down once with its bounds."""
+"""TrainConfig: every training default, written down once with its bounds; named presets."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ..base import TINY
 from ..settings import ConfigError, Settings, setting
@@ -10,7 +11,16 @@ from ..settings import ConfigError, Settings, setting
 TOKEN = "<<TOK>>"
 
 # Fields that steer one run but not its result: they may differ when a run is resumed.
-RUN_CONTROL = frozenset({"max_steps_this_run", "resume", "progress", "checkpoint_every", "device"})
+RUN_CONTROL = frozenset(
+    {
+        "max_steps_this_run",
+        "resume",
+        "progress",
+        "checkpoint_every",
+        "checkpoint_minutes",
+        "device",
+    }
+)
 
 
 @dataclass
@@ -56,6 +66,11 @@ class TrainConfig(Settings):
     )
     seed: int = setting(0, "seed of LoRA init, noise, timesteps and data order", ge=0, le=2**31)
     checkpoint_every: int = setting(100, "save a resumable checkpoint every N steps", ge=1)
+    checkpoint_minutes: float = setting(
+        5.0,
+        "also save one when N minutes passed without one (0: off): a slow CPU run loses little",
+        ge=0.0,
+    )
     max_steps_this_run: int = setting(
         0, "stop (resumably) after N steps in this process (0: no limit); for time-boxed jobs", ge=0
     )
@@ -81,3 +96,30 @@ class TrainConfig(Settings):
     def result_fields(self) -> dict:
         """The fields that decide the trained weights (a resumed run must match these)."""
         return {k: v for k, v in self.to_dict().items() if k not in RUN_CONTROL}
+
+
+# Named settings for a situation, in one place (the CLI's --preset, the demos). A preset only
+# sets fields; whatever a caller also gives explicitly wins.
+PRESETS: dict[str, dict[str, Any]] = {
+    # A first result in minutes on 2 CPU cores: 128 px, 60 steps, a high learning rate so a
+    # short run visibly moves the output, few and short class images, no activation
+    # recomputation (it saves GPU memory and only costs time on a CPU). It shows the path, not
+    # the quality: a real likeness needs the defaults (512 px, 800 steps) on a GPU.
+    "cpu-quick": {
+        "resolution": 128,
+        "steps": 60,
+        "learning_rate": 1e-2,
+        "num_class_images": 8,
+        "class_image_steps": 10,
+        "gradient_checkpointing": False,
+        "checkpoint_every": 30,
+    },
+}
+
+
+def preset_config(name: str, **overrides: Any) -> TrainConfig:
+    """The TrainConfig of preset ``name``, with ``overrides`` on top (they win)."""
+    if name not in PRESETS:
+        known = ", ".join(sorted(PRESETS))
+        raise ConfigError(f"train.preset: unknown preset {name!r} (known: {known})")
+    return TrainConfig(**{**PRESETS[name], **overrides})

@@ -3,16 +3,18 @@
 ``train()`` reads the preprocessed dataset, makes (or reuses) the class images, loads the base's
 components, caches what does not change (VAE latents; text embeddings when the text encoder is
 frozen), adds LoRA, and runs the optimizer steps with accumulation, optional autocast (CUDA
-only), gradient checkpointing, checkpoints and resume. The result is an adapter folder in the
-one format of :mod:`avatarforge.adapter`; anything else raises :class:`TrainingError`.
+only), gradient checkpointing, checkpoints (every N steps and every M minutes) and resume. The
+result is an adapter folder in the one format of :mod:`avatarforge.adapter`; anything else
+raises :class:`TrainingError`.
 
 This module is the orchestration; the models are in :mod:`.models`, the loss of one
-micro-batch in :mod:`.step`, checkpoints in :mod:`.checkpoint`.
+micro-batch in :mod:`.step`, precision/accumulation/clipping in :mod:`.accelerator`
+(accelerate), the learning-rate schedule in :mod:`.optim` (diffusers), checkpoints in
+:mod:`.checkpoint`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import json
 import logging
@@ -30,6 +32,7 @@ from .. import __version__
 from ..adapter import WEIGHTS_FILE, AdapterMetadata, save_adapter
 from ..base import BaseConfig, BaseError, BaseInfo, best_device, quiet_hf, resolve_base
 from . import checkpoint as ckpt
+from .accelerator import make_accelerator
 from .class_images import class_images
 from .config import TrainConfig
 from .data import read_dataset
@@ -44,7 +47,7 @@ from .lora import (
     restore_peft_state,
 )
 from .models import Models, enable_checkpointing, load_models, resolve_precision
-from .optim import lr_at, make_optimizer
+from .optim import make_lr_scheduler, make_optimizer
 from .step import micro_loss, prepare_data
 
 log = logging.getLogger(__name__)
@@ -166,6 +169,7 @@ def train(
             steps=config.class_image_steps,
             guidance=config.class_image_guidance,
             device=device,
+            progress=config.progress,
         )
 
     models = load_models(base, device, weight_dtype)
@@ -176,22 +180,7 @@ def train(
         models.text_encoder = None
     gc.collect()
 
-    torch.manual_seed(config.seed)  # LoRA init is the only use of the global generator
-    params = add_lora(
-        models.unet,
-        models.text_encoder,
-        unet_rank=config.unet_rank,
-        unet_alpha=config.unet_alpha,
-        text_encoder_rank=config.text_encoder_rank,
-        text_encoder_alpha=config.text_encoder_alpha,
-    )
-    for p in params:  # trainable weights in fp32 even when the frozen base is fp16/bf16
-        p.data = p.data.float()
-    if config.gradient_checkpointing:
-        enable_checkpointing(models, config.train_text_encoder)
-    models.unet.train()
-    if models.text_encoder is not None:
-        models.text_encoder.train()
+    params = add_trainable(models, config)
 
     optimizer, optimizer_name = make_optimizer(
         params,
@@ -200,16 +189,18 @@ def train(
         use_8bit=config.use_8bit_adam,
         device=device,
     )
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    accelerator = make_accelerator(precision, config.gradient_accumulation, device)
     start, losses = 0, []
     if checkpoint is not None:
         restore_peft_state(models.unet, _unprefix(lora_state, "unet."))
         if models.text_encoder is not None:
             restore_peft_state(models.text_encoder, _unprefix(lora_state, "text_encoder."))
         optimizer.load_state_dict(optim_state["optimizer"])
-        if scaler is not None and optim_state.get("scaler"):
-            scaler.load_state_dict(optim_state["scaler"])
+        if accelerator.scaler is not None and optim_state.get("scaler"):
+            accelerator.scaler.load_state_dict(optim_state["scaler"])
         start, losses = checkpoint.step, list(checkpoint.losses)
+    lr_scheduler = make_lr_scheduler(optimizer, warmup=config.lr_warmup_steps, start=start)
+    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     log.info(
         "training %d steps on %s (precision %s, %s, attention SDPA, checkpointing %s)",
         config.steps,
@@ -219,43 +210,19 @@ def train(
         "on" if config.gradient_checkpointing else "off",
     )
 
-    autocast = (
-        torch.autocast("cuda", dtype=weight_dtype)
-        if precision != "no"
-        else contextlib.nullcontext()
-    )
     stop_at = config.steps
     if config.max_steps_this_run:
         stop_at = min(config.steps, start + config.max_steps_this_run)
     step_times: list[float] = []
     bar = _progress(config, start)
+    last_saved = time.monotonic()
     try:
         for step in range(start, stop_at):
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config.learning_rate, config.lr_warmup_steps)
-            total = 0.0
-            for micro in range(config.gradient_accumulation):
-                with autocast:
-                    loss = micro_loss(models, data, config, step, micro, device)
-                loss = loss / config.gradient_accumulation
-                (scaler.scale(loss) if scaler else loss).backward()
-                total += float(loss.detach())
-            if not math.isfinite(total):
-                raise TrainingError(
-                    f"loss is {total} at step {step + 1}; lower learning_rate or use "
-                    "mixed_precision=bf16/no"
-                )
-            if scaler:
-                scaler.unscale_(optimizer)
-            if config.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            total = optimizer_step(
+                accelerator, models, data, config, step, device, optimizer, params
+            )
+            lr_scheduler.step()
             losses.append(total)
             done = step + 1
             step_times.append(time.perf_counter() - t0)
@@ -264,12 +231,15 @@ def train(
             if on_step is not None:
                 on_step(StepInfo(done, config.steps, total, step_times[-1]))
             stop_now = done < config.steps and should_stop is not None and should_stop()
-            if done < config.steps and (
-                done % config.checkpoint_every == 0 or done == stop_at or stop_now
-            ):
+            minutes = (time.monotonic() - last_saved) / 60
+            due = done % config.checkpoint_every == 0 or (
+                config.checkpoint_minutes and minutes >= config.checkpoint_minutes
+            )
+            if done < config.steps and (due or done == stop_at or stop_now):
                 saved = _save_checkpoint(
-                    ckpt_root, done, models, optimizer, scaler, losses, identity
+                    ckpt_root, done, models, optimizer, accelerator.scaler, losses, identity
                 )
+                last_saved = time.monotonic()
                 if on_checkpoint is not None:
                     on_checkpoint(saved)
             if stop_now:
@@ -328,6 +298,64 @@ def train(
         result.peak_memory_bytes / 2**20,
     )
     return result
+
+
+def add_trainable(models: Models, config: TrainConfig) -> list:
+    """Add the seeded LoRA layers (fp32 even on a fp16/bf16 base), switch on activation
+    recomputation as configured, and put the models in training mode. Returns the trainable
+    parameters."""
+    import torch
+
+    torch.manual_seed(config.seed)  # LoRA init is the only use of the global generator
+    params = add_lora(
+        models.unet,
+        models.text_encoder,
+        unet_rank=config.unet_rank,
+        unet_alpha=config.unet_alpha,
+        text_encoder_rank=config.text_encoder_rank,
+        text_encoder_alpha=config.text_encoder_alpha,
+    )
+    for p in params:  # trainable weights in fp32 even when the frozen base is fp16/bf16
+        p.data = p.data.float()
+    if config.gradient_checkpointing:
+        enable_checkpointing(models, config.train_text_encoder)
+    models.unet.train()
+    if models.text_encoder is not None:
+        models.text_encoder.train()
+    return params
+
+
+def optimizer_step(
+    accelerator,
+    models: Models,
+    data,
+    config: TrainConfig,
+    step: int,
+    device: str,
+    optimizer,
+    params,
+) -> float:
+    """One optimizer step (0-based ``step``): the micro-batches' losses under autocast, their
+    gradients accumulated (and fp16-scaled) by ``accelerator``, a finite-loss check, clipping,
+    the optimizer step. Returns the step's loss (the mean over its micro-batches)."""
+    accumulation = config.gradient_accumulation
+    total = 0.0
+    for micro in range(accumulation):
+        with accelerator.accumulate():
+            with accelerator.autocast():
+                loss = micro_loss(models, data, config, step, micro, device)
+            accelerator.backward(loss)  # divides by the accumulation steps
+            total += float(loss.detach() / accumulation)
+    if not math.isfinite(total):
+        raise TrainingError(
+            f"loss is {total} at step {step + 1}; lower learning_rate or use "
+            "mixed_precision=bf16/no"
+        )
+    if config.max_grad_norm:
+        accelerator.clip_grad_norm_(params, config.max_grad_norm)  # unscales fp16 first
+    optimizer.step()  # accelerate's wrapper: skipped when fp16 gradients overflowed
+    optimizer.zero_grad(set_to_none=True)
+    return total
 
 
 def _unprefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:

@@ -61,8 +61,19 @@ def diffusers_layers(model) -> dict[str, Any]:
 
 
 def adapter_config_dict(model) -> dict[str, Any]:
-    """peft's LoraConfig as a dict: stored in the safetensors header so alpha survives."""
-    return model.peft_config["default"].to_dict()
+    """peft's LoraConfig as a dict: stored in the safetensors header so alpha survives.
+
+    Made the same in every process and on every machine, so the same seed gives the same adapter
+    bytes: peft keeps ``target_modules`` as a set (its order follows the process's hash seed) and
+    transformers records the base's local folder, a path of the training machine (the base is
+    recorded, by id and content hash, in the adapter's metadata).
+    """
+    config = model.peft_config["default"].to_dict()
+    for key, value in config.items():
+        if isinstance(value, set | frozenset):
+            config[key] = sorted(value)
+    config["base_model_name_or_path"] = None
+    return config
 
 
 def count_lora_params(model, targets: tuple[str, ...], rank: int) -> int:

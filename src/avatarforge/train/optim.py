@@ -1,4 +1,5 @@
-"""The optimizer: 8-bit Adam where bitsandbytes and CUDA exist, AdamW otherwise (logged)."""
+"""The optimizer (8-bit Adam where bitsandbytes and CUDA exist, AdamW otherwise; logged) and
+its learning-rate schedule (diffusers' ``get_scheduler``)."""
 
 from __future__ import annotations
 
@@ -25,8 +26,18 @@ def make_optimizer(params, *, lr: float, weight_decay: float, use_8bit: bool, de
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), "adamw"
 
 
-def lr_at(step: int, base_lr: float, warmup: int) -> float:
-    """Linear warm-up then constant; a pure function of the step so a resume needs no state."""
-    if warmup and step < warmup:
-        return base_lr * (step + 1) / warmup
-    return base_lr
+def make_lr_scheduler(optimizer, *, warmup: int, start: int):
+    """diffusers' ``constant_with_warmup`` schedule, positioned for optimizer step ``start``.
+
+    The schedule is rebuilt from the step alone (no state in checkpoints): it is created as if
+    ``start`` steps were done, and counted from 1, so step ``k`` (0-based) trains with
+    ``lr * min(1, (k + 1) / warmup)`` — the first step never has a learning rate of 0.
+    Call ``step()`` after each optimizer step.
+    """
+    from diffusers.optimization import get_scheduler
+
+    for group in optimizer.param_groups:  # what torch needs to start a schedule mid-way
+        group.setdefault("initial_lr", group["lr"])
+    return get_scheduler(
+        "constant_with_warmup", optimizer, num_warmup_steps=warmup, last_epoch=start
+    )

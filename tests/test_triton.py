@@ -125,6 +125,17 @@ def test_bad_gen_args_get_an_error_naming_the_field(server, prompt, gen_args, fi
     assert client.generate(server.url, "alice", prompt, gen_args=SMALL)[0].size == (64, 64)
 
 
+def test_a_clients_mistake_is_http_400_not_500(server, prompt):
+    # the shared base answers INVALID_ARG and the user model forwards the code: a client (or
+    # SageMaker) must not retry a request that can never succeed as if the server had failed
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as err:
+        server.client().infer("alice", client.build_inputs([prompt], None, [{"steps": 0}]))
+    assert str(err.value.status()) == "400", err.value
+    assert "gen_args.steps" in err.value.message()
+
+
 def test_bad_request_in_a_batch_fails_alone(server, prompt):
     http = server.client()
     good = http.async_infer("alice", client.build_inputs([prompt], None, [SMALL]))

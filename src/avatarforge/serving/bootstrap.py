@@ -49,6 +49,10 @@ ADAPTER_SUBDIR = "adapter"
 ADAPTER_METADATA = "avatarforge_adapter.json"
 ADAPTER_WEIGHTS = "pytorch_lora_weights.safetensors"
 ADAPTER_INPUT = "adapter"  # the shared base's input naming the calling user's adapter folder
+# Starts the message of an error that is the caller's fault. Triton 2.51's BLS hands a user
+# model every error of the shared base with the code INTERNAL (checked), so the code travels in
+# the message: the user model answers INVALID_ARG (HTTP 400) for these, INTERNAL (500) otherwise.
+CLIENT_FAULT_PREFIX = "invalid request: "
 # The shared base's model.py, as handed to pb_utils.load_model: it runs in the serving env,
 # where avatarforge is installed, so it always matches the library there.
 SHARED_BASE_MODEL_PY = (
@@ -208,6 +212,13 @@ def read_user_model(version_dir: Path, base_hash: str) -> Path:
             f"for base {base_hash[:12]}"
         )
     return folder.resolve()
+
+
+def error_code(message: str, pb_utils) -> int:
+    """The Triton error code for an error message of the shared base (see CLIENT_FAULT_PREFIX)."""
+    if message.startswith(CLIENT_FAULT_PREFIX):
+        return pb_utils.TritonError.INVALID_ARG
+    return pb_utils.TritonError.INTERNAL
 
 
 def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None):

@@ -14,6 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from avatarforge.serving import schema
 from avatarforge.serving.base_model import SharedBase
+from avatarforge.serving.bootstrap import CLIENT_FAULT_PREFIX
 from avatarforge.serving.config import model_params
 
 
@@ -34,13 +35,13 @@ class TritonPythonModel:
         responses = []
         for result in self.model.handle(batch):
             if isinstance(result, Exception):
-                # the caller's mistake is INVALID_ARG (HTTP 400), ours INTERNAL (500)
-                code = (
-                    pb_utils.TritonError.INVALID_ARG
-                    if result.client_fault
-                    else pb_utils.TritonError.INTERNAL
-                )
-                error = pb_utils.TritonError(str(result), code)
+                # the caller's mistake is INVALID_ARG (HTTP 400), ours INTERNAL (500); the
+                # prefix carries that through BLS to the user model (which loses the code)
+                if result.client_fault:
+                    message = CLIENT_FAULT_PREFIX + str(result)
+                    error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+                else:
+                    error = pb_utils.TritonError(str(result), pb_utils.TritonError.INTERNAL)
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 out = pb_utils.Tensor(self.output, result)

@@ -45,8 +45,9 @@ class TritonPythonModel:
         responses = []
         for result in results:
             if result.has_error():
-                # the shared base's message and code (INVALID_ARG: 400, INTERNAL: 500)
-                error = pb_utils.TritonError(result.error().message(), result.error().code())
+                # the shared base's message; its code from the message, as BLS loses it
+                message = result.error().message()
+                error = pb_utils.TritonError(message, bootstrap.error_code(message, pb_utils))
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
                 out = pb_utils.get_output_tensor_by_name(result, self.output)

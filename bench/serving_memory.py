@@ -62,13 +62,22 @@ def mib(n: float) -> float:
 def write_floor_archive(source: Path, name: str) -> str:
     """A bare python model as a TargetModel archive (no EXECUTION_ENV_PATH: the bare Python)."""
     from avatarforge.safe_tar import write_reproducible_tar
+    from avatarforge.serving.package_check import write_checksum
 
     model = source / "src" / name
     (model / "1").mkdir(parents=True, exist_ok=True)
     (model / "config.pbtxt").write_text(FLOOR_CONFIG)
     (model / "1" / "model.py").write_text(FLOOR_MODEL_PY)
-    write_reproducible_tar(model, source / f"{name}.tar.gz", name)
+    write_checksum(write_reproducible_tar(model, source / f"{name}.tar.gz", name))
     return f"{name}.tar.gz"
+
+
+def users_and_floors(model_dir: Path, name: str) -> None:
+    """The loader's check: our packages as always; a floor is a bare model of its own."""
+    from avatarforge.serving.package_check import check_package
+
+    if not name.startswith("floor-"):
+        check_package(model_dir, name)
 
 
 def package_users(base, source: Path, work: Path, count: int) -> list[str]:
@@ -182,7 +191,13 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         env = local_instance_env(base.path, work / "shared")
         with sagemaker_triton(work / "triton", extra_env=env, start_timeout=120) as server:
             config = MMEConfig(max_loaded=points[-1] + a.floor + 1)  # default 8 would evict
-            loader = MultiModelLoader(server.sagemaker_url, str(source), work / "models", config)
+            loader = MultiModelLoader(
+                server.sagemaker_url,
+                str(source),
+                work / "models",
+                config,
+                check_model=users_and_floors,
+            )
             start = snapshot(server.pid, kinds)
             t0 = time.perf_counter()
             for target in floors:

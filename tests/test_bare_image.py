@@ -28,6 +28,7 @@ from avatarforge.mme import MMEConfig, ModelLoadError, MultiModelLoader
 from avatarforge.mme.generate import generate_request, images_from_response
 from avatarforge.mme.launch import sagemaker_triton
 from avatarforge.serving import bootstrap
+from avatarforge.serving.package import upload_package
 from avatarforge.serving.processes import stub_processes
 from avatarforge.serving.triton_config import sd_base_name
 from avatarforge.storage import upload
@@ -221,7 +222,7 @@ def s3_deployment(packaged_users, base_tarball, moto_endpoint, tmp_path_factory)
         for key, value in env.items():
             patch.setenv(key, value)
         for user, package in packaged_users.items():
-            upload(package, f"{prefix}/models/{user}.tar.gz")
+            upload_package(package, f"{prefix}/models/{user}.tar.gz")  # + its .sha256
         upload(base_tarball, f"{prefix}/shared/base.tar.gz")
         upload(tarball, f"{prefix}/shared/serve-env.tar.gz")
     instance = {  # the SageMaker Model's environment, as deploy writes it

@@ -201,7 +201,8 @@ def test_at_most_two_jobs_train_at_once_and_a_third_waits(
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(one, users))
     assert [r.user for r in results] == list(users)  # all three finished
-    assert s3_keys(s3_bucket, "af/models/") == [f"af/models/{u}.tar.gz" for u in users]
+    published = [f"af/models/{u}.tar.gz{ext}" for u in users for ext in ("", ".sha256")]
+    assert s3_keys(s3_bucket, "af/models/") == published  # each package and its sha256
 
     acquired = {e.job_id: e.at for e in events if e.kind == "slot_acquired"}
     released = {e.job_id: e.at for e in events if e.kind == "slot_released"}

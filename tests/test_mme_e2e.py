@@ -32,9 +32,9 @@ from avatarforge.mme import MMEConfig, MultiModelLoader, UnknownTargetModelError
 from avatarforge.mme.front import EndpointError, mme_front
 from avatarforge.mme.generate import generate, generate_request, images_from_response
 from avatarforge.mme.launch import MMEServer, sagemaker_triton
-from avatarforge.serving.package import package_user
+from avatarforge.serving.package import package_user, upload_package
+from avatarforge.serving.package_check import checksum_path
 from avatarforge.serving.triton_config import sd_base_name
-from avatarforge.storage import upload
 
 pytestmark = pytest.mark.integration
 
@@ -176,8 +176,8 @@ def test_unknown_target_model_is_a_clear_not_found(sd_loader, prompt):
 def test_user_package_from_an_s3_prefix(
     sd_sagemaker_server, mme_sd_source, s3_bucket, prompt, alice_reference, tmp_path
 ):
-    target = "mme-s3-alice.tar.gz"  # its own TargetModel: alice may be loaded from the folder
-    upload(mme_sd_source / ALICE, f"s3://{s3_bucket}/mme/{target}")
+    target = "s3/alice.tar.gz"  # its own TargetModel: alice may be loaded from the folder
+    upload_package(mme_sd_source / ALICE, f"s3://{s3_bucket}/mme/{target}")  # + its .sha256
     loader = MultiModelLoader(
         sd_sagemaker_server.sagemaker_url, f"s3://{s3_bucket}/mme/", tmp_path / "models"
     )
@@ -201,12 +201,15 @@ def test_updated_package_is_served_after_reload(
     (bob,), _ = _invoke(sd_loader, BOB, prompt)
     assert pixel_diff(before, bob)[1] > 1.0
     new = package_user("alice", bob_adapter, tmp_path, base=tiny_base, device="cpu")
-    original = (mme_sd_source / ALICE).read_bytes()
+    published = [mme_sd_source / ALICE, checksum_path(mme_sd_source / ALICE)]
+    originals = [p.read_bytes() for p in published]
     try:
-        (mme_sd_source / ALICE).write_bytes(new.read_bytes())
+        for path, replacement in zip(published, (new, checksum_path(new)), strict=True):
+            path.write_bytes(replacement.read_bytes())
         assert sd_loader.unload(ALICE)
         (after,), _ = _invoke(sd_loader, ALICE, prompt)
         assert pixel_diff(after, bob)[0] <= 2, "alice's old adapter was served after her update"
     finally:
-        (mme_sd_source / ALICE).write_bytes(original)
+        for path, original in zip(published, originals, strict=True):
+            path.write_bytes(original)
         sd_loader.unload(ALICE)

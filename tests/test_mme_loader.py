@@ -119,3 +119,33 @@ def test_a_body_over_six_megabytes_is_refused_before_it_is_read(make_loader, mme
         assert connection.getresponse().status == 413
         connection.close()
         assert loader.loaded() == []  # refused before anything was loaded
+
+
+def _listening_addresses(port: int) -> list[str]:
+    """Local addresses (hex, as the kernel lists them) of TCP sockets listening on ``port``."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, port_hex = local.rsplit(":", 1)
+            if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+                found.append(address)
+    return found
+
+
+def test_the_sagemaker_port_listens_on_loopback_only(sagemaker_server):
+    # tritonserver binds it on every interface, unauthenticated: anyone could POST /models
+    port = int(sagemaker_server.sagemaker_url.rsplit(":", 1)[1])
+    assert _listening_addresses(port) == ["0100007F"]  # 127.0.0.1, and nothing else
+
+
+def test_model_folders_left_by_a_killed_loader_are_removed_at_start(sagemaker_server, tmp_path):
+    from avatarforge.mme import MultiModelLoader, model_hash
+
+    stale = tmp_path / "models" / model_hash("alice.tar.gz") / "model" / "alice"
+    stale.mkdir(parents=True)
+    (stale / "config.pbtxt").write_text("left by a crash")
+    keep = tmp_path / "models" / "not-ours"
+    keep.mkdir()
+    MultiModelLoader(sagemaker_server.sagemaker_url, str(tmp_path), tmp_path / "models")
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["not-ours"]

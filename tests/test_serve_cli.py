@@ -35,6 +35,7 @@ from avatarforge.mme.front import invoke_endpoint
 from avatarforge.mme.generate import generate_request
 from avatarforge.netutil import free_port
 from avatarforge.serving import client
+from avatarforge.serving.package_check import checksum_path, write_checksum
 from avatarforge.serving.server import PortInUseError, tritonserver
 
 runner = CliRunner()
@@ -175,8 +176,9 @@ def local_triton(packaged_users, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-triton")
     source = tmp / "package"
     source.mkdir()
-    for user, package in packaged_users.items():
-        shutil.copy(package, source / f"{user}.tar.gz")
+    for package in packaged_users.values():
+        for path in (package, checksum_path(package)):  # a package and its published sha256
+            shutil.copy(path, source / path.name)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     args = ["serve", "local-triton", "--source", str(source), "--users", "alice"]
     args += ["--port", str(ports["http"]), "--grpc-port", str(ports["grpc"])]
@@ -254,6 +256,7 @@ def test_serve_load_refuses_what_it_cannot_load_and_leaves_the_repository(local_
         info = tarfile.TarInfo("../../mallory.txt")
         info.size = 5
         tar.addfile(info, evil)
+    write_checksum(tmp_path / "mallory.tar.gz")  # published as the packager does: intact
     cases = [
         (["mallory"], "path traversal"),
         (["carol"], "no package"),
@@ -268,15 +271,16 @@ def test_serve_load_refuses_what_it_cannot_load_and_leaves_the_repository(local_
         assert message in result.output and "Traceback" not in result.output, result.output
     assert sorted(p.name for p in repository.iterdir()) == before  # no leftovers, no mallory
     assert not (repository.parent.parent / "mallory.txt").exists()
-    # a model Triton refuses: the repository is left as it was
+    # a model that is not what the packager writes: refused, the repository left as it was
     broken = tmp_path / "broken" / "dave"
     (broken / "1").mkdir(parents=True)
     (broken / "config.pbtxt").write_text('backend: "python"\nmax_batch_size: 0\nnot a field: 1\n')
     (broken / "1" / "model.py").write_text("")
     with tarfile.open(tmp_path / "dave.tar.gz", "w:gz") as tar:
         tar.add(broken, arcname="dave")
+    write_checksum(tmp_path / "dave.tar.gz")
     result = runner.invoke(app, ["serve", "load", "dave", "--url", url, "--source", str(tmp_path)])
-    assert result.exit_code == 1 and "refused 'dave'" in result.output, result.output
+    assert result.exit_code == 1 and "incomplete, missing" in result.output, result.output
     assert sorted(p.name for p in repository.iterdir()) == before
 
 
@@ -316,8 +320,9 @@ def local_mme(packaged_users, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("local-mme")
     source = tmp / "package"
     source.mkdir()
-    for user, package in packaged_users.items():
-        shutil.copy(package, source / f"{user}.tar.gz")
+    for package in packaged_users.values():
+        for path in (package, checksum_path(package)):  # a package and its published sha256
+            shutil.copy(path, source / path.name)
     ports = {name: free_port() for name in ("front", "sagemaker", "http", "grpc", "metrics")}
     args = ["mme", "serve", "--source", str(source), "--root", str(tmp / "models")]
     args += ["--port", str(ports["front"]), "--sagemaker-port", str(ports["sagemaker"])]

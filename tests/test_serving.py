@@ -3,14 +3,21 @@ shared files, packaging."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 import tarfile
+import threading
+import time
 
 import numpy as np
 import pytest
 
 from avatarforge.adapter import AdapterError
+from avatarforge.aws_local import dummy_aws_env
 from avatarforge.base import BaseError, BaseInfo
 from avatarforge.generate import GenArgs, from_jpeg_base64
 from avatarforge.serving import schema
@@ -366,3 +373,56 @@ def test_nan_and_huge_texts_are_refused_by_name():
     assert "prompt: longer than 2000 characters" in str(long_prompt)
     assert "negative_prompt: longer than" in str(long_negative)
     assert calls == []  # refused before any work
+
+
+class _StallingS3(http.server.BaseHTTPRequestHandler):
+    """Answers every object request with the start of a large body, then never finishes."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _head(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Length", str(50 * 2**20))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+
+    def do_HEAD(self) -> None:
+        self._head()
+
+    def do_GET(self) -> None:
+        self._head()
+        self.wfile.write(b"\x1f\x8b" + b"\0" * 65534)
+        self.wfile.flush()
+        time.sleep(60)
+
+
+def test_a_fetch_killed_half_way_leaves_nothing_used(base_tarball, tiny_base, tmp_path):
+    # a process fetching the base from S3 is SIGKILLed mid-download; the next ensure-step (any
+    # process) removes its unfinished folder and installs the base whole
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StallingS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+    code = (
+        "import sys; from avatarforge.serving.shared_files import ensure_base; "
+        "ensure_base('s3://bucket/base.tar.gz', sys.argv[1], expected_hash=sys.argv[2])"
+    )
+    env = {**os.environ, **dummy_aws_env(endpoint), "AWS_MAX_ATTEMPTS": "1"}
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), tiny_base.content_hash], env=env
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / "base").glob(".base.partial-*")):  # made, then the fetch
+            assert child.poll() is None and time.monotonic() < deadline, "no fetch started"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert child.poll() is None  # still fetching: the stalled body never ends
+    finally:
+        child.kill()
+        child.wait()
+        server.shutdown()
+    assert list((tmp_path / "base").glob(".base.partial-*"))  # what the kill left
+    info = ensure_base(str(base_tarball), tmp_path, expected_hash=tiny_base.content_hash)
+    assert info.content_hash == tiny_base.content_hash
+    assert not list((tmp_path / "base").glob(".base.partial-*"))

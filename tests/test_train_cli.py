@@ -156,7 +156,7 @@ def _train(dataset: Path, out: Path, hash_seed: int, *extra: str) -> subprocess.
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str]:
+def _finish(proc: subprocess.Popen, timeout: float = 400) -> tuple[int, str]:
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out.decode() + err.decode()
 
@@ -209,3 +209,30 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_adapter(
     assert code == 0, output
     assert f"resuming from the checkpoint of step {step}" in " ".join(output.split())
     assert _files(tmp_path / "adapter") == _files(uninterrupted)  # as if never stopped
+
+
+def test_a_full_disk_is_a_clear_failure_and_no_earlier_adapter_looks_like_the_result(
+    uninterrupted, train_dataset, tmp_path
+):
+    # files over 40 KB cannot be written (RLIMIT_FSIZE: EFBIG, as a full disk gives ENOSPC);
+    # the adapter (69 KB) is the first such file: the run must fail clearly, and the adapter
+    # an earlier run left in the same folder must not stay where packaging takes it from
+    (tmp_path / "adapter").mkdir()
+    for name, data in _files(uninterrupted).items():
+        (tmp_path / "adapter" / name).write_bytes(data)
+    limit = (
+        "import resource, runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000)); "
+        "sys.argv[0] = 'avatarforge'; runpy.run_module('avatarforge', run_name='__main__')"
+    )
+    options = [*SUB_RUN, "--steps", "2", "--no-progress", "--checkpoint-minutes", "0"]
+    command = [sys.executable, "-c", limit, "train", str(train_dataset), "--user", "p",
+               "--out", str(tmp_path), *options]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    said = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, said[-2000:]
+    assert "could not write the adapter" in said and "File too large" in said, said[-2000:]
+    assert "Traceback" not in said
+    assert not (tmp_path / "adapter").exists()  # nothing for `package` to ship by mistake
+    assert _files(tmp_path / "adapter.previous") == _files(uninterrupted)  # and nothing lost
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no half-write

@@ -13,12 +13,14 @@ gzip header without timestamp or file name.
 from __future__ import annotations
 
 import gzip
+import lzma
 import os
 import shutil
 import stat
 import tarfile
 import tempfile
 import uuid
+import zlib
 from pathlib import Path, PurePosixPath
 
 from .fsutil import replace_dir
@@ -28,6 +30,8 @@ MAX_TOTAL_BYTES = 8 * 1024**3
 MAX_MEMBERS = 10_000
 FIXED_MTIME = 0  # the epoch: archives carry no build time
 _CHUNK = 1024 * 1024
+# What reading a corrupt archive raises: tarfile's errors, and its decompressors' own
+_READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
 class UnsafeArchiveError(ValueError):
@@ -46,8 +50,9 @@ def safe_extract(
     """Extract ``tar_path`` (any compression tarfile reads) into the new folder ``dest``.
 
     Only regular files and folders with relative paths are accepted; links, devices, FIFOs,
-    absolute paths, ``..``, duplicate names, oversized members, too many members or too many
-    bytes in total raise :class:`UnsafeArchiveError` and leave nothing behind. ``dest`` must not
+    absolute paths, ``..``, duplicate names (or one path as a file and a folder), oversized
+    members, too many members or too many bytes in total, and corrupt data raise
+    :class:`UnsafeArchiveError` and leave nothing behind. ``dest`` must not
     exist unless ``overwrite`` (then it is replaced only after the new contents are complete).
     Returns the extracted files (not folders) in archive order.
     """
@@ -64,6 +69,7 @@ def safe_extract(
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
         try:
             files = _extract(tar, tar_path, members, tmp, max_member_bytes, max_total_bytes)
+            _check_to_the_end(tar, tar_path)
             replace_dir(tmp, dest)  # never a half-written mix, never a moment without dest
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +83,8 @@ def _checked_members(
     """Read and check every header before anything is written; each with its checked path."""
     members: list[tuple[tarfile.TarInfo, PurePosixPath]] = []
     seen: set[PurePosixPath] = set()
+    files: set[PurePosixPath] = set()  # no member may lie inside one of these
+    folders: set[PurePosixPath] = set()  # where members lie: none of these may be a file
     total = 0
     try:
         while (member := tar.next()) is not None:
@@ -96,11 +104,32 @@ def _checked_members(
                 )
             if rel in seen:
                 raise UnsafeArchiveError(f"{tar_path}: duplicate member {member.name!r}")
+            if any(p in files for p in rel.parents) or (member.isfile() and rel in folders):
+                raise UnsafeArchiveError(f"{tar_path}: {member.name!r} is a file and a folder")
             seen.add(rel)
+            folders.update(rel.parents)
+            if member.isfile():
+                files.add(rel)
             members.append((member, rel))
-    except (tarfile.TarError, EOFError, OSError) as exc:
+    except _READ_ERRORS as exc:
         raise UnsafeArchiveError(f"{tar_path}: corrupt or truncated archive ({exc})") from exc
     return members
+
+
+MAX_TRAILING_BYTES = 1024 * 1024  # tar pads its end to 10 KiB records; more is not an archive
+
+
+def _check_to_the_end(tar: tarfile.TarFile, tar_path: Path) -> None:
+    """Read what follows the last member to the end of the stream: a gzip stream's CRC and
+    length are checked only there (a flipped byte in a member is otherwise extracted as is)."""
+    left = 0
+    try:
+        while chunk := tar.fileobj.read(_CHUNK):
+            left += len(chunk)
+            if left > MAX_TRAILING_BYTES:
+                raise UnsafeArchiveError(f"{tar_path}: more than 1 MiB after the archive's end")
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        raise UnsafeArchiveError(f"{tar_path}: corrupt compressed stream ({exc})") from exc
 
 
 def _checked_path(member: tarfile.TarInfo, tar_path: Path) -> PurePosixPath:
@@ -154,7 +183,7 @@ def _extract(
         written = 0
         # O_EXCL: a name that already exists (e.g. through a case-folding filesystem) is refused.
         with source, open(target, "xb") as out:
-            while chunk := source.read(_CHUNK):
+            while chunk := _read(source, tar_path, member.name):
                 written += len(chunk)
                 total += len(chunk)
                 if written > max_member or total > max_total:
@@ -165,6 +194,14 @@ def _extract(
         target.chmod(0o755 if member.mode & 0o111 else 0o644)
         files.append(target)
     return files
+
+
+def _read(source, tar_path: Path, name: str) -> bytes:
+    """The next chunk of a member's data; a decompressor's error is the archive's fault."""
+    try:
+        return source.read(_CHUNK)
+    except _READ_ERRORS as exc:
+        raise UnsafeArchiveError(f"{tar_path}: corrupt data in {name!r} ({exc})") from exc
 
 
 def write_reproducible_tar(

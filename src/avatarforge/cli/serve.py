@@ -73,6 +73,8 @@ def local_triton(
 ) -> None:
     """Start tritonserver on model_setup + the packaged users (HTTP, gRPC and metrics on
     127.0.0.1); `avatarforge serve load USER` adds a user while it runs; Ctrl-C stops."""
+    from ..safe_tar import UnsafeArchiveError
+    from ..serving.package import PackageError
     from ..serving.repository import build_repository
     from ..serving.server import PortInUseError, ServerError, tritonserver
 
@@ -88,7 +90,10 @@ def local_triton(
             fail(f"not packaged: {', '.join(map(str, missing))} (run make package USER=...)")
     env = instance_env(base, shared_dir)
     repo = repository_for(port)
-    names = build_repository(repo, packages)
+    try:
+        names = build_repository(repo, packages)
+    except (PackageError, UnsafeArchiveError) as exc:
+        fail(str(exc))
     stop_on_sigterm()
     try:
         with tritonserver(

@@ -209,7 +209,7 @@ class _Job:
 
     def work(self, scratch: Path, base: BaseInfo | None) -> JobResult:
         from ..adapter import WEIGHTS_FILE
-        from ..serving.package import package_user
+        from ..serving.package import package_user, upload_package
 
         request, store = self.request, JobStore(self.request, scratch / "store")
         t = self.clock()
@@ -236,7 +236,7 @@ class _Job:
 
         t = self.clock()
         try:
-            storage.upload(tarball, request.model_uri)
+            upload_package(tarball, request.model_uri)  # and its .sha256
         except storage.StorageError as exc:
             raise JobError(f"job {request.job_id}: {exc}") from exc
         self.timed("upload", t)

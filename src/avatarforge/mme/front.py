@@ -5,6 +5,12 @@ loads (on first use) and invokes that model, as ``sagemaker-runtime invoke_endpo
 ``TargetModel`` does; the body (KServe v2 JSON for Triton) passes through unchanged.
 ``GET /ping`` answers 200; ``GET /models`` lists the loaded TargetModels, oldest use first.
 
+Bounded like a server facing clients it does not control (:class:`BoundedHTTPServer`): a listen
+backlog of 128 (a burst of connections queues instead of being reset), at most
+``max_connections`` connections served at once (one more is answered 503 with Retry-After at
+once, no thread started), and a socket timeout (a client that stops sending, such as a body
+shorter than its Content-Length, is answered 408 and closed; an idle connection is closed).
+
 :class:`Invoker` is what an MME does with one invocation, apart from HTTP: this front and the
 local SageMaker runtime (:mod:`avatarforge.cloud.local_runtime`) both call it. Its errors carry
 SageMaker's error code in the ``x-amzn-ErrorType`` header and the body
@@ -50,6 +56,9 @@ from .protocol import TARGET_MODEL_HEADER
 log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 6 * 1024 * 1024  # SageMaker real-time invocation limit
+MAX_CONNECTIONS = 64  # served at once; SageMaker's own front answers 503/429 past its limits
+SOCKET_TIMEOUT_S = 30.0  # one read or write on a client's socket
+LISTEN_BACKLOG = 128
 ERROR_TYPE_HEADER = "x-amzn-ErrorType"  # botocore reads a rest-json error's code from it
 INVOKE_RE = re.compile(r"^/endpoints/([A-Za-z0-9-]{1,63})/invocations$")
 
@@ -169,9 +178,11 @@ class Invoker:
 
 
 def read_body(request: BaseHTTPRequestHandler) -> bytes | Reply:
-    """The request body, or the error a SageMaker endpoint answers for its size."""
-    try:
-        length = int(request.headers.get("Content-Length") or 0)
+    """The request body, or the error a SageMaker endpoint answers for its size; a body that
+    stops before its Content-Length is a 408 (the socket timed out) or a 400 (closed)."""
+    raw = (request.headers.get("Content-Length") or "0").strip()
+    try:  # digits only (RFC 9110): int() also reads "+5" and "1_0", which no peer means
+        length = int(raw) if raw.isascii() and raw.isdigit() else -1
     except ValueError:
         length = -1
     if length < 0:
@@ -183,7 +194,19 @@ def read_body(request: BaseHTTPRequestHandler) -> bytes | Reply:
             f"body of {length} bytes is over the {MAX_BODY_BYTES}-byte limit of real-time "
             "invocations",
         )
-    return request.rfile.read(length)
+    try:
+        body = request.rfile.read(length)
+    except TimeoutError:
+        request.close_connection = True
+        return error_reply(
+            408, "RequestTimeout", f"the body stopped before its {length} bytes (timed out)"
+        )
+    if len(body) < length:
+        request.close_connection = True
+        return error_reply(
+            400, "ValidationError", f"body of {len(body)} bytes, Content-Length said {length}"
+        )
+    return body
 
 
 def send_reply(request: BaseHTTPRequestHandler, reply: Reply) -> None:
@@ -230,13 +253,65 @@ def _handler_class(invoker: Invoker) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+class BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most ``max_connections`` at once; see the module's doc."""
+
+    daemon_threads = True
+    request_queue_size = LISTEN_BACKLOG
+
+    def __init__(self, address, handler, max_connections: int = MAX_CONNECTIONS) -> None:
+        super().__init__(address, handler)
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self._refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse_busy(self, request) -> None:
+        reply = error_reply(
+            503, "ServiceUnavailable", f"all {self.max_connections} connections are busy; retry"
+        )
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {reply.content_type}\r\n"
+            f"Content-Length: {len(reply.body)}\r\nRetry-After: 1\r\nConnection: close\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in reply.headers)
+            + "\r\n"
+        )
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + reply.body)
+        except OSError:
+            pass  # the client is gone already
+        finally:
+            self.shutdown_request(request)
+
+
 @contextlib.contextmanager
 def serve_http(
-    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", port: int = 0, name: str = ""
+    handler: type[BaseHTTPRequestHandler],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str = "",
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    socket_timeout_s: float = SOCKET_TIMEOUT_S,
 ) -> Iterator[str]:
     """Serve ``handler`` in a background thread for the block; yields the base URL."""
-    server = ThreadingHTTPServer((host, port), handler)
-    server.daemon_threads = True
+    bounded = type(handler.__name__, (handler,), {"timeout": socket_timeout_s})
+    server = BoundedHTTPServer((host, port), bounded, max_connections)
     thread = threading.Thread(target=server.serve_forever, name=name or "http", daemon=True)
     thread.start()
     try:
@@ -258,7 +333,14 @@ def mme_front(
     """Serve the front in a background thread for the block; yields its base URL."""
     invoker = Invoker(loader, not_ready_while_loading=not_ready_while_loading)
     try:
-        with serve_http(_handler_class(invoker), host, port, "mme-front") as url:
+        with serve_http(
+            _handler_class(invoker),
+            host,
+            port,
+            "mme-front",
+            max_connections=loader.config.max_connections,
+            socket_timeout_s=loader.config.socket_timeout_s,
+        ) as url:
             yield url
     finally:
         invoker.close()

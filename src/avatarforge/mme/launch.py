@@ -79,6 +79,7 @@ def sagemaker_triton(
     Ports as :func:`~avatarforge.serving.server.tritonserver` takes them (0 or None for the
     SageMaker port: a free one)."""
     from ..serving.server import ServerError, check_port_free, listener_error, tritonserver
+    from .loopback import loopback_env
 
     workdir = Path(workdir or build_dir() / "mme").resolve()
     empty_repo = workdir / "empty-repository"
@@ -89,7 +90,7 @@ def sagemaker_triton(
     started = time.perf_counter()
     with tritonserver(
         [empty_repo],
-        env={**options.env, **(extra_env or {})},
+        env={**options.env, **loopback_env(), **(extra_env or {})},  # SageMaker port: loopback
         log_path=workdir / "tritonserver.log",
         extra_args=options.args,
         startup_timeout=start_timeout,

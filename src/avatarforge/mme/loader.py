@@ -6,6 +6,12 @@
 more first unloads the least recently used (``DELETE /models/<hash>``, files removed). A 507
 (out of memory) from Triton evicts the least recently used and retries, as SageMaker does.
 
+Before anything is loaded, the archive is checked against the sha256 file published beside it
+(``<target_model>.sha256``), extracted safely, and its model folder is checked by
+``check_model`` (default: :func:`~avatarforge.serving.package_check.check_package`, exactly what
+the packager writes; a refused package is a 424 naming what differs). SageMaker itself loads
+any tarball in the prefix: the bucket is trusted there; this loader checks anyway.
+
 The archive is fetched and checked before anything is evicted, and outside the lock that
 serialises Triton's loads and unloads: a missing or refused TargetModel costs no healthy model
 its place, and a slow or large download does not stall other loads. A model with a request in
@@ -24,11 +30,18 @@ import shutil
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..safe_tar import MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, safe_extract
+from ..safe_tar import safe_extract
+from ..serving.package_check import (
+    CHECKSUM_SUFFIX,
+    PackageRefusedError,
+    check_checksum,
+    check_package,
+)
 from ..settings import Settings, setting
 from ..storage import ObjectNotFoundError, fetch, join_uri
 from .protocol import Response, SageMakerTritonClient, TritonMMEError, error_message
@@ -91,10 +104,17 @@ class MMEConfig(Settings):
     max_loaded: int = setting(
         8, "models kept loaded; one more evicts the least recently used", ge=1
     )
-    max_member_bytes: int = setting(MAX_MEMBER_BYTES, "largest file in a model archive", ge=1)
-    max_total_bytes: int = setting(MAX_TOTAL_BYTES, "largest unpacked model archive", ge=1)
+    # a user package is an adapter (MBs) and a few small files: a GiB is ample, 8 GiB a bomb
+    max_member_bytes: int = setting(1024**3, "largest file in a model archive", ge=1)
+    max_total_bytes: int = setting(1024**3, "largest unpacked model archive", ge=1)
     load_timeout_s: float = setting(600.0, "wait for one load/unload (SageMaker: 360 s)", ge=1)
     invoke_timeout_s: float = setting(60.0, "wait for one invocation (SageMaker: 60 s)", ge=1)
+    max_connections: int = setting(
+        64, "connections the front serves at once; one more is answered 503 at once", ge=1
+    )
+    socket_timeout_s: float = setting(
+        30.0, "the front closes a client's connection after this long without a byte", ge=0.1
+    )
 
 
 @dataclass(frozen=True)
@@ -111,7 +131,7 @@ def model_hash(target_model: str) -> str:
 
 
 def check_target_model(target_model: str) -> str:
-    if len(target_model) > 1024 or not _TARGET_RE.match(target_model):
+    if len(target_model) > 1024 or not _TARGET_RE.fullmatch(target_model):  # '$' allows a '\n'
         raise InvalidTargetModelError(
             f"invalid TargetModel {target_model!r}: expected a relative name like "
             "'<user>.tar.gz' (letters, digits, '.', '_', '-', '/' between parts; no '..')"
@@ -128,9 +148,18 @@ class MultiModelLoader:
     """
 
     def __init__(
-        self, sagemaker_url: str, source: str, root: Path, config: MMEConfig | None = None
+        self,
+        sagemaker_url: str,
+        source: str,
+        root: Path,
+        config: MMEConfig | None = None,
+        *,
+        check_model: Callable[[Path, str], None] | None = check_package,
     ) -> None:
         self.config = config or MMEConfig()
+        # what a model folder must be to be loaded (name: what the TargetModel says it is);
+        # None: any Triton model (the loader plays SageMaker, which loads what it is given)
+        self.check_model = check_model
         self.source = source
         self.root = Path(root).resolve()
         self.client = SageMakerTritonClient(
@@ -145,6 +174,16 @@ class MultiModelLoader:
         self._in_flight: dict[str, int] = {}
         self._staging: dict[str, threading.Lock] = {}  # one fetch + extract per TargetModel
         self.root.mkdir(parents=True, exist_ok=True)
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Remove model folders left by an earlier loader on this root (a crash, a kill): no
+        model is loaded yet, so each is stale, and Triton never saw them from this loader."""
+        stale = [p for p in self.root.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
+        for path in stale:
+            shutil.rmtree(path, ignore_errors=True)
+        if stale:
+            log.info("removed %d stale model folder(s) under %s", len(stale), self.root)
 
     def loaded(self) -> list[str]:
         """Loaded TargetModels, least recently used first."""
@@ -290,12 +329,24 @@ class MultiModelLoader:
 
     def _fetch_and_extract(self, target_model: str, work: Path) -> Path:
         archive = work / "archive.tar.gz"
+        checksum = work / "archive.tar.gz.sha256"
+        uri = join_uri(self.source, target_model)
         try:
-            fetch(join_uri(self.source, target_model), archive)
+            fetch(uri, archive)
         except ObjectNotFoundError as exc:
             raise UnknownTargetModelError(
                 f"TargetModel {target_model!r} not found in {self.source}"
             ) from exc
+        try:
+            fetch(uri + CHECKSUM_SUFFIX, checksum)
+            check_checksum(archive, checksum, shown_as=target_model)
+        except ObjectNotFoundError:
+            raise ModelLoadError(
+                f"{target_model}: no {target_model}{CHECKSUM_SUFFIX} beside it: a model is "
+                "published with its sha256 (avatarforge package writes both)"
+            ) from None
+        except PackageRefusedError as exc:
+            raise ModelLoadError(str(exc)) from None
         repo_dir = work / "model"
         safe_extract(
             archive,
@@ -305,11 +356,17 @@ class MultiModelLoader:
         )  # UnsafeArchiveError (a ValueError) propagates as is: the caller should see why
         archive.unlink()
         configs = sorted(p.parent.name for p in repo_dir.glob("*/config.pbtxt"))
-        if len(configs) != 1:
+        if len(configs) != 1 or len(list(repo_dir.iterdir())) != 1:
             raise ModelLoadError(
                 f"{target_model}: the archive must hold exactly one model folder with a "
                 f"config.pbtxt (<name>/config.pbtxt, <name>/1/model.py); found {configs or 'none'}"
             )
+        if self.check_model is not None:
+            name = target_model.rsplit("/", 1)[-1].removesuffix(".tar.gz")
+            try:
+                self.check_model(repo_dir / configs[0], name)
+            except PackageRefusedError as exc:
+                raise ModelLoadError(str(exc)) from None
         return repo_dir
 
     def _triton_load(self, target_model: str, name_hash: str, repo_dir: Path) -> None:

@@ -9,8 +9,10 @@ finds the model folder there)::
     <user>/1/shared_base.json             the shared base's config (the instance adds its env)
     <user>/1/adapter/                     LoRA weights + metadata
 
-Everything comes from the installed package (``importlib.resources``), so a wheel packages as
-well as a checkout. It is checked before it is written, and its bytes are reproducible.
+and publishes ``<user>.tar.gz.sha256`` beside it. What serves a package accepts exactly this
+and nothing else (:mod:`.package_check`). Everything comes from the installed package
+(``importlib.resources``), so a wheel packages as well as a checkout. It is checked before it
+is written, and its bytes are reproducible.
 """
 
 from __future__ import annotations
@@ -27,14 +29,16 @@ from ..paths import build_dir
 from ..safe_tar import safe_extract, write_reproducible_tar
 from . import bootstrap, schema, triton_models
 from .config import ServingConfig
+from .package_check import (
+    BOOTSTRAP_FILE,
+    VERSION_DIR,
+    PackageError,
+    check_checksum,
+    check_package,
+    checksum_path,
+    write_checksum,
+)
 from .triton_config import parse_pbtxt, sd_base_config, to_pbtxt, user_model_config
-
-VERSION_DIR = "1"
-BOOTSTRAP_FILE = "avatarforge_bootstrap.py"  # the name user.py imports it by
-
-
-class PackageError(ValueError):
-    """The user model cannot be packaged as asked; the message says why."""
 
 
 def check_user_name(user: str) -> str:
@@ -81,21 +85,44 @@ def package_user(
         )
         for name in (WEIGHTS_FILE, METADATA_FILE):  # only what serving reads
             shutil.copyfile(Path(adapter_dir) / name, version / bootstrap.ADAPTER_SUBDIR / name)
-        return write_reproducible_tar(model, out_dir / f"{user}.tar.gz", arcname=user)
+        tarball = write_reproducible_tar(model, out_dir / f"{user}.tar.gz", arcname=user)
+        write_checksum(tarball)
+        return tarball
+
+
+def upload_package(tarball: Path, uri: str) -> str:
+    """Upload a package and its sha256 file (``<uri>.sha256``) to S3; returns the URI."""
+    from .. import storage
+
+    storage.upload(tarball, uri)
+    storage.upload(checksum_path(Path(tarball)), uri + ".sha256")
+    return uri
 
 
 def unpack_package(package: Path, staging: Path) -> Path:
-    """Extract a user package (``<user>.tar.gz``) safely into the new folder ``staging`` and
-    return the model folder in it, checked to be the one folder named after the user (what a
-    repository or the MME serves)."""
+    """Extract a user package (``<user>.tar.gz``, checked against its ``.sha256`` file) safely
+    into the new folder ``staging`` and return the model folder in it, checked to be exactly
+    what the packager writes for that user (what a repository or the MME serves)."""
     package = Path(package)
     if not package.name.endswith(".tar.gz"):
         raise PackageError(f"{package}: a package is named <user>.tar.gz")
     name = check_user_name(package.name.removesuffix(".tar.gz"))
+    checksum = checksum_path(package)
+    if not checksum.is_file():
+        raise PackageError(
+            f"{package}: no {checksum.name} beside it (avatarforge package writes one; "
+            "repackage: make package USER=...)"
+        )
+    check_checksum(package, checksum)
     safe_extract(package, staging)
-    found = sorted(p.name for p in Path(staging).iterdir())
-    if found != [name] or not (Path(staging) / name).is_dir():
-        raise PackageError(f"{package} holds {found}, expected one folder {name}/")
+    try:
+        found = sorted(p.name for p in Path(staging).iterdir())
+        if found != [name] or not (Path(staging) / name).is_dir():
+            raise PackageError(f"{package} holds {found}, expected one folder {name}/")
+        check_package(Path(staging) / name, name)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a refused package leaves nothing behind
+        raise
     return Path(staging) / name
 
 

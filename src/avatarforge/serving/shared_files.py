@@ -112,9 +112,37 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+PARTIAL_PREFIX = ".base.partial-"
+
+
+def sweep_partials(root: Path) -> list[Path]:
+    """Remove the unfinished base folders of processes that died (a crash or a kill during a
+    fetch left them; each is named after its process); returns what was removed."""
+    removed = []
+    for path in Path(root).glob(PARTIAL_PREFIX + "*"):
+        pid = path.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    if removed:
+        log.info("removed %d unfinished base folder(s) of dead processes", len(removed))
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def _install_base(source: str, root: Path, expected_hash: str, base_id: str) -> Path:
     log.info("fetching base %s into %s", source, root)
-    tmp = Path(tempfile.mkdtemp(prefix=".base.partial-", dir=root))
+    sweep_partials(root)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=root))
     try:
         local = Path(source).expanduser()
         if not _is_uri(source) and local.is_dir():

@@ -15,10 +15,12 @@ micro-batch in :mod:`.step`, precision/accumulation/clipping in :mod:`.accelerat
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
 import math
+import os
 import resource
 import shutil
 import sys
@@ -53,6 +55,7 @@ from .step import micro_loss, prepare_data
 log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"
+PREVIOUS_ADAPTER_DIR = "adapter.previous"  # an earlier run's adapter while a new run trains
 CHECKPOINT_DIR = "checkpoints"
 TRAIN_CONFIG_FILE = "train_config.json"
 TRAIN_LOG_FILE = "train_log.json"
@@ -150,6 +153,7 @@ def train(
         "dataset_hash": instances.dataset_hash,
         "base_hash": base.content_hash,
     }
+    _set_aside(out_dir / ADAPTER_DIR)
     ckpt_root = out_dir / CHECKPOINT_DIR
     resume_from = ckpt.latest(ckpt_root) if config.resume else None
     if not config.resume and ckpt_root.exists():
@@ -236,9 +240,10 @@ def train(
                 config.checkpoint_minutes and minutes >= config.checkpoint_minutes
             )
             if done < config.steps and (due or done == stop_at or stop_now):
-                saved = _save_checkpoint(
-                    ckpt_root, done, models, optimizer, accelerator.scaler, losses, identity
-                )
+                with _writing("a checkpoint", ckpt_root):
+                    saved = _save_checkpoint(
+                        ckpt_root, done, models, optimizer, accelerator.scaler, losses, identity
+                    )
                 last_saved = time.monotonic()
                 if on_checkpoint is not None:
                     on_checkpoint(saved)
@@ -251,17 +256,9 @@ def train(
         raise TrainingStopped(stop_at, config.steps, ckpt.latest(ckpt_root) or ckpt_root)
 
     metadata = _metadata(config, base, instances.dataset_hash, optimizer_name, precision)
-    adapter_dir = save_adapter(
-        out_dir / ADAPTER_DIR,
-        diffusers_layers(models.unet),
-        diffusers_layers(models.text_encoder) if models.text_encoder is not None else None,
-        metadata,
-        unet_lora_config=adapter_config_dict(models.unet),
-        text_encoder_lora_config=adapter_config_dict(models.text_encoder)
-        if models.text_encoder is not None
-        else None,
-        extra_files={TRAIN_CONFIG_FILE: json.dumps(config.to_dict(), indent=2, sort_keys=True)},
-    )
+    with _writing("the adapter", out_dir / ADAPTER_DIR):
+        adapter_dir = _save(models, config, metadata, out_dir / ADAPTER_DIR)
+    shutil.rmtree(out_dir / PREVIOUS_ADAPTER_DIR, ignore_errors=True)  # superseded
     seconds = time.perf_counter() - started
     result = TrainResult(
         adapter_dir=adapter_dir,
@@ -360,6 +357,47 @@ def optimizer_step(
 
 def _unprefix(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _save(models: Models, config: TrainConfig, metadata: AdapterMetadata, adapter_dir: Path):
+    te = models.text_encoder
+    return save_adapter(
+        adapter_dir,
+        diffusers_layers(models.unet),
+        diffusers_layers(te) if te is not None else None,
+        metadata,
+        unet_lora_config=adapter_config_dict(models.unet),
+        text_encoder_lora_config=adapter_config_dict(te) if te is not None else None,
+        extra_files={TRAIN_CONFIG_FILE: json.dumps(config.to_dict(), indent=2, sort_keys=True)},
+    )
+
+
+def _set_aside(adapter_dir: Path) -> None:
+    """Move an earlier run's adapter to ``adapter.previous`` while this run trains: a run that
+    fails must leave no adapter that looks like its result (packaging would ship the old one).
+    A successful run deletes it; a failed one says where it is."""
+    if adapter_dir.exists():
+        previous = adapter_dir.with_name(PREVIOUS_ADAPTER_DIR)
+        shutil.rmtree(previous, ignore_errors=True)
+        os.replace(adapter_dir, previous)
+        log.info("the adapter of an earlier run is in %s until this run finishes", previous)
+
+
+@contextlib.contextmanager
+def _writing(what: str, where: Path):
+    """A failed write (disk full, quota, file-size limit) as a TrainingError saying what."""
+    from safetensors import SafetensorError  # its writer reports I/O errors as its own
+
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        previous = where.parent / PREVIOUS_ADAPTER_DIR
+        kept = f"; the earlier adapter is kept in {previous}" if previous.exists() else ""
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise TrainingError(
+            f"could not write {what} to {where}: {why} (disk full? free space "
+            f"and run the same command again: it resumes from the last checkpoint){kept}"
+        ) from exc
 
 
 def _save_checkpoint(root, step, models: Models, optimizer, scaler, losses, identity) -> Path:

@@ -24,7 +24,12 @@ from avatarforge.serving import schema
 from avatarforge.serving.adapter_cache import AdapterCache
 from avatarforge.serving.bootstrap import BootstrapError, Instance, ensure_env, read_user_model
 from avatarforge.serving.config import ServingConfig
-from avatarforge.serving.handler import RequestError, handle_requests, parse_request
+from avatarforge.serving.handler import (
+    RequestError,
+    handle_requests,
+    parse_request,
+    request_cost,
+)
 from avatarforge.serving.package import PackageError, package_user
 from avatarforge.serving.shared_files import SharedFilesError, ensure_base
 from avatarforge.serving.triton_config import (
@@ -92,6 +97,19 @@ def test_checked_in_model_setup_config_matches_the_schema(repo_root):
 
 def _req(**columns):
     return {k: np.array([[v.encode()] for v in vs], dtype=object) for k, vs in columns.items()}
+
+
+def test_a_request_over_the_work_budget_is_refused_before_any_work():
+    big = json.dumps({"height": 1024, "width": 1024, "steps": 150})  # 600 units a row
+    one = parse_request(_req(prompt=["a"], gen_args=[big]))
+    assert request_cost(one.rows) == 600  # the budget is inclusive
+    calls: list = []
+    two = _req(prompt=["a", "b"], gen_args=[big, big])
+    (error,) = handle_requests([two], _fake_generate(calls))
+    assert isinstance(error, RequestError) and error.client_fault
+    assert "1200" in str(error) and "serving.max_request_cost" in str(error)
+    assert calls == []  # refused before anything ran
+    assert parse_request(two, max_cost=1200)  # a package may allow more
 
 
 def _fake_generate(calls):

@@ -10,6 +10,7 @@ draws noise, on which JPEG alone costs ~24 dB PSNR.
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +168,16 @@ def test_restarted_server_loads_a_user_without_model_setup(
         assert not running.client().is_model_ready("model_setup")
     installed = tmp_path / "shared" / "base" / tiny_base.content_hash[:16]
     assert installed.is_dir() and not installed.is_symlink()
+
+
+def test_a_request_over_the_work_budget_is_a_400_answered_at_once(server, prompt):
+    # 2 rows x 150 steps at 1024 px: 1200 512x512 steps, over the default 600 (minutes on a CPU)
+    from tritonclient.utils import InferenceServerException
+
+    big = {"height": 1024, "width": 1024, "steps": 150}
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as err:
+        server.client().infer("alice", client.build_inputs([prompt] * 2, None, [big] * 2))
+    assert str(err.value.status()) == "400"
+    assert "serving.max_request_cost" in err.value.message()
+    assert time.monotonic() - started < 10

@@ -17,6 +17,7 @@ from .config import (
     ADAPTER_CACHE_MIB,
     ADAPTER_CACHE_SIZE,
     BATCH_MAX_IMAGES,
+    MAX_REQUEST_COST,
     P_BASE_HASH,
     P_BASE_ID,
     ServingConfig,
@@ -37,8 +38,10 @@ class SharedBase:
         cache_mib: int = ADAPTER_CACHE_MIB,
         batching: bool = True,
         batch_max_images: int = BATCH_MAX_IMAGES,
+        max_request_cost: int = MAX_REQUEST_COST,
     ) -> None:
         self.pipe, self.base = pipe, base
+        self.max_request_cost = max_request_cost
         self.batching, self.batch_max_images = batching, batch_max_images
         self.cache = SlotAdapterCache(
             pipe,
@@ -74,6 +77,7 @@ class SharedBase:
             cache_mib=serving.adapter_cache_mib,
             batching=serving.batching,
             batch_max_images=serving.batch_max_images,
+            max_request_cost=serving.max_request_cost,
         )
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):
@@ -92,7 +96,13 @@ class SharedBase:
 
     def handle(self, requests) -> list:
         if not self.batching:
-            return handle_requests(requests, self.generate, schema.BASE_INPUTS, BASE_CLIENT_ERRORS)
+            return handle_requests(
+                requests,
+                self.generate,
+                schema.BASE_INPUTS,
+                BASE_CLIENT_ERRORS,
+                max_cost=self.max_request_cost,
+            )
         return handle_batched(
             requests,
             self.generate_jobs,
@@ -101,6 +111,7 @@ class SharedBase:
             BASE_CLIENT_ERRORS,
             max_images=self.batch_max_images,
             max_adapters=self.cache.slots.count,
+            max_cost=self.max_request_cost,
         )
 
 

@@ -32,6 +32,7 @@ P_BASE_HASH = "BASE_HASH"
 # ServingConfig's fields travel as parameters named by the field, upper case (to_params).
 
 SD_BASE_PREFIX = SHARED_BASE_PREFIX  # + base hash: one shared process per base
+MAX_REQUEST_COST = 600  # see ServingConfig.max_request_cost
 ADAPTER_CACHE_SIZE = 16  # adapters loaded the old way (the slots' fallback), unless configured
 # 1024 default-rank SD 2.1 adapters (6.11 MiB each in fp16) page-locked for a GPU, where torch
 # rounds each pinned block up to a power of two (8 MiB); 1340 of them on a CPU
@@ -45,6 +46,14 @@ class ServingConfig(Settings):
     # at most the shared base's batch size: a user model forwards whole requests to it
     max_batch_size: int = setting(
         schema.MAX_BATCH_SIZE, "rows per request", ge=1, le=schema.MAX_BATCH_SIZE
+    )
+    max_request_cost: int = setting(
+        MAX_REQUEST_COST,
+        "most work one request may ask for, in 512x512 denoising steps (rows x num_images x "
+        "steps x height x width / 512^2); the default is about 60 s on an A10G (estimated: the "
+        "H200 takes 0.025 s a step, an A10G about 4x that), SageMaker's invocation limit",
+        ge=1,
+        le=1_000_000,
     )
     adapter_cache_size: int = setting(
         ADAPTER_CACHE_SIZE,

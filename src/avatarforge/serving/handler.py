@@ -22,6 +22,7 @@ import numpy as np
 from ..generate import GenArgs, batch_key, to_jpeg_base64
 from ..settings import ConfigError
 from . import schema
+from .config import MAX_REQUEST_COST
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +80,22 @@ def _rows_of(value: np.ndarray) -> int:
     return int(np.shape(value)[0]) if np.ndim(value) else 1
 
 
+def request_cost(rows: Sequence[Row]) -> float:
+    """The work a request asks for, in 512x512 denoising steps (what its time grows with)."""
+    return sum(r.args.num_images * r.args.steps * r.args.height * r.args.width for r in rows) / (
+        512 * 512
+    )
+
+
 def parse_request(
-    inputs: Mapping[str, np.ndarray | None], specs: Sequence[schema.TensorSpec] = schema.BASE_INPUTS
+    inputs: Mapping[str, np.ndarray | None],
+    specs: Sequence[schema.TensorSpec] = schema.BASE_INPUTS,
+    *,
+    max_cost: float = MAX_REQUEST_COST,
 ) -> ParsedRequest:
-    """Validate one request's inputs; raises RequestError naming the field."""
+    """Validate one request's inputs; raises RequestError naming the field. A request whose
+    :func:`request_cost` is over ``max_cost`` is refused before any work: one in-bounds request
+    (8 rows x 8 images x 1024 px x 150 steps) would hold the shared base for many minutes."""
     texts: dict[str, list[str] | None] = {}
     rows = None
     for spec in specs:
@@ -102,7 +115,8 @@ def parse_request(
             raise RequestError(f"{spec.name}: longer than {limit} characters")
         if len(texts[spec.name]) != n:
             raise RequestError(f"{spec.name}: expected one value per row")
-    rows = rows or 0
+    if not rows:  # a [0, 1] tensor: nothing to answer (and no empty output to encode)
+        raise RequestError(f"{schema.PROMPT.name}: a request needs at least one row")
     negative = texts.get(schema.NEGATIVE_PROMPT.name)
     gen_args = texts.get(schema.GEN_ARGS.name)
     parsed = []
@@ -115,6 +129,12 @@ def parse_request(
         if not prompt.strip():
             raise RequestError("prompt: must not be empty")
         parsed.append(Row(prompt, (negative[i] or None) if negative else None, args))
+    if (cost := request_cost(parsed)) > max_cost:
+        raise RequestError(
+            f"request: asks for {cost:.0f} 512x512 denoising steps (rows x num_images x steps x "
+            f"height x width / 512^2), over this server's {max_cost:.0f} "
+            "(serving.max_request_cost): send fewer rows, images or steps, or smaller images"
+        )
     if len({r.args.num_images for r in parsed}) > 1:
         raise RequestError("gen_args.num_images: must be the same for every row of one request")
     adapters = set(texts.get(schema.ADAPTER.name) or [""])
@@ -145,12 +165,14 @@ def handle_requests(
     generate: Generate,
     specs: Sequence[schema.TensorSpec] = schema.BASE_INPUTS,
     client_errors: tuple[type[Exception], ...] = CLIENT_ERRORS,
+    *,
+    max_cost: float = MAX_REQUEST_COST,
 ) -> list[np.ndarray | RequestError]:
     """One result per request, in order: the output array or the RequestError to send."""
     results: list[np.ndarray | RequestError] = []
     for inputs in requests:
         try:
-            results.append(answer(parse_request(inputs, specs), generate))
+            results.append(answer(parse_request(inputs, specs, max_cost=max_cost), generate))
         except Exception as exc:  # one broken request must not take the batch down with it
             results.append(as_request_error(exc, client_errors))
     return results
@@ -221,6 +243,7 @@ def handle_batched(
     *,
     max_images: int = 8,
     max_adapters: int = 8,
+    max_cost: float = MAX_REQUEST_COST,
 ) -> list[np.ndarray | RequestError]:
     """As :func:`handle_requests`, with the rows of all requests run in as few pipeline calls as
     their settings allow. Each adapter is prepared once, before anything runs, so a broken one
@@ -230,7 +253,7 @@ def handle_batched(
     parsed: dict[int, ParsedRequest] = {}
     for i, inputs in enumerate(requests):
         try:
-            parsed[i] = parse_request(inputs, specs)
+            parsed[i] = parse_request(inputs, specs, max_cost=max_cost)
         except Exception as exc:
             errors[i] = as_request_error(exc, client_errors)
     together: dict[str | None, bool] = {}

@@ -140,6 +140,7 @@ def _bounds(meta: dict[str, Any]) -> str:
 def contract_markdown() -> str:
     """The request contract of a user model as Markdown: inputs, output, gen_args fields with
     bounds and aliases, a curl and a tritonclient example (README.md holds this text)."""
+    from .config import MAX_REQUEST_COST  # config imports this module
     import dataclasses
     import typing
 
@@ -182,9 +183,12 @@ def contract_markdown() -> str:
             "may allow fewer: `serving.max_batch_size`), one prompt per row, every row answered "
             "in order; send every input with the same number of rows, shape `[rows, 1]` (a shape "
             "of `[1]` is refused). Text is UTF-8. An omitted optional input takes its defaults; "
-            "all rows of one request ask for the same `num_images`. A bad row fails its request "
-            'with an error that names the field (`{"error": "gen_args.steps: must be >= 1 '
-            '(got 0)"}`).',
+            "all rows of one request ask for the same `num_images`. A request's work is bounded: "
+            "rows x num_images x steps x height x width / 512² at most "
+            f"{MAX_REQUEST_COST} (`serving.max_request_cost`, set per package). A bad row fails "
+            "its request with HTTP 400 and an error that names the field (`{\"error\": "
+            '"invalid request: gen_args.steps: must be >= 1 (got 0)"}`); a failure of the '
+            "server is a 500 with a reference to its log.",
             "",
             "`gen_args` is a JSON object; every field is optional:",
             "",

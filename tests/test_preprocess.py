@@ -21,7 +21,10 @@ from avatarforge.preprocess import (
     load_manifest,
     preprocess_dir,
 )
+from avatarforge.preprocess import dataset as dataset_module
 from avatarforge.samples import HOSTILE, expected_faces, upside_down_upright
+from avatarforge.train.data import read_dataset
+from avatarforge.train.errors import TrainingError
 
 SMALL = PreprocessConfig(size=128, backgrounds=1, min_images=1)  # fast runs of the hostile set
 
@@ -191,3 +194,100 @@ def test_cli_samples_and_preprocess(tmp_path):
     assert "Traceback" not in result.output
     result = runner.invoke(app, [*args, "--detector", "mtcnn"])
     assert result.exit_code == 1 and "preprocess.detector" in result.output
+
+
+# --- failed runs, big folders (issue 13) ----------------------------------------------------
+
+
+def test_a_failed_run_leaves_nothing_training_accepts(tmp_path, hostile_photos):
+    out = tmp_path / "out"
+    preprocess_dir(hostile_photos, out, SMALL)  # a good dataset first, in the same folder
+    assert read_dataset(out).images
+    strict = PreprocessConfig(size=128, backgrounds=1, min_images=5)
+    with pytest.raises(NotEnoughPhotosError):
+        preprocess_dir(hostile_photos, out, strict)
+    with pytest.raises(TrainingError, match=r"preprocessing failed.*only 1 usable photo"):
+        read_dataset(out)
+    result = runner.invoke(app, ["train", str(out), "--user", "alice"])
+    assert result.exit_code == 1 and "preprocessing failed" in result.output, result.output
+    manifest = load_manifest(out)  # the user still sees why, on the sheet and in the manifest
+    assert manifest.status == "failed" and "only 1 usable photo" in manifest.error
+    assert manifest.rejected and (out / "contact_sheet.png").stat().st_size > 1000
+    assert not (out / "images").exists() and not (out / "masks").exists()  # nothing published
+    assert all(i.image is None for i in manifest.items)
+
+
+def test_an_interrupted_run_is_not_a_dataset_and_can_be_rerun(tmp_path, hostile_photos):
+    out = tmp_path / "out"
+
+    class Interrupted(BaseException):  # as Ctrl-C is: not caught as one photo's failure
+        pass
+
+    def stop(*args, **kwargs):
+        raise Interrupted
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dataset_module, "process_photo", stop)
+        with pytest.raises(Interrupted):
+            preprocess_dir(hostile_photos, out, SMALL)
+    with pytest.raises(TrainingError, match="preprocessing did not finish"):
+        read_dataset(out)
+    assert preprocess_dir(hostile_photos, out, SMALL).kept  # the folder is still ours to reuse
+
+
+def test_training_refuses_a_failed_manifest_of_older_code(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "images" / "a.png")
+    kept = {"source": "a.jpg", "status": "kept", "image": "images/a.png"}
+    rejected = {"source": "b.jpg", "status": "rejected", "reason": "no face found"}
+    old = {"version": 1, "config": {"min_images": 5}, "items": [kept, rejected]}
+    (tmp_path / "manifest.json").write_text(json.dumps(old))  # written before "status" existed
+    with pytest.raises(
+        TrainingError, match=r"preprocessing failed.*only 1 usable photo.*min_images is 5"
+    ):
+        read_dataset(tmp_path)
+    old["config"]["min_images"] = 1
+    (tmp_path / "manifest.json").write_text(json.dumps(old))
+    assert [p.name for p in read_dataset(tmp_path).images] == ["a.png"]
+
+
+def test_more_files_than_max_files_is_refused_before_anything_is_decoded(tmp_path, monkeypatch):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        (src / f"{i}.jpg").write_bytes(b"x")
+    decoded = []
+    monkeypatch.setattr(dataset_module, "load_photo", lambda *a, **k: decoded.append(a))
+    config = PreprocessConfig(max_files=5, min_images=1)
+    with pytest.raises(PreprocessError, match=r"more than 5 files.*preprocess\.max_files"):
+        preprocess_dir(src, tmp_path / "out", config)
+    assert decoded == [] and not (tmp_path / "out").exists()
+    result = runner.invoke(app, ["preprocess", str(src), str(tmp_path / "out"), "--max-files", "5"])
+    assert result.exit_code == 1 and "--max-files" in "".join(result.output.split())
+
+
+def test_the_contact_sheet_is_capped_at_sheet_rows(tmp_path, hostile_photos):
+    src = tmp_path / "in"
+    shutil.copytree(hostile_photos, src)
+    for i in range(40):
+        (src / f"junk_{i:02}.txt").write_text("not a photo")
+    config = PreprocessConfig(size=64, backgrounds=0, min_images=1, sheet_rows=10)
+    manifest = preprocess_dir(src, tmp_path / "out", config)
+    photos = len({i.source for i in manifest.items})
+    assert manifest.not_on_sheet == photos - 10
+    data = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert data["not_on_sheet"] == photos - 10 and len(data["items"]) == photos
+    with Image.open(tmp_path / "out" / "contact_sheet.png") as sheet:
+        assert sheet.height < 20 + 11 * (160 + 14 + 6)  # ten rows, not fifty
+
+
+def test_photos_larger_than_work_side_keep_source_coordinates(tmp_path):
+    from avatarforge.samples import ASTRONAUT_FACE, astronaut
+
+    src = tmp_path / "in"
+    src.mkdir()
+    astronaut().resize((2048, 2048), Image.Resampling.LANCZOS).save(src / "big.png")
+    config = PreprocessConfig(size=128, backgrounds=0, min_images=1, work_side=1024)
+    item = preprocess_dir(src, tmp_path / "out", config).kept[0]
+    assert iou(tuple(item.face_box), tuple(4 * v for v in ASTRONAUT_FACE)) >= 0.7
+    assert item.scores["face_px"] > 300  # source pixels, as min_face_px is

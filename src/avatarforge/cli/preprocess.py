@@ -14,7 +14,11 @@ from .common import config_options, console, fail
 
 
 def _summary(manifest) -> Table:
-    table = Table(title=f"preprocess: {len(manifest.kept_sources)} photo(s) kept")
+    usable = len(manifest.kept_sources)
+    title = f"preprocess: {usable} photo(s) kept"
+    if manifest.status == "failed":  # nothing was published: say so beside the count
+        title = f"preprocess failed: {usable} usable photo(s), no images written"
+    table = Table(title=title)
     table.add_column("photo")
     table.add_column("status")
     table.add_column("images / reason")
@@ -46,15 +50,25 @@ def preprocess(
     if not in_dir.startswith("s3://"):
         _preprocess(Path(in_dir), out_dir, config)
         return
-    from ..storage import StorageError, fetch_prefix
-
     with tempfile.TemporaryDirectory(prefix="avatarforge-upload-") as tmp:
-        try:
-            photos = fetch_prefix(in_dir, Path(tmp))
-        except (StorageError, ValueError) as exc:
-            fail(str(exc))
+        photos = _fetch(in_dir, Path(tmp), config)
         console.print(f"fetched {len(photos)} object(s) from {in_dir}")
         _preprocess(Path(tmp), out_dir, config)
+
+
+def _fetch(uri: str, dest: Path, config: PreprocessConfig) -> list[Path]:
+    """The objects under the S3 prefix ``uri``, downloaded into ``dest`` once their listing
+    passed the limits (count: ``max_files``; names that are no file are refused)."""
+    from ..storage import ListingLimitError, StorageError, fetch_prefix
+
+    try:
+        return fetch_prefix(uri, dest, max_objects=config.max_files)
+    except ListingLimitError as exc:
+        fail(f"{exc} (limits: preprocess.max_files {config.max_files} objects, --max-files)")
+    except (StorageError, ValueError) as exc:
+        fail(str(exc))
+    except OSError as exc:  # the local disk: full, or a name this file system refuses
+        fail(f"{uri}: cannot save the photos in {dest}: {exc}")
 
 
 def _preprocess(in_dir: Path, out_dir: Path, config: PreprocessConfig) -> None:
@@ -72,6 +86,11 @@ def _preprocess(in_dir: Path, out_dir: Path, config: PreprocessConfig) -> None:
     console.print(f"{len(manifest.kept)} image(s) in {out_dir / 'images'}")
     console.print(f"manifest      {manifest.path}")
     console.print(f"contact sheet {out_dir / 'contact_sheet.png'}")
+    if manifest.not_on_sheet:
+        console.print(
+            f"              ({manifest.not_on_sheet} photo(s) not shown on it, "
+            "preprocess.sheet_rows; all are in the manifest)"
+        )
 
 
 def samples(

@@ -41,9 +41,17 @@ class PreprocessConfig(Settings):
     min_side: int = setting(256, "reject photos whose shorter side is below this", ge=16, le=8192)
     max_pixels: int = setting(
         100_000_000,
-        "reject photos with more pixels than this (decompression-bomb guard)",
+        "reject photos with more pixels than this (decompression-bomb guard; a PNG, WebP or HEIC "
+        "is decoded whole first: about 4 bytes a pixel)",
         ge=1_000_000,
         le=178_956_970,  # PIL refuses more than 2 x its own limit anyway
+    )
+    work_side: int = setting(
+        4096,
+        "photos with a longer side above this are reduced by a whole factor as they are decoded "
+        "(JPEG at 1/2 to 1/8 scale directly) to bound memory; 12 MP phone photos are not",
+        ge=1024,
+        le=16384,
     )
     detector: str = setting(
         "hog", "face detector: dlib HOG (fast) or dlib CNN (slow on CPU)", choices=("hog", "cnn")
@@ -84,6 +92,20 @@ class PreprocessConfig(Settings):
     )
     seed: int = setting(0, "seed of the generated backgrounds (same seed, same images)", ge=0)
     min_images: int = setting(5, "fail unless at least this many photos are usable", ge=1, le=1000)
+    max_files: int = setting(
+        1000,
+        "refuse an input folder or S3 prefix with more files than this, before any is decoded "
+        "(a selfie set is a few dozen photos)",
+        ge=1,
+        le=100_000,
+    )
+    sheet_rows: int = setting(
+        100,
+        "the contact sheet shows at most this many photos, rejected ones first "
+        "(manifest.json lists every photo)",
+        ge=1,
+        le=1000,
+    )
 
     def validate(self) -> None:
         if self.backgrounds == 0 and not self.keep_original:

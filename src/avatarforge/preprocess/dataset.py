@@ -9,11 +9,13 @@ Output layout::
     out_dir/contact_sheet.png          originals beside their results, reasons for rejections
     out_dir/preprocess_config.json     the config that produced it
 
-``in_dir`` is only read (recursively; hidden files and ``out_dir`` itself are skipped). Files
-are handled in sorted order, so of two duplicates the first by name is kept. Every failure of
-one file becomes a rejected item with its reason; only when fewer than ``min_images`` photos
-are usable does the step fail, with :class:`NotEnoughPhotosError`, after writing everything so
-the user can see why.
+``in_dir`` is only read (recursively; hidden files and ``out_dir`` itself are skipped). More
+than ``max_files`` files is refused before ``out_dir`` is touched. Files are handled in sorted
+order, so of two duplicates the first by name is kept. Every failure of one file becomes a
+rejected item with its reason; only when fewer than ``min_images`` photos are usable does the
+step fail, with :class:`NotEnoughPhotosError`. A failed run publishes no images and writes a
+manifest with status "failed" that says why (beside the contact sheet), so training refuses
+the folder, even when an earlier run had left a good dataset there.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +32,50 @@ from PIL import Image
 from .config import NotEnoughPhotosError, PreprocessConfig, PreprocessError
 from .duplicates import dhash, find_duplicate
 from .intake import Rejected, load_photo
-from .manifest import KEPT, REJECTED, Manifest, ManifestItem
+from .manifest import FAILED, KEPT, REJECTED, RUNNING, Manifest, ManifestItem
 from .pipeline import process_photo
 from .segment import GrabCutSegmenter, Segmenter
-from .sheet import SheetRow, render, small, thumbnail
+from .sheet import SheetRow, SheetRows, render, small, thumbnail
 
 log = logging.getLogger(__name__)
-OUTPUTS = ("images", "masks", "manifest.json", "contact_sheet.png", "preprocess_config.json")
+# The manifest first: a run stopped while clearing never leaves an old manifest beside new files.
+OUTPUTS = (
+    "manifest.json",
+    "manifest.json.tmp",
+    "images",
+    "masks",
+    "contact_sheet.png",
+    "preprocess_config.json",
+)
 
 
-def list_photos(in_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    """Every file under ``in_dir`` except hidden ones and anything inside ``out_dir``."""
+def too_many_files(where: str, max_files: int) -> str:
+    return (
+        f"{where}: more than {max_files} files (preprocess.max_files, --max-files); a selfie set "
+        "is a few dozen photos: is this the right folder?"
+    )
+
+
+def list_photos(
+    in_dir: Path, out_dir: Path | None = None, max_files: int | None = None
+) -> list[Path]:
+    """Every file under ``in_dir`` except hidden ones and anything inside ``out_dir``, sorted.
+
+    Past ``max_files`` files the walk stops with a PreprocessError: a photo library given by
+    mistake is neither walked to its end nor decoded.
+    """
     skip = out_dir.resolve() if out_dir is not None else None
     found = []
-    for path in sorted(in_dir.rglob("*")):
+    for path in in_dir.rglob("*"):
         rel = path.relative_to(in_dir)
         if any(part.startswith(".") for part in rel.parts) or not path.is_file():
             continue
         if skip is not None and path.resolve().is_relative_to(skip):
             continue
         found.append(path)
-    return found
+        if max_files is not None and len(found) > max_files:
+            raise PreprocessError(too_many_files(str(in_dir), max_files))
+    return sorted(found)
 
 
 def output_name(rel: str, taken: set[str]) -> str:
@@ -86,8 +112,9 @@ def _save_png(pixels: np.ndarray, path: Path) -> None:
     Image.fromarray(pixels).save(path, compress_level=3)
 
 
-def _box(box) -> list[int] | None:
-    return [int(v) for v in box] if box is not None else None
+def _box(box, scale: float = 1.0) -> list[int] | None:
+    """A box of the decoded pixels in the source photo's coordinates (the manifest's)."""
+    return [round(v * scale) for v in box] if box is not None else None
 
 
 def preprocess_dir(
@@ -103,11 +130,14 @@ def preprocess_dir(
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise PreprocessError(f"in_dir {in_dir} is not a folder")
+    files = list_photos(in_dir, out_dir, config.max_files)
     _prepare_out(in_dir, out_dir)
-    files = list_photos(in_dir, out_dir)
+    # Written first: the folder is ours to clear on a rerun, and no dataset until the run ends.
+    Manifest(items=[], config=config.to_dict(), status=RUNNING).write(out_dir)
+    config.save(out_dir / "preprocess_config.json")
 
     items: list[ManifestItem] = []
-    rows: list[SheetRow] = []
+    rows = SheetRows(config.sheet_rows)
     hashes: dict[str, int] = {}
     taken: set[str] = set()
     iterator = files
@@ -119,24 +149,57 @@ def preprocess_dir(
         rel = path.relative_to(in_dir).as_posix()
         new_items, row = _one(path, rel, out_dir, config, segmenter, hashes, taken)
         items.extend(new_items)
-        rows.append(row)
+        rows.add(row, rejected=new_items[0].status == REJECTED)
 
-    manifest = Manifest(items=items, config=config.to_dict())
-    config.save(out_dir / "preprocess_config.json")
-    if rows:
-        title = f"{len(manifest.kept_sources)} of {len(files)} photos kept"
-        render(rows, title).save(out_dir / "contact_sheet.png")
+    manifest = Manifest(items=items, config=config.to_dict(), not_on_sheet=rows.omitted)
+    error = _shortfall(manifest, config, out_dir)
+    if error is not None:
+        manifest = _unpublish(manifest, out_dir, error)
+    if files:
+        render(rows.shown(), _sheet_title(manifest, len(files))).save(out_dir / "contact_sheet.png")
     manifest.write(out_dir)
-    _check_enough(manifest, config)
+    if error is not None:
+        raise NotEnoughPhotosError(error, manifest)
     return manifest
+
+
+def _sheet_title(manifest: Manifest, photos: int) -> str:
+    usable = len(manifest.kept_sources)
+    if manifest.status == FAILED:
+        need = manifest.config["min_images"]
+        title = f"FAILED: {usable} of {photos} photos usable, min_images is {need}"
+    else:
+        title = f"{usable} of {photos} photos kept"
+    if manifest.not_on_sheet:
+        title += f"; {manifest.not_on_sheet} more not shown here (all are in manifest.json)"
+    return title
+
+
+def _unpublish(manifest: Manifest, out_dir: Path, error: str) -> Manifest:
+    """The failed form of ``manifest``: no images or masks are left for anything to train on
+    (ours or a tool reading images/), and the manifest says why."""
+    for name in ("images", "masks"):
+        shutil.rmtree(out_dir / name, ignore_errors=True)
+    return Manifest(
+        items=[replace(i, image=None, mask=None) for i in manifest.items],
+        config=manifest.config,
+        status=FAILED,
+        error=error,
+        not_on_sheet=manifest.not_on_sheet,
+    )
 
 
 def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, SheetRow]:
     """Process one file; every failure becomes a rejected item (never an exception)."""
-    pixels = None
+    pixels, scale = None, 1.0
     try:
-        photo = load_photo(path, min_side=config.min_side, max_pixels=config.max_pixels)
-        pixels = photo.pixels
+        photo = load_photo(
+            path,
+            min_side=config.min_side,
+            max_pixels=config.max_pixels,
+            work_side=config.work_side,
+        )
+        pixels, scale = photo.pixels, photo.scale
         h = dhash(pixels)
         dup = find_duplicate(h, hashes, config.duplicate_distance)
         hashes[rel] = h
@@ -145,14 +208,14 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
                 f"duplicate of {dup[0]} (hash distance {dup[1]})",
                 scores={"duplicate_distance": dup[1]},
             )
-        done = process_photo(pixels, config, segmenter, key=rel)
+        done = process_photo(pixels, config, segmenter, key=rel, scale=scale)
     except Rejected as exc:
         log.debug("rejected %s: %s", rel, exc)
         item = ManifestItem(
             source=rel,
             status=REJECTED,
             reason=str(exc),
-            face_box=_box(exc.face_box),
+            face_box=_box(exc.face_box, scale),
             scores=dict(exc.scores),
         )
         thumb = thumbnail(pixels, exc.face_box) if pixels is not None else None
@@ -173,8 +236,8 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
         source=rel,
         status=KEPT,
         mask=mask_rel,
-        face_box=_box(done.face.box),
-        crop_box=_box(done.crop_box),
+        face_box=_box(done.face.box, scale),
+        crop_box=_box(done.crop_box, scale),
         scores=done.scores,
     )
     items = []
@@ -182,19 +245,19 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
         _save_png(img, out_dir / "images" / f"{stem}.png")
         items.append(ManifestItem(image=f"images/{stem}.png", background=kind, **common))
     row = SheetRow(
-        f"{rel}: kept, face {done.face.side}px, {len(outputs)} image(s)",
+        f"{rel}: kept, face {done.scores['face_px']}px, {len(outputs)} image(s)",
         thumbnail(pixels, done.face.box, done.crop_box),
         [small(done.image), small(done.mask), *(small(img) for _, img in done.composites)],
     )
     return items, row
 
 
-def _check_enough(manifest: Manifest, config: PreprocessConfig) -> None:
-    """NotEnoughPhotosError unless ``min_images`` photos are usable; its message lists each
-    rejection and names the settings that would have kept those photos."""
+def _shortfall(manifest: Manifest, config: PreprocessConfig, out_dir: Path) -> str | None:
+    """None when ``min_images`` photos are usable; otherwise why not: each rejection, and the
+    settings that would have kept those photos."""
     usable = len(manifest.kept_sources)
     if usable >= config.min_images:
-        return
+        return None
     why = "; ".join(f"{i.source}: {i.reason}" for i in manifest.rejected) or "no photos found"
     # (start of the reason, the setting that decides it, what to do with it)
     settings = (
@@ -212,9 +275,8 @@ def _check_enough(manifest: Manifest, config: PreprocessConfig) -> None:
             now = getattr(config, field)
             hints.append(f"{start} ({count}): preprocess.{field} ({flag}, now {now!r}; {what})")
     hint = f" Settings that decide this: {'; '.join(hints)}." if hints else ""
-    raise NotEnoughPhotosError(
+    return (
         f"only {usable} usable photo(s), need at least {config.min_images} "
         f"(preprocess.min_images, --min-images); {len(manifest.rejected)} rejected: {why}.{hint} "
-        f"See {manifest.dir / 'contact_sheet.png'}",
-        manifest,
+        f"See {out_dir / 'contact_sheet.png'}"
     )

@@ -2,18 +2,26 @@
 
 Layout (version 1)::
 
-    {"version": 1, "config": {...PreprocessConfig...},
+    {"version": 1, "status": "ok" | "failed" | "running", "error": null | "...",
+     "config": {...PreprocessConfig...},
      "items": [{"source": "a.jpg", "status": "kept" | "rejected", "reason": null | "...",
                 "image": "images/a.png" | null, "mask": "masks/a.png" | null,
                 "face_box": [x0, y0, x1, y1] | null, "crop_box": [...] | null,
                 "background": "original" | "solid" | "gradient" | "noise" | null,
                 "scores": {...}}, ...],
-     "kept": N, "rejected": M}
+     "kept": N, "rejected": M, "not_on_sheet": K}
 
 One kept item per output image: a photo kept with ``backgrounds=2`` and ``keep_original``
 gives three kept items (same source, face box and mask; backgrounds "original" and two
 generated ones). A rejected photo gives one item. ``kept`` / ``rejected`` count items; boxes
 are in the source photo's upright pixel coordinates.
+
+``status`` is "ok" only for a finished run with at least ``min_images`` usable photos: a trainer
+takes nothing else. "running" is written first (a run that crashed leaves it), "failed" with
+``error`` when too few photos were usable: then no images are published (items have null
+``image`` and ``mask``) and the manifest and contact sheet only say why. Manifests written
+before ``status`` existed have none. ``not_on_sheet`` counts the photos the capped contact
+sheet leaves out.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from typing import Any
 
 VERSION = 1
 KEPT, REJECTED = "kept", "rejected"
+OK, FAILED, RUNNING = "ok", "failed", "running"  # the manifest's status
 
 
 @dataclass(frozen=True)
@@ -54,6 +63,9 @@ class Manifest:
     config: dict[str, Any]
     path: Path | None = None  # where manifest.json lives, once written or loaded
     version: int = VERSION
+    status: str = OK
+    error: str | None = None  # why the run failed (status FAILED)
+    not_on_sheet: int = 0  # photos the capped contact sheet does not show
 
     @property
     def kept(self) -> list[ManifestItem]:
@@ -88,10 +100,13 @@ class Manifest:
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
+            "status": self.status,
+            "error": self.error,
             "config": self.config,
             "items": [i.to_dict() for i in self.items],
             "kept": len(self.kept),
             "rejected": len(self.rejected),
+            "not_on_sheet": self.not_on_sheet,
         }
 
     def write(self, dataset_dir: Path) -> Path:
@@ -113,4 +128,11 @@ def load_manifest(dataset_dir: Path) -> Manifest:
         raise ValueError(f"{path}: manifest version {data.get('version')!r}, expected {VERSION}")
     known = ManifestItem.__dataclass_fields__
     items = [ManifestItem(**{k: v for k, v in d.items() if k in known}) for d in data["items"]]
-    return Manifest(items=items, config=data.get("config", {}), path=path)
+    return Manifest(
+        items=items,
+        config=data.get("config", {}),
+        path=path,
+        status=data.get("status", OK),  # older manifests: judged by the trainer's reader
+        error=data.get("error"),
+        not_on_sheet=data.get("not_on_sheet", 0),
+    )

@@ -1,7 +1,9 @@
 """One photo's path through the step, as a pure function of pixels and config (no file I/O).
 
 decoded pixels -> faces (largest kept, checked) -> square crop -> person mask -> composites.
-A photo that cannot be used raises :class:`~.intake.Rejected` with the reason.
+A photo that cannot be used raises :class:`~.intake.Rejected` with the reason. Boxes are in the
+decoded pixels' coordinates; ``scale`` (source pixels per decoded pixel, see
+:attr:`~.intake.Photo.scale`) only turns face sizes into the source pixels settings speak of.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def sharpness(image: np.ndarray, box: Box) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_64F).var()) if grey.size else 0.0
 
 
-def choose_face(pixels: np.ndarray, config: PreprocessConfig) -> tuple[Face, int]:
+def choose_face(
+    pixels: np.ndarray, config: PreprocessConfig, scale: float = 1.0
+) -> tuple[Face, int]:
     """The largest usable face and how many faces were found, or Rejected with why not."""
     faces = detect_faces(
         pixels, kind=config.detector, upsample=config.upsample, detect_side=config.detect_side
@@ -45,10 +49,11 @@ def choose_face(pixels: np.ndarray, config: PreprocessConfig) -> tuple[Face, int
     if face is None:
         raise Rejected("no face found", scores={"faces": 0})
     face = with_landmarks(pixels, face)
-    found = {"faces": len(faces), "detector_score": round(face.score, 4), "face_px": face.side}
-    if face.side < config.min_face_px:
+    side = round(face.side * scale)  # in source pixels, as min_face_px is
+    found = {"faces": len(faces), "detector_score": round(face.score, 4), "face_px": side}
+    if side < config.min_face_px:
         raise Rejected(
-            f"face too small: {face.side} px < min_face_px {config.min_face_px}",
+            f"face too small: {side} px < min_face_px {config.min_face_px}",
             face_box=face.box,
             scores=found,
         )
@@ -63,10 +68,10 @@ def choose_face(pixels: np.ndarray, config: PreprocessConfig) -> tuple[Face, int
 
 
 def process_photo(
-    pixels: np.ndarray, config: PreprocessConfig, segmenter: Segmenter, key: str
+    pixels: np.ndarray, config: PreprocessConfig, segmenter: Segmenter, key: str, scale: float = 1.0
 ) -> Processed:
     """Crop, segment and composite one decoded photo; ``key`` seeds its backgrounds."""
-    face, count = choose_face(pixels, config)
+    face, count = choose_face(pixels, config, scale)
     box = square_box(face.box, config.margin)
     image, valid, tf = crop_square(pixels, box, config.size, config.pad_mode)
     assert face.landmarks is not None
@@ -83,7 +88,7 @@ def process_photo(
     scores = {
         "faces": count,
         "detector_score": round(face.score, 4),
-        "face_px": face.side,
+        "face_px": round(face.side * scale),
         "sharpness": round(sharpness(image, local.box), 2),
         "brightness": round(float(image.mean()) / 255.0, 4),
         "mask_coverage": round(float(mask.mean()) / 255.0, 4),

@@ -19,6 +19,29 @@ class SheetRow:
     results: list[Image.Image] = field(default_factory=list)
 
 
+class SheetRows:
+    """The rows the contact sheet shows: at most ``limit`` (its height, and the thumbnails held
+    in memory, stay bounded however many photos there are), rejected photos first since the
+    sheet is where the user sees why, then the earliest kept ones; shown in their own order."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.omitted = 0  # photos left off the sheet
+        self._rejected: list[tuple[int, SheetRow]] = []
+        self._kept: list[tuple[int, SheetRow]] = []
+        self._count = 0
+
+    def add(self, row: SheetRow, rejected: bool) -> None:
+        (self._rejected if rejected else self._kept).append((self._count, row))
+        self._count += 1
+        if len(self._rejected) + len(self._kept) > self.limit:
+            (self._kept or self._rejected).pop()  # the newest kept row, else the newest row
+            self.omitted += 1
+
+    def shown(self) -> list[SheetRow]:
+        return [row for _, row in sorted(self._rejected + self._kept, key=lambda pair: pair[0])]
+
+
 def thumbnail(pixels: np.ndarray, box=None, crop=None, side: int = THUMB) -> Image.Image:
     """A small copy of the photo with the face box (red) and the crop square (green) drawn."""
     img = Image.fromarray(pixels)

@@ -43,6 +43,7 @@ def read_dataset(dataset_dir: Path) -> InstanceSet:
         raise TrainingError(
             f"{manifest}: manifest version {data.get('version')!r}, expected {MANIFEST_VERSION}"
         )
+    _refuse_unfinished(dataset_dir, data)
     images = []
     for item in data["items"]:
         if not isinstance(item, dict) or item.get("status") != "kept":
@@ -62,6 +63,45 @@ def read_dataset(dataset_dir: Path) -> InstanceSet:
             f"{dataset_dir}: no kept images to train on ({rejected} rejected by preprocessing)"
         )
     return InstanceSet(tuple(images), hashlib.sha256(raw).hexdigest())
+
+
+AGAIN = "fix the photos or settings and run `avatarforge preprocess` again"
+
+
+def _refuse_unfinished(dataset_dir: Path, data: dict) -> None:
+    """A folder whose preprocessing failed or never finished is no dataset, though it has a
+    manifest.json (kept so the user can read why); the error says so, and why it failed."""
+    status = data.get("status")
+    if status is None:
+        _refuse_older_failed(dataset_dir, data)
+    elif status == "failed":
+        why = data.get("error") or "no reason recorded"
+        raise TrainingError(
+            f"{dataset_dir}: preprocessing failed, so there is nothing to train on: {why} "
+            f"({MANIFEST} and contact_sheet.png there say why each photo was rejected; {AGAIN})"
+        )
+    elif status == "running":
+        raise TrainingError(
+            f"{dataset_dir}: preprocessing did not finish (stopped, or still running): "
+            "run `avatarforge preprocess` again"
+        )
+    elif status != "ok":
+        raise TrainingError(f"{dataset_dir / MANIFEST}: unknown status {status!r}")
+
+
+def _refuse_older_failed(dataset_dir: Path, data: dict) -> None:
+    """Manifests from before "status" existed were written by failed runs too: one of those
+    has fewer usable photos than its own ``min_images``."""
+    config = data.get("config")
+    need = config.get("min_images") if isinstance(config, dict) else None
+    items = [i for i in data["items"] if isinstance(i, dict)]
+    usable = len({i.get("source") for i in items if i.get("status") == "kept"})
+    if isinstance(need, int) and usable < need:
+        raise TrainingError(
+            f"{dataset_dir}: preprocessing failed, so there is nothing to train on: only "
+            f"{usable} usable photo(s), its min_images is {need} ({MANIFEST} and "
+            f"contact_sheet.png there say why each photo was rejected; {AGAIN})"
+        )
 
 
 def load_pixels(paths: list[Path] | tuple[Path, ...], resolution: int):

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import boto3
 import pytest
 
+from avatarforge.aws_local import dummy_aws_env
 from avatarforge.storage import (
     ChecksumMismatchError,
     ObjectNotFoundError,
@@ -129,3 +133,68 @@ def test_preprocess_reads_selfies_from_an_s3_prefix(tmp_path: Path, s3_bucket: s
     assert sorted(manifest.kept_sources) == sorted(p.name for p in photos)
     missing = CliRunner().invoke(app, ["preprocess", f"s3://{s3_bucket}/nobody/", str(out)])
     assert missing.exit_code == 1 and "no objects under this prefix" in missing.output
+
+
+class _ThrottlingS3(http.server.BaseHTTPRequestHandler):
+    """S3 that answers 503 SlowDown to the first ``throttle`` requests, then serves one object."""
+
+    throttle = 2
+    body = b"the object's bytes"
+    seen: ClassVar[list[str]] = []
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def _answer(self, with_body: bool) -> None:
+        type(self).seen.append(self.command)
+        if len(self.seen) <= self.throttle:
+            error = b"<Error><Code>SlowDown</Code><Message>Reduce your rate</Message></Error>"
+            self.send_response(503)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(error)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(error)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.send_header("ETag", '"0123456789abcdef0123456789abcdef"')
+        self.send_header("Last-Modified", "Thu, 26 Nov 2026 00:00:00 GMT")
+        self.end_headers()
+        if with_body:
+            self.wfile.write(self.body)
+
+    def do_HEAD(self) -> None:
+        self._answer(False)
+
+    def do_GET(self) -> None:
+        self._answer(True)
+
+
+@pytest.fixture
+def throttling_s3(monkeypatch):
+    _ThrottlingS3.seen = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _ThrottlingS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for key, value in dummy_aws_env(f"http://127.0.0.1:{server.server_address[1]}").items():
+        monkeypatch.setenv(key, value)
+    try:
+        yield _ThrottlingS3
+    finally:
+        server.shutdown()
+
+
+def test_throttling_is_retried_with_backoff_by_botocore(throttling_s3, tmp_path):
+    throttling_s3.throttle = 2
+    path = fetch("s3://bucket/key.bin", tmp_path / "key.bin")
+    assert path.read_bytes() == throttling_s3.body
+    assert len(throttling_s3.seen) == 4  # two SlowDowns, then HEAD and GET
+
+
+def test_throttling_that_does_not_end_is_a_clear_failure(throttling_s3, tmp_path, monkeypatch):
+    throttling_s3.throttle = 10**6
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "3")  # the environment's setting wins
+    with pytest.raises(StorageError, match=r"503.*reached max retries: 2"):
+        fetch("s3://bucket/key.bin", tmp_path / "key.bin")
+    assert len(throttling_s3.seen) == 3
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

@@ -77,7 +77,9 @@ class GenArgs(Settings):
         else:
             try:
                 data = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # ValueError: also UnicodeDecodeError and an int of over 4300 digits; RecursionError:
+            # nesting deeper than the interpreter's limit (a few KB of '[')
+            except (ValueError, RecursionError) as exc:
                 raise ConfigError(f"gen_args: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"gen_args: must be a JSON object (got {type(data).__name__})")

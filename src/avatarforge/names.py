@@ -27,7 +27,7 @@ def check_user_id(user: object, *, field: str = "user") -> str:
     """``user`` if it is a valid user id; :class:`InvalidNameError` naming ``field`` otherwise."""
     if (
         not isinstance(user, str)
-        or not _ID.match(user)
+        or not _ID.fullmatch(user)
         or user in RESERVED_USERS
         or user.startswith(RESERVED_PREFIXES)
     ):
@@ -42,7 +42,7 @@ def check_user_id(user: object, *, field: str = "user") -> str:
 
 def check_job_id(job_id: object, *, field: str = "job_id") -> str:
     """``job_id`` if valid (same characters as a user id); :class:`InvalidNameError` otherwise."""
-    if not isinstance(job_id, str) or not _ID.match(job_id):
+    if not isinstance(job_id, str) or not _ID.fullmatch(job_id):
         raise InvalidNameError(
             f"{field}: {job_id!r} is not a valid job id: use 1-63 letters, digits, '_' or '-', "
             "starting with a letter or digit"

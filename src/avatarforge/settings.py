@@ -45,7 +45,9 @@ def _check(owner: str, f: dataclasses.Field, value: Any) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{name}: must be a number (got {value!r})")
-    if not math.isfinite(value):  # NaN passes every comparison; JSON parsers accept NaN
+    # NaN passes every comparison and JSON parsers accept NaN; an int is finite however large
+    # (math.isfinite would overflow converting 10**400 to a float)
+    if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{name}: must be a finite number (got {value!r})")
     if meta.get("ge") is not None and value < meta["ge"]:
         raise ConfigError(f"{name}: must be >= {meta['ge']} (got {value!r})")

@@ -8,6 +8,7 @@ crash leaves only a ``.tmp-*`` file behind. S3 goes through boto3, which reads i
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -20,6 +21,7 @@ from urllib.parse import unquote, urlparse
 from .hashing import sha256_file
 
 _CHUNK = 1024 * 1024
+MAX_NAME_BYTES = 240  # a file name is at most 255 bytes; fetch() adds a ".tmp-*" suffix to it
 
 
 class StorageError(RuntimeError):
@@ -185,6 +187,10 @@ def check_listing(
             )
         if obj.name in ("", ".", ".."):
             raise ListingLimitError(f"{where}: {obj.uri} has no usable file name")
+        if len(os.fsencode(obj.name)) > MAX_NAME_BYTES:
+            raise ListingLimitError(
+                f"{where}: {obj.uri}: file name longer than {MAX_NAME_BYTES} bytes"
+            )
         names[obj.name] = obj.uri
     total = sum(o.size for o in objects)
     if max_total_bytes is not None and total > max_total_bytes:
@@ -270,7 +276,13 @@ def local_path(uri: str) -> Path:
 
 
 def _copy_local(source: Path, tmp: Path) -> None:
-    if not source.is_file():
+    try:
+        found = source.is_file()
+    except OSError as exc:  # a name longer than the file system allows names no file either
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        found = False
+    if not found:
         raise ObjectNotFoundError(f"{source}: no such file")
     with open(source, "rb") as src, open(tmp, "wb") as out:
         shutil.copyfileobj(src, out, _CHUNK)
@@ -293,12 +305,26 @@ def _download_s3(source: S3Uri, tmp: Path) -> None:
 def _s3_client() -> Any:
     # One client per endpoint/credentials: creating a boto3 client costs ~50 ms, and tests
     # switch the endpoint through the environment.
-    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID")
+    keys = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+            "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")  # fmt: skip
     return _cached_client(tuple(os.environ.get(k) for k in keys))
+
+
+# botocore's "standard" retry mode: throttling (503 SlowDown), 5xx and connection errors are
+# retried with exponential backoff and jitter, then raised (a clear StorageError here). The
+# environment (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS) still wins where it is set.
+RETRY_MODE, MAX_ATTEMPTS = "standard", 5
 
 
 @functools.lru_cache(maxsize=8)
 def _cached_client(_env_key: tuple[str | None, ...]) -> Any:
     import boto3
+    from botocore.config import Config
 
-    return boto3.session.Session().client("s3")
+    retries: dict[str, Any] = {}
+    if not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = RETRY_MODE
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["total_max_attempts"] = MAX_ATTEMPTS
+    config = Config(retries=retries, connect_timeout=10, read_timeout=60)
+    return boto3.session.Session().client("s3", config=config)

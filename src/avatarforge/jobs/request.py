@@ -198,7 +198,7 @@ def _decode(data: bytes | str | dict) -> dict[str, Any]:
         raise JobRequestError(f"request: {len(data)} characters, more than {MAX_REQUEST_BYTES}")
     try:
         obj = json.loads(data)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:  # also an int past 4300 digits, deep nesting
         raise JobRequestError(f"request: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise JobRequestError(f"request: expected a JSON object, got {type(obj).__name__}")
@@ -239,10 +239,10 @@ def _work_prefix(value: object, models_prefix: str) -> str:
     if value is None:
         bucket, key = _split(models_prefix, "models_prefix")
         parent = key.rstrip("/").rpartition("/")[0]
-        if not key:
+        if not key or key.rstrip("/").rpartition("/")[2] == "jobs":
             raise JobRequestError(
-                "work_prefix: required when models_prefix is a bucket's root (the default, "
-                "'jobs/' beside the models prefix, would lie inside it)"
+                "work_prefix: required when models_prefix is a bucket's root or ends in 'jobs/' "
+                "(the default, 'jobs/' beside the models prefix, would lie inside it)"
             )
         return f"s3://{bucket}/{parent + '/' if parent else ''}jobs/"
     prefix = _prefix(value, "work_prefix")
@@ -312,7 +312,9 @@ def _bounded(name: str, value: Any, bound: Bound) -> Any:
         if len(value) > bound.max_len:
             raise JobRequestError(f"{name}: at most {bound.max_len} characters (got {len(value)})")
         return value
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    # an int is finite however large (math.isfinite would overflow converting it to float)
+    finite = not isinstance(value, float) or math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not finite:
         raise JobRequestError(f"{name}: expected a finite number (got {value!r})")
     if bound.kind is int and not (isinstance(value, int) or float(value).is_integer()):
         raise JobRequestError(f"{name}: expected an integer (got {value!r})")

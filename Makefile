@@ -11,7 +11,7 @@ LINT_DIRS := $(wildcard src tests bench model_repository training_container cond
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo demo-service demo-cloud test lint clean base env package export local-triton local-mme \
-        deploy-mme deploy-training destroy training-image bench bench-gpu
+        deploy-mme deploy-training destroy training-image bench bench-gpu reliability
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -63,6 +63,9 @@ export: $(STAMP)  ## a user's adapter for ComfyUI / AUTOMATIC1111: build/export/
 local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver on 127.0.0.1:8000; Ctrl-C stops
 	$(AF) serve local-triton $(if $(PORT),--port $(PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
 	  $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))
+
+reliability: $(STAMP)  ## load test of the local MME (20 clients, 30 users, evictions; RSS over 100 load cycles); a table
+	$(PY) bench/reliability.py
 
 bench: $(STAMP)  ## trainer variants, serving density, per-user memory, adapter switch + batching; JSON in build/bench/
 	$(PY) bench/train_memory.py

@@ -149,3 +149,25 @@ def test_model_folders_left_by_a_killed_loader_are_removed_at_start(sagemaker_se
     keep.mkdir()
     MultiModelLoader(sagemaker_server.sagemaker_url, str(tmp_path), tmp_path / "models")
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["not-ours"]
+
+
+def test_users_alternating_in_parallel_past_max_loaded_are_all_answered(
+    make_loader, mme_source: Path
+):
+    # three users, room for one, four clients at once: every request loads or evicts, and a
+    # load of a user can meet the eviction of that same user still deleting its folder (which
+    # `make reliability` found: "repository not found")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fixtures.mme import USERS
+
+    loader = make_loader(str(mme_source), max_loaded=1)
+    plan = [["alice", "bob", "carol"][(c + i) % 3] for c in range(4) for i in range(4)]
+
+    def ask(user: str) -> tuple[str, list[float]]:
+        return user, output_of(loader.invoke(f"{user}.tar.gz", scale_request([1.0])))
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, plan))
+    assert answers == [(user, [USERS[user]]) for user in plan]  # each its own user's model
+    assert loader.evictions >= 2 and len(loader.loaded()) == 1

@@ -29,6 +29,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +48,8 @@ from ..storage import ObjectNotFoundError, fetch, join_uri
 from .protocol import Response, SageMakerTritonClient, TritonMMEError, error_message
 
 log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"  # <root>/.staging-<hash>-<random>: a model being fetched
 
 # SageMaker: TargetModel is a relative S3 key under the endpoint's prefix (≤ 1024 chars).
 _TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\.tar\.gz$")
@@ -173,13 +176,18 @@ class MultiModelLoader:
         self._idle = threading.Condition(self._lru_lock)  # notified when a request finishes
         self._in_flight: dict[str, int] = {}
         self._staging: dict[str, threading.Lock] = {}  # one fetch + extract per TargetModel
+        self.loads = self.evictions = 0  # since start: what a load test reports
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep()
 
     def _sweep(self) -> None:
         """Remove model folders left by an earlier loader on this root (a crash, a kill): no
         model is loaded yet, so each is stale, and Triton never saw them from this loader."""
-        stale = [p for p in self.root.iterdir() if re.fullmatch(r"[0-9a-f]{32}", p.name)]
+        stale = [
+            p
+            for p in self.root.iterdir()
+            if re.fullmatch(r"[0-9a-f]{32}", p.name) or p.name.startswith(STAGING_PREFIX)
+        ]
         for path in stale:
             shutil.rmtree(path, ignore_errors=True)
         if stale:
@@ -201,21 +209,29 @@ class MultiModelLoader:
             started = time.perf_counter()
             name_hash = model_hash(target_model)
             work = self.root / name_hash
-            shutil.rmtree(work, ignore_errors=True)  # leftovers of a crash
+            # staged in a folder of its own: an eviction of this same TargetModel may still be
+            # deleting <root>/<hash> (it runs under the Triton lock, this fetch does not)
+            staging = self.root / f"{STAGING_PREFIX}{name_hash}-{uuid.uuid4().hex[:8]}"
+            moved = False
             try:
                 # fetched and checked before any eviction, outside the Triton lock
-                repo_dir = self._fetch_and_extract(target_model, work)
+                self._fetch_and_extract(target_model, staging)
                 with self._load_lock:
                     while len(self.loaded()) >= self.config.max_loaded:
                         self._evict_lru()
+                    shutil.rmtree(work, ignore_errors=True)  # stale: nothing of it is loaded
+                    staging.rename(work)
+                    moved = True
+                    repo_dir = work / "model"
                     self._triton_load(target_model, name_hash, repo_dir)
                     model = LoadedModel(
                         target_model, name_hash, repo_dir, time.perf_counter() - started
                     )
                     with self._lru_lock:
                         self._loaded[target_model] = model
+                        self.loads += 1
             except BaseException:
-                shutil.rmtree(work, ignore_errors=True)
+                shutil.rmtree(work if moved else staging, ignore_errors=True)
                 raise
             log.info("loaded %s in %.2f s", target_model, model.load_seconds)
             return model
@@ -316,6 +332,7 @@ class MultiModelLoader:
                 idle = [t for t in self._loaded if not self._in_flight.get(t)]
                 if idle:
                     victim = self._loaded.pop(idle[0])
+                    self.evictions += 1
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -140,11 +140,11 @@ def _bounds(meta: dict[str, Any]) -> str:
 def contract_markdown() -> str:
     """The request contract of a user model as Markdown: inputs, output, gen_args fields with
     bounds and aliases, a curl and a tritonclient example (README.md holds this text)."""
-    from .config import MAX_REQUEST_COST  # config imports this module
     import dataclasses
     import typing
 
     from ..generate import GenArgs
+    from .config import MAX_REQUEST_COST  # here: config imports this module
 
     rows = [
         f"| `{s.name}` | `{s.wire_type}` | `{_shape(s)}` | {'no' if s.optional else 'yes'} "
@@ -186,7 +186,7 @@ def contract_markdown() -> str:
             "all rows of one request ask for the same `num_images`. A request's work is bounded: "
             "rows x num_images x steps x height x width / 512² at most "
             f"{MAX_REQUEST_COST} (`serving.max_request_cost`, set per package). A bad row fails "
-            "its request with HTTP 400 and an error that names the field (`{\"error\": "
+            'its request with HTTP 400 and an error that names the field (`{"error": '
             '"invalid request: gen_args.steps: must be >= 1 (got 0)"}`); a failure of the '
             "server is a 500 with a reference to its log.",
             "",

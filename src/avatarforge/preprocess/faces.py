@@ -9,6 +9,7 @@ from the ``face-recognition-models`` wheel, found on disk without importing it (
 from __future__ import annotations
 
 import importlib.util
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -60,13 +61,20 @@ def _predictor():
     return dlib.shape_predictor(str(models_dir() / "shape_predictor_68_face_landmarks.dat"))
 
 
+# dlib's detectors and shape predictor release the GIL while they run and are not safe to call
+# from two threads at once (two training jobs preprocessing in one process segfaulted in
+# det.run): one call at a time per process.
+_DLIB = threading.Lock()
+
+
 def _run_detector(pixels: np.ndarray, kind: str, upsample: int) -> list[tuple[Box, float]]:
     det = _detector(kind)
-    if kind == "hog":
-        rects, scores, _ = det.run(pixels, upsample, 0.0)
-        pairs = list(zip(rects, scores, strict=True))
-    else:
-        pairs = [(d.rect, d.confidence) for d in det(pixels, upsample)]
+    with _DLIB:
+        if kind == "hog":
+            rects, scores, _ = det.run(pixels, upsample, 0.0)
+            pairs = list(zip(rects, scores, strict=True))
+        else:
+            pairs = [(d.rect, d.confidence) for d in det(pixels, upsample)]
     return [((r.left(), r.top(), r.right() + 1, r.bottom() + 1), float(s)) for r, s in pairs]
 
 
@@ -75,7 +83,8 @@ def landmarks(pixels: np.ndarray, box: Box) -> np.ndarray:
     import dlib
 
     rect = dlib.rectangle(int(box[0]), int(box[1]), int(box[2]) - 1, int(box[3]) - 1)
-    shape = _predictor()(pixels, rect)
+    with _DLIB:
+        shape = _predictor()(np.ascontiguousarray(pixels), rect)
     return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
 
 

@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-service demo-cloud test lint clean base env package export local-triton local-mme \
+.PHONY: help setup demo demo-service demo-cloud test test-fast lint clean base env package export local-triton local-mme \
         deploy-mme deploy-training destroy training-image bench bench-gpu reliability
 
 help:  ## list the verbs
@@ -41,6 +41,9 @@ lint: $(STAMP)  ## ruff + hadolint
 
 test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration with real servers)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP) lint  ## day-to-day lane: lint, then the suite without the slow tests (CI runs make test)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:  ## remove build/ (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache

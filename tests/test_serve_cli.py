@@ -170,15 +170,21 @@ def test_known_ports_are_the_defaults():
 # ------------------------------------------------------------ local-triton, as a user runs it
 
 
+def _package_folder(packaged_users, tmp: Path) -> Path:
+    """``tmp/package`` holding every packaged user and its published sha256, as `package` wrote."""
+    source = tmp / "package"
+    source.mkdir()
+    for package in packaged_users.values():
+        for path in (package, checksum_path(package)):
+            shutil.copy(path, source / path.name)
+    return source
+
+
 @pytest.fixture(scope="module")
 def local_triton(packaged_users, tmp_path_factory):
     """`avatarforge serve local-triton` serving alice (bob is packaged but not loaded)."""
     tmp = tmp_path_factory.mktemp("local-triton")
-    source = tmp / "package"
-    source.mkdir()
-    for package in packaged_users.values():
-        for path in (package, checksum_path(package)):  # a package and its published sha256
-            shutil.copy(path, source / path.name)
+    source = _package_folder(packaged_users, tmp)
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     args = ["serve", "local-triton", "--source", str(source), "--users", "alice"]
     args += ["--port", str(ports["http"]), "--grpc-port", str(ports["grpc"])]
@@ -318,11 +324,7 @@ def _http(url: str):
 def local_mme(packaged_users, tmp_path_factory):
     """`avatarforge mme serve` with alice.tar.gz and bob.tar.gz in its source folder."""
     tmp = tmp_path_factory.mktemp("local-mme")
-    source = tmp / "package"
-    source.mkdir()
-    for package in packaged_users.values():
-        for path in (package, checksum_path(package)):  # a package and its published sha256
-            shutil.copy(path, source / path.name)
+    source = _package_folder(packaged_users, tmp)
     ports = {name: free_port() for name in ("front", "sagemaker", "http", "grpc", "metrics")}
     args = ["mme", "serve", "--source", str(source), "--root", str(tmp / "models")]
     args += ["--port", str(ports["front"]), "--sagemaker-port", str(ports["sagemaker"])]

@@ -174,9 +174,8 @@ def train_command(
     from ..settings import ConfigError
     from ..train import TrainingError, TrainingStopped, train
     from ..train import checkpoint as ckpt
-    from ..train.class_images import class_images
     from ..train.data import read_dataset
-    from ..train.loop import CHECKPOINT_DIR
+    from ..train.loop import CHECKPOINT_DIR, run_class_images
 
     try:
         check_user_id(user, field="--user")
@@ -204,18 +203,9 @@ def train_command(
                 console.print(f"resuming from the checkpoint of step {resumed} in {out_dir}")
             elif "resume" in given and config.resume:
                 console.print(f"no checkpoint in {out_dir}: starting from step 0")
-            if config.prior_preservation:
+            if config.prior_preservation:  # made here to say so if stopped; train() reuses them
                 stop.phase = "making class images"
-                class_images(
-                    base,
-                    config.class_prompt,
-                    config.num_class_images,
-                    config.resolution,
-                    steps=config.class_image_steps,
-                    guidance=config.class_image_guidance,
-                    device=device,
-                    progress=config.progress,
-                )
+                run_class_images(base, config, device)
             stop.phase = "loading the models"
             result = train(
                 dataset_dir,

@@ -187,8 +187,7 @@ def _measure_step(models, config: TrainConfig, device: str, precision: str) -> f
 
     from .accelerator import make_accelerator
     from .data import tokenize
-    from .loop import add_trainable, optimizer_step
-    from .optim import make_optimizer
+    from .loop import add_trainable, config_optimizer, optimizer_step, release_cached
     from .step import StepData
 
     channels, side, _ = _latent_shape(models, config)
@@ -213,18 +212,9 @@ def _measure_step(models, config: TrainConfig, device: str, precision: str) -> f
         n_instance=1,
         n_class=1 if prior else 0,
     )
-    if cached:
-        models.vae = models.vae.to("cpu")  # as the trainer does: only its config is used
-    if frozen_te:
-        models.text_encoder = None
+    release_cached(models, config)  # as the trainer does
     params = add_trainable(models, config)
-    optimizer, _ = make_optimizer(
-        params,
-        lr=config.learning_rate,
-        weight_decay=config.adam_weight_decay,
-        use_8bit=config.use_8bit_adam,
-        device=device,
-    )
+    optimizer, _ = config_optimizer(params, config, device)
     accelerator = make_accelerator(precision, config.gradient_accumulation, device)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     step = [0]

@@ -163,36 +163,14 @@ def train(
         checkpoint, lora_state, optim_state = ckpt.load(resume_from, identity)
         log.info("resuming from %s (step %d)", resume_from, checkpoint.step)
 
-    class_paths: list[Path] = []
-    if config.prior_preservation:
-        class_paths = class_images(
-            base,
-            config.class_prompt,
-            config.num_class_images,
-            config.resolution,
-            steps=config.class_image_steps,
-            guidance=config.class_image_guidance,
-            device=device,
-            progress=config.progress,
-        )
-
+    class_paths = run_class_images(base, config, device)
     models = load_models(base, device, weight_dtype)
     data = prepare_data(models, instances.images, class_paths, config, device)
-    if config.cache_latents:
-        models.vae = models.vae.to("cpu")  # only its config is needed from here on
-    if not config.train_text_encoder:
-        models.text_encoder = None
+    release_cached(models, config)
     gc.collect()
 
     params = add_trainable(models, config)
-
-    optimizer, optimizer_name = make_optimizer(
-        params,
-        lr=config.learning_rate,
-        weight_decay=config.adam_weight_decay,
-        use_8bit=config.use_8bit_adam,
-        device=device,
-    )
+    optimizer, optimizer_name = config_optimizer(params, config, device)
     accelerator = make_accelerator(precision, config.gradient_accumulation, device)
     start, losses = 0, []
     if checkpoint is not None:
@@ -295,6 +273,42 @@ def train(
         result.peak_memory_bytes / 2**20,
     )
     return result
+
+
+def run_class_images(base: BaseInfo, config: TrainConfig, device: str) -> list[Path]:
+    """The run's class images (made once, cached; none without prior preservation)."""
+    if not config.prior_preservation:
+        return []
+    return class_images(
+        base,
+        config.class_prompt,
+        config.num_class_images,
+        config.resolution,
+        steps=config.class_image_steps,
+        guidance=config.class_image_guidance,
+        device=device,
+        progress=config.progress,
+    )
+
+
+def release_cached(models: Models, config: TrainConfig) -> None:
+    """Once the data is prepared: with cached latents only the VAE's config is needed (it
+    moves to the CPU); a frozen text encoder's embeddings are cached (it goes)."""
+    if config.cache_latents:
+        models.vae = models.vae.to("cpu")
+    if not config.train_text_encoder:
+        models.text_encoder = None
+
+
+def config_optimizer(params, config: TrainConfig, device: str):
+    """(optimizer, its name) for the trainable ``params`` as ``config`` asks."""
+    return make_optimizer(
+        params,
+        lr=config.learning_rate,
+        weight_decay=config.adam_weight_decay,
+        use_8bit=config.use_8bit_adam,
+        device=device,
+    )
 
 
 def add_trainable(models: Models, config: TrainConfig) -> list:

@@ -334,12 +334,12 @@ def test_runner_publishes_the_documented_notification_to_the_right_topic(
 def test_at_most_n_run_at_once_and_the_rest_wait(
     cloud_config, start_runtime, s3_bucket: str
 ) -> None:
-    release = threading.Event()
+    release = threading.Semaphore(0)  # one finished job at a time: one slot frees at a time
     started: list[str] = []
 
     def slow(body: bytes, content_type: str | None) -> bytes:
         started.append(json.loads(body)["job_id"])
-        release.wait(30)
+        release.acquire(timeout=30)
         return succeed(body, content_type)
 
     runtime, runner = start_runtime(slow, max_concurrent=2)
@@ -362,7 +362,11 @@ def test_at_most_n_run_at_once_and_the_rest_wait(
         assert runner.running == 2 and sorted(started) == ["j0", "j1"]
         assert states == ["running", "running", "queued", "queued", "queued"]
     finally:
-        release.set()
+        for n in range(5):  # free one slot, then wait for the next queued job to take it
+            release.release()
+            deadline = time.monotonic() + 10
+            while len(started) < min(5, n + 3) and time.monotonic() < deadline:
+                time.sleep(0.02)
     assert runner.wait_idle(20)
     assert [r.status for r in runner.history()] == ["Completed"] * 5
     assert runner.max_running == 2 and started[2:] == ["j2", "j3", "j4"]  # arrival order

@@ -11,7 +11,7 @@ LINT_DIRS := $(wildcard src tests bench model_repository training_container cond
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo demo-service demo-cloud test test-fast lint clean base env package export local-triton local-mme \
-        deploy-mme deploy-training destroy training-image bench bench-gpu reliability
+        deploy-mme deploy-training destroy training-image bench bench-gpu bench-quality reliability
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -78,6 +78,10 @@ bench: $(STAMP)  ## trainer variants, serving density, per-user memory, adapter 
 
 bench-gpu: $(STAMP)  ## full-size SD 2.1 on one GPU (< 8 min, H100): latency, adapter switch, training; build/bench/gpu.json
 	$(PY) bench/gpu.py $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(OUT_DIR),--out-dir $(OUT_DIR))
+
+bench-quality: $(STAMP)  ## training settings by eval scores + adapter size (GPU, BASE=real SD 2.1, DATASET=photos)
+	$(PY) bench/quality.py $(if $(BASE),--base $(BASE)) $(if $(DATASET),--dataset $(DATASET)) \
+	  $(if $(STEPS),--steps $(STEPS)) $(if $(ONLY),--only $(ONLY))
 
 demo-service: $(STAMP)  ## one training job against a local S3 (moto), then its tarball served by the local MME
 	$(AF) demo-service

@@ -60,7 +60,8 @@ def _full_pipeline(work: Path):
     from diffusers import StableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from avatarforge.base import BaseConfig, BaseInfo, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
+    from avatarforge.base.identity import BaseInfo
     from avatarforge.fullsize import FULL_ID_PREFIX, full_components
 
     components = full_components(seed=0, device="cpu")
@@ -210,7 +211,8 @@ def _max_diff(a, b) -> int:
 
 
 def bench_batching(a, work: Path) -> dict:
-    from avatarforge.base import BaseConfig, load_pipeline, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
+    from avatarforge.base.pipeline import load_pipeline
     from avatarforge.fullsize import random_adapter
     from avatarforge.generate import GenArgs, from_jpeg_base64
     from avatarforge.serving.base_model import SharedBase
@@ -333,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.requests < 8 or a.adapters < 2:
         p.error("--requests must be >= 8 and --adapters >= 2")
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from avatarforge.base import quiet_hf
+    from avatarforge.base.logs import quiet_hf
     from avatarforge.paths import build_dir
 
     quiet_hf()

@@ -110,7 +110,7 @@ class Ctx:
     def pipeline(self):
         """The shared pipeline of the base on the device (fp16 on CUDA, fp32 on CPU)."""
         if self._pipe is None:
-            from avatarforge.base import load_pipeline
+            from avatarforge.base.pipeline import load_pipeline
 
             self._pipe = load_pipeline(self.need_base(), device=self.device)
         return self._pipe
@@ -305,7 +305,7 @@ def _nvidia_smi(field_name: str) -> str | None:
 
 def measure_base(ctx: Ctx) -> dict[str, Any]:
     """Build (or reuse) the base, then load it as a pipeline on the device."""
-    from avatarforge.base import BaseConfig, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
 
     t0 = time.perf_counter()
     if ctx.mode == "tiny":
@@ -458,7 +458,7 @@ def measure_adapters(ctx: Ctx) -> dict[str, Any]:
     import torch
 
     from avatarforge.adapter import WEIGHTS_FILE, load_adapter
-    from avatarforge.base import load_pipeline
+    from avatarforge.base.pipeline import load_pipeline
     from avatarforge.generate import GenArgs
 
     o = ctx.opts
@@ -989,7 +989,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # without PYTHONPATH
     import torch
 
-    from avatarforge.base import quiet_hf
+    from avatarforge.base.logs import quiet_hf
     from avatarforge.paths import build_dir
 
     quiet_hf()

@@ -115,7 +115,7 @@ def memory_cycles(loader, server_pid: int, users: list[str], cycles: int) -> dic
 def run(a: argparse.Namespace) -> dict[str, Any]:
     from serving_memory import package_users
 
-    from avatarforge.base import BaseConfig, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
     from avatarforge.mme import MMEConfig, MultiModelLoader
     from avatarforge.mme.front import mme_front
     from avatarforge.mme.generate import generate_request

@@ -30,7 +30,8 @@ def _rss() -> int:
 
 def _child(design: str, adapters: list[str], base_spec: str, size: int, steps: int) -> dict:
     from avatarforge.adapter import load_adapter
-    from avatarforge.base import BaseConfig, load_pipeline, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
+    from avatarforge.base.pipeline import load_pipeline
     from avatarforge.generate import GenArgs, generate_images
     from avatarforge.serving.adapter_cache import AdapterCache
 
@@ -77,9 +78,7 @@ def _child(design: str, adapters: list[str], base_spec: str, size: int, steps: i
 
 def _make_adapters(tmp: Path, users: int, base_spec: str) -> list[str]:
     """One short real training run, copied per user (loading is what is measured)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from fixtures.train import write_dataset
-
+    from avatarforge.testing.datasets import write_dataset
     from avatarforge.train import TrainConfig, train
 
     config = TrainConfig(

@@ -160,7 +160,7 @@ def summarize(point: dict[str, Any], before: dict[str, Any], added: int) -> dict
 
 
 def run(a: argparse.Namespace) -> dict[str, Any]:
-    from avatarforge.base import BaseConfig, resolve_base
+    from avatarforge.base.config import BaseConfig, resolve_base
     from avatarforge.mme import MMEConfig, MultiModelLoader, model_hash
     from avatarforge.mme.generate import generate_request
     from avatarforge.mme.launch import sagemaker_triton

@@ -40,8 +40,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--base", default="tiny")
     a = p.parse_args()
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from fixtures.train import write_dataset
+    from avatarforge.testing.datasets import write_dataset
 
     common = {"resolution": a.resolution, "steps": a.steps, "unet_rank": a.rank,
               "text_encoder_rank": a.rank, "num_class_images": 4, "class_image_steps": 2,

@@ -21,7 +21,9 @@ from avatarforge.adapter import (
     read_adapter,
     unload_adapter,
 )
-from avatarforge.base import BaseConfig, BaseError, BaseInfo, load_pipeline
+from avatarforge.base.config import BaseConfig
+from avatarforge.base.identity import BaseError, BaseInfo
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.train.lora import TEXT_ENCODER_TARGETS, UNET_TARGETS, count_lora_params
 
 PROMPT = "a photo of <<TOK>> person"

@@ -27,7 +27,7 @@ from avatarforge.adapter import (
     save_adapter,
     unload_adapter,
 )
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.fullsize import random_adapter
 from avatarforge.generate import GenArgs, generate_images
 from avatarforge.serving.adapter_cache import SlotAdapterCache

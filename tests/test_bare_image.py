@@ -209,7 +209,7 @@ def test_env_from_s3_is_fetched_once_per_instance(s3_bucket, tmp_path):
 @pytest.fixture(scope="module")
 def s3_deployment(packaged_users, base_tarball, moto_endpoint, tmp_path_factory):
     """What deploy leaves in S3: user tarballs, the base tarball, the serving env tarball."""
-    from avatarforge.aws_local import dummy_aws_env, reset
+    from avatarforge.testing.aws_local import dummy_aws_env, reset
 
     reset(moto_endpoint)
     env = dummy_aws_env(moto_endpoint)

@@ -9,16 +9,15 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from avatarforge.base import (
+from avatarforge.base.config import BaseConfig, resolve_base
+from avatarforge.base.identity import (
     INFO_FILE,
-    BaseConfig,
     BaseError,
-    build_tiny_base,
     check_same_base,
     content_hash,
     read_base_info,
-    resolve_base,
 )
+from avatarforge.base.tiny import build_tiny_base
 from avatarforge.generate import GenArgs, generate_images
 from avatarforge.settings import ConfigError
 
@@ -47,7 +46,7 @@ def test_loads_with_stock_diffusers_and_has_sd21_shape(tiny_base):
 
 
 def test_two_step_generation_has_requested_shape(tiny_base):
-    from avatarforge.base import load_pipeline
+    from avatarforge.base.pipeline import load_pipeline
 
     pipe = load_pipeline(tiny_base, device="cpu")
     args = GenArgs(steps=2, height=64, width=96, num_images=2, seed=3)

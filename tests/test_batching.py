@@ -17,7 +17,7 @@ import pytest
 from fixtures.images import pixel_diff, pixels
 
 from avatarforge.adapter import AdapterError
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.fullsize import random_adapter
 from avatarforge.generate import GenArgs, batch_key, from_jpeg_base64, generate_images
 from avatarforge.serving.base_model import SharedBase

@@ -87,3 +87,43 @@ def test_gpu_bench_tiny_end_to_end(tmp_path):
     assert len(train["step_seconds"]) == 2 and train["log"]["optimizer"] == "adamw"
     assert "Traceback" not in out.stderr  # no measurement failed
     assert "training" in out.stdout and "switch, median" in out.stdout  # the summary table
+
+
+def test_quality_bench_says_what_it_cannot_do_here(tmp_path):
+    env_build = {"AVATARFORGE_BUILD": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "bench/quality.py", "--only", "default,rank-4"],
+        cwd=BENCH.parent, capture_output=True, text=True, timeout=120,
+        env={**os.environ, **env_build},
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "did not run here" in out.stdout and "no --base" in out.stdout
+    report = json.loads((tmp_path / "bench" / "quality.json").read_text())["results"]
+    assert report["status"] == "skipped"
+    assert any("--base" in reason for reason in report["reasons"])
+    assert list(report["variants"]) == ["default", "rank-4"]
+
+
+def test_quality_bench_unknown_variant_is_refused():
+    out = _run("bench/quality.py", "--only", "default,rank-3", timeout=120)
+    assert out.returncode == 2 and "unknown variant(s) rank-3" in out.stderr
+
+
+def test_quality_bench_tiny_end_to_end(tmp_path):
+    out = _run(
+        "bench/quality.py", "--tiny", "--only", "default,text-encoder-off",
+        "--out-dir", str(tmp_path),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "these scores measure nothing" in out.stdout
+    from avatarforge.paths import build_dir
+
+    report = json.loads((build_dir() / "bench" / "quality.json").read_text())["results"]
+    assert report["status"] == "ok" and report["measures_nothing"] is True
+    rows = report["variants"]
+    assert {r["status"] for r in rows.values()} == {"ok"}
+    assert rows["text-encoder-off"]["adapter_bytes"] < rows["default"]["adapter_bytes"]
+    assert rows["text-encoder-off"]["train"]["train_text_encoder"] is False
+    for row in rows.values():
+        assert json.loads(Path(row["report"]).read_text())["measures_nothing"] is True
+        assert Path(row["grid"]).is_file()

@@ -12,7 +12,7 @@ import pytest
 from fixtures.train import FIXTURE_TRAIN
 from PIL import Image
 
-from avatarforge.cloud.demo import DEMO_USER, STEPS, run_demo_cloud
+from avatarforge.demos.cloud import DEMO_USER, STEPS, run_demo_cloud
 from avatarforge.jobs import ServiceConfig
 from avatarforge.serving.config import local_instance_env
 

@@ -13,13 +13,13 @@ import urllib.error
 import urllib.request
 
 import pytest
-from fixtures.serving import triton_env
 from PIL import Image
 from typer.testing import CliRunner
 
 from avatarforge.cli import app
 from avatarforge.generate import GenArgs
 from avatarforge.serving import schema
+from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.repository import build_repository
 from avatarforge.serving.server import tritonserver
 
@@ -77,7 +77,7 @@ def server(packaged_users, tiny_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("contract")
     names = build_repository(tmp / "repo", [packaged_users["alice"]])
     with tritonserver(
-        [tmp / "repo"], load=names, env=triton_env(tmp / "shared", tiny_base.path)
+        [tmp / "repo"], load=names, env=local_instance_env(tiny_base.path, tmp / "shared")
     ) as running:
         yield running
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from avatarforge.demo import PROMPTS, run_demo
+from avatarforge.demos.local import PROMPTS, run_demo
 
 
 @pytest.mark.integration
@@ -26,3 +26,22 @@ def test_demo_runs_the_whole_path_and_triton_matches_diffusers(tmp_path):
     assert state.triton_vs_local is not None and state.triton_vs_local <= 2
     sheet = Image.open(tmp_path / "demo" / "contact_sheet.png")
     assert sheet.width > 4 * 192 and sheet.height > 3 * 192
+
+
+def test_the_demo_command_prints_what_each_step_did(monkeypatch, tmp_path):
+    # the demo prints nothing itself: the CLI prints each step's title and what it returned
+    from typer.testing import CliRunner
+
+    from avatarforge.cli import app
+    from avatarforge.demos import local
+
+    def first(state) -> str:
+        state.dataset, state.package = state.out / "dataset", state.out / "demo.tar.gz"
+        return "made one\nand two"
+
+    monkeypatch.setattr(local, "STEPS", (("first step", first), ("second", lambda s: "three")))
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    for text in ("1/2 first step", "  made one\n  and two\n", "2/2 second", "  three\n", "done in"):
+        assert text in result.output, result.output
+    assert str(tmp_path / "demo.tar.gz") in result.output.replace("\n", "")

@@ -26,7 +26,8 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from avatarforge.adapter import METADATA_FILE, WEIGHTS_FILE, load_adapter
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
+from avatarforge.cli.common import Commands
 from avatarforge.cli.export import register
 from avatarforge.export import ExportError, diffusers_to_kohya, export_kohya
 from avatarforge.fullsize import TEXT_ENCODER_CONFIG, UNET_CONFIG
@@ -460,7 +461,8 @@ def test_an_alpha_that_disagrees_with_the_weights_file_is_refused(trained_adapte
 
 @pytest.fixture(scope="module")
 def cli():
-    app = typer.Typer()
+    # the root app's group class: it turns an AvatarforgeError into "error: ..." (exit code 1)
+    app = typer.Typer(cls=Commands)
     app.callback()(lambda: None)  # a group, so the command keeps its name as in the root app
     register(app)
     return app

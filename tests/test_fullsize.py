@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from avatarforge.adapter import read_adapter
-from avatarforge.base import BaseError, clip_bpe_path, clip_tokenizer, load_pipeline
+from avatarforge.base.build import clip_bpe_path, clip_tokenizer
+from avatarforge.base.identity import BaseError
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.fullsize import (
     FULL_ID_PREFIX,
     PARAM_COUNTS,

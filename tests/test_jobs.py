@@ -34,7 +34,7 @@ from avatarforge.jobs import (
     run_job,
 )
 from avatarforge.safe_tar import safe_extract
-from avatarforge.samples import write_hostile
+from avatarforge.testing.samples import write_hostile
 
 pytestmark = pytest.mark.integration
 

@@ -10,8 +10,8 @@ import pytest
 from fixtures.jobs import SERVICE_TRAIN
 from PIL import Image
 
-from avatarforge.cli.serve import instance_env
-from avatarforge.jobs.demo import DEMO_USER, run_service_demo
+from avatarforge.demos.service import DEMO_USER, run_service_demo
+from avatarforge.serving.config import local_instance_env
 
 
 @pytest.mark.integration
@@ -19,7 +19,7 @@ from avatarforge.jobs.demo import DEMO_USER, run_service_demo
 def test_demo_service_serves_the_jobs_tarball_from_s3(tmp_path: Path, tiny_base) -> None:
     steps: list[str] = []
     demo = run_service_demo(
-        instance_env("tiny", tmp_path / "shared"),
+        local_instance_env(tiny_base.path, tmp_path / "shared"),
         tmp_path / "demo",
         train_defaults=SERVICE_TRAIN,
         on_step=lambda i, title: steps.append(title),

@@ -23,15 +23,15 @@ from pathlib import Path
 
 import pytest
 from fixtures.images import pixel_diff
-from fixtures.serving import triton_env
 
 from avatarforge.adapter import load_adapter, read_adapter
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
 from avatarforge.mme import MMEConfig, MultiModelLoader, UnknownTargetModelError, model_hash
 from avatarforge.mme.front import EndpointError, mme_front
 from avatarforge.mme.generate import generate, generate_request, images_from_response
 from avatarforge.mme.launch import MMEServer, sagemaker_triton
+from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.package import package_user, upload_package
 from avatarforge.serving.package_check import checksum_path
 from avatarforge.serving.triton_config import sd_base_name
@@ -60,7 +60,7 @@ def mme_sd_source(trained_adapter, bob_adapter, tiny_base, tmp_path_factory) -> 
 def sd_sagemaker_server(tiny_base, tmp_path_factory):
     """tritonserver + SageMaker front end, the shared dir and base source in its environment."""
     tmp = tmp_path_factory.mktemp("triton-mme-sd")
-    env = triton_env(tmp / "shared", tiny_base.path)
+    env = local_instance_env(tiny_base.path, tmp / "shared")
     with sagemaker_triton(tmp, extra_env=env) as server:
         print(f"\ntritonserver + SageMaker front end up in {server.start_seconds:.1f} s")
         yield server

@@ -22,7 +22,7 @@ from avatarforge.preprocess import (
     preprocess_dir,
 )
 from avatarforge.preprocess import dataset as dataset_module
-from avatarforge.samples import HOSTILE, expected_faces, upside_down_upright
+from avatarforge.testing.samples import HOSTILE, expected_faces, upside_down_upright
 from avatarforge.train.data import read_dataset
 from avatarforge.train.errors import TrainingError
 
@@ -282,7 +282,7 @@ def test_the_contact_sheet_is_capped_at_sheet_rows(tmp_path, hostile_photos):
 
 
 def test_photos_larger_than_work_side_keep_source_coordinates(tmp_path):
-    from avatarforge.samples import ASTRONAUT_FACE, astronaut
+    from avatarforge.testing.samples import ASTRONAUT_FACE, astronaut
 
     src = tmp_path / "in"
     src.mkdir()

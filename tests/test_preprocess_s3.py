@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from avatarforge.cli import app
-from avatarforge.samples import write_samples
+from avatarforge.testing.samples import write_samples
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()

@@ -15,8 +15,8 @@ from avatarforge.preprocess.duplicates import dhash, hamming
 from avatarforge.preprocess.faces import Face, cut_off_fraction, largest_face, with_landmarks
 from avatarforge.preprocess.intake import to_rgb
 from avatarforge.preprocess.segment import GrabCutSegmenter, Segmenter
-from avatarforge.samples import ASTRONAUT_FACE, astronaut
 from avatarforge.settings import ConfigError
+from avatarforge.testing.samples import ASTRONAUT_FACE, astronaut
 
 LIMITS = {"min_side": 256, "max_pixels": 100_000_000}
 

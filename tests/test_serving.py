@@ -12,13 +12,13 @@ import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from avatarforge.adapter import AdapterError
-from avatarforge.aws_local import dummy_aws_env
-from avatarforge.base import BaseError, BaseInfo
+from avatarforge.base.identity import BaseError, BaseInfo, content_hash
 from avatarforge.generate import GenArgs, from_jpeg_base64
 from avatarforge.serving import schema
 from avatarforge.serving.adapter_cache import AdapterCache
@@ -40,6 +40,7 @@ from avatarforge.serving.triton_config import (
     to_pbtxt,
     user_model_config,
 )
+from avatarforge.testing.aws_local import dummy_aws_env
 
 # ---------------------------------------------------------------- schema and configs
 
@@ -444,3 +445,110 @@ def test_a_fetch_killed_half_way_leaves_nothing_used(base_tarball, tiny_base, tm
     info = ensure_base(str(base_tarball), tmp_path, expected_hash=tiny_base.content_hash)
     assert info.content_hash == tiny_base.content_hash
     assert not list((tmp_path / "base").glob(".base.partial-*"))
+
+
+@pytest.mark.parametrize(
+    "cmdline, refused",
+    [
+        (["/opt/tritonserver/bin/tritonserver", "--model-repository=/m"], True),  # none
+        (["tritonserver", "--model-control-mode=poll"], True),
+        (["tritonserver", "--model-control-mode", "explicit", "--load-model=alice"], False),
+        (["tritonserver", "--model-control-mode=explicit", "--allow-sagemaker=true"], False),
+        (None, False),  # not under tritonserver (server_cmdline() is None): nothing to check
+    ],
+)
+def test_user_models_refuse_a_server_that_cannot_load_the_shared_base(cmdline, refused):
+    from avatarforge.serving.bootstrap import BootstrapError, check_control_mode
+
+    if refused:
+        with pytest.raises(BootstrapError, match="needs --model-control-mode=explicit"):
+            check_control_mode(cmdline)
+    else:
+        check_control_mode(cmdline)
+
+
+def test_a_model_loaded_at_start_leaves_the_shared_base_to_the_first_request():
+    from avatarforge.serving.bootstrap import loaded_at_start
+
+    assert loaded_at_start("alice", ["tritonserver", "--load-model=alice"])
+    assert loaded_at_start("alice", ["tritonserver", "--load-model", "*"])
+    assert not loaded_at_start("alice", ["tritonserver", "--load-model=bob"])
+    assert not loaded_at_start("alice", None)
+
+
+def test_requests_past_their_deadline_are_skipped_without_work():
+    import time as _time
+
+    from avatarforge.serving.handler import handle_batched
+
+    ran = []
+
+    def run(jobs):
+        ran.extend(jobs)
+        return [["image"] for _ in jobs]
+
+    def request(deadline):
+        return {
+            "prompt": np.array([[b"a photo"]], dtype=object),
+            "deadline": np.array([[f"{deadline:.3f}".encode()]], dtype=object),
+        }
+
+    now = _time.time()
+    results = handle_batched([request(now - 1), request(now + 60)], run, lambda a: True)
+    assert results[0].status == 503 and "serving.request_timeout_s" in str(results[0])
+    assert [job.request for job in ran] == [1]  # the expired one never ran
+    bad = handle_batched([{**request(now), "deadline": np.array([[b"soon"]], dtype=object)}],
+                         run, lambda a: True)  # fmt: skip
+    assert bad[0].status == 400 and "deadline" in str(bad[0])
+
+
+def _flip_a_byte_keeping_size_and_time(folder: Path) -> Path:
+    weights = max((p for p in folder.rglob("*.safetensors")), key=lambda p: p.stat().st_size)
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return weights
+
+
+def test_a_corrupt_base_is_found_by_the_shared_base_and_fetched_again(
+    base_tarball, tiny_base, tmp_path
+):
+    first = ensure_base(str(base_tarball), tmp_path, expected_hash=tiny_base.content_hash)
+    weights = _flip_a_byte_keeping_size_and_time(first.path)
+    # the size+time stamp cannot see it; the shared base's start (verify) reads every byte
+    assert ensure_base(str(base_tarball), tmp_path, expected_hash=tiny_base.content_hash).path
+    again = ensure_base(
+        str(base_tarball), tmp_path, expected_hash=tiny_base.content_hash, verify=True
+    )
+    assert again.content_hash == tiny_base.content_hash
+    assert content_hash(again.path) == tiny_base.content_hash  # the bytes, fetched again
+    assert weights.read_bytes() == (tiny_base.path / weights.relative_to(again.path)).read_bytes()
+    # without a source to fetch from, a corrupt copy is an error, never served
+    _flip_a_byte_keeping_size_and_time(again.path)
+    with pytest.raises(SharedFilesError, match="corrupt"):
+        ensure_base("", tmp_path, expected_hash=tiny_base.content_hash, verify=True)
+
+
+def test_a_read_only_shared_dir_with_the_base_present_is_used(base_tarball, tiny_base, tmp_path):
+    import shutil as _shutil
+    import subprocess as _subprocess
+
+    from avatarforge.serving.bootstrap import file_lock
+
+    shared = tmp_path / "shared"
+    ensure_base(str(base_tarball), shared, expected_hash=tiny_base.content_hash)
+    _shutil.rmtree(shared / ".locks")
+    # read-only even for root (the tests run as root here): the immutable attribute
+    if _subprocess.run(["chattr", "-R", "+i", str(shared)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available on this filesystem")
+    try:
+        with pytest.raises(OSError):
+            (shared / "probe").touch()
+        info = ensure_base("", shared, expected_hash=tiny_base.content_hash, verify=True)
+        assert info.content_hash == tiny_base.content_hash
+        with file_lock(shared, "sd_base_x"):  # the models' locks live elsewhere
+            pass
+    finally:
+        _subprocess.run(["chattr", "-R", "-i", str(shared)], check=True)

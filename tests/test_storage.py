@@ -11,7 +11,6 @@ from typing import ClassVar
 import boto3
 import pytest
 
-from avatarforge.aws_local import dummy_aws_env
 from avatarforge.storage import (
     ChecksumMismatchError,
     ObjectNotFoundError,
@@ -22,6 +21,7 @@ from avatarforge.storage import (
     parse_s3_uri,
     upload,
 )
+from avatarforge.testing.aws_local import dummy_aws_env
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +120,7 @@ def test_preprocess_reads_selfies_from_an_s3_prefix(tmp_path: Path, s3_bucket: s
 
     from avatarforge.cli import app
     from avatarforge.preprocess import load_manifest
-    from avatarforge.samples import write_samples
+    from avatarforge.testing.samples import write_samples
 
     photos = write_samples(tmp_path / "photos")[:5]
     for photo in photos:

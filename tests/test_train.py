@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from fixtures.train import FIXTURE_TRAIN, write_dataset
+from fixtures.train import FIXTURE_TRAIN
 
 from avatarforge.adapter import WEIGHTS_FILE, read_adapter
 from avatarforge.settings import ConfigError
+from avatarforge.testing.datasets import write_dataset
 from avatarforge.train import TrainConfig, TrainingError, TrainingStopped, train
 from avatarforge.train import class_images as class_images_module
 from avatarforge.train import loop as loop_module

@@ -19,7 +19,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from avatarforge.adapter import load_adapter, read_adapter
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.cli import app
 from avatarforge.cli.train import cpu_notice
 from avatarforge.generate import GenArgs, generate_images

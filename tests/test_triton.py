@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pytest
 from fixtures.images import pixels
-from fixtures.serving import triton_env
 
 from avatarforge.adapter import load_adapter, read_adapter
-from avatarforge.base import load_pipeline
+from avatarforge.base.pipeline import load_pipeline
 from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
 from avatarforge.serving import client
+from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.repository import build_repository
 from avatarforge.serving.server import tritonserver
 from avatarforge.serving.triton_config import sd_base_name
@@ -39,7 +39,7 @@ def prompt(trained_adapter) -> str:
 def server(packaged_users, tiny_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
     names = build_repository(tmp / "repo", list(packaged_users.values()))
-    env = triton_env(tmp / "shared", tiny_base.path)
+    env = local_instance_env(tiny_base.path, tmp / "shared")
     with tritonserver(
         [tmp / "repo"], load=["model_setup", *names], env=env, log_path=tmp / "triton.log"
     ) as running:
@@ -161,7 +161,7 @@ def test_restarted_server_loads_a_user_without_model_setup(
 ):
     # A fresh instance: empty shared dir, base only as a tarball, model_setup never loaded.
     build_repository(tmp_path / "repo", [packaged_users["alice"]])
-    env = triton_env(tmp_path / "shared", base_tarball)
+    env = local_instance_env(base_tarball, tmp_path / "shared")
     with tritonserver([tmp_path / "repo"], load=["alice"], env=env) as running:
         images = client.generate(running.url, "alice", prompt, gen_args=SMALL)
         assert images[0].size == (64, 64)
@@ -181,3 +181,31 @@ def test_a_request_over_the_work_budget_is_a_400_answered_at_once(server, prompt
     assert str(err.value.status()) == "400"
     assert "serving.max_request_cost" in err.value.message()
     assert time.monotonic() - started < 10
+
+
+def test_models_loaded_as_the_server_starts_serve(packaged_users, tiny_base, prompt, tmp_path):
+    # --load-model: initialize() runs before the server answers model questions; the shared
+    # base then starts with the first request
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = local_instance_env(tiny_base.path, tmp_path / "shared")
+    start = ["--load-model=model_setup", "--load-model=alice"]
+    with tritonserver([tmp_path / "repo"], extra_args=start, env=env) as running:
+        assert running.client().is_model_ready("alice")
+        assert client.generate(running.url, "alice", prompt, gen_args=SMALL)[0].size == (64, 64)
+
+
+def test_a_server_that_cannot_start_the_shared_base_says_how_to_start_it(
+    packaged_users, tiny_base, tmp_path
+):
+    # the default mode (none) loads the repository at start, but a model's load_model aborts
+    # tritonserver 2.51 (boost lock_exception): the user model refuses to start, and says why
+    from avatarforge.serving.server import ServerError
+
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = local_instance_env(tiny_base.path, tmp_path / "shared")
+    log = tmp_path / "triton.log"
+    none = ["--model-control-mode=none"]
+    with pytest.raises(ServerError), tritonserver([tmp_path / "repo"], extra_args=none, env=env,
+                                                  log_path=log):  # fmt: skip
+        pass
+    assert "needs --model-control-mode=explicit" in log.read_text()

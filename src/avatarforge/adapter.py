@@ -22,7 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .base import TINY, TINY_ID_PREFIX, BaseConfig, BaseInfo, check_same_base
+from .base.config import TINY, BaseConfig
+from .base.identity import BaseInfo, check_same_base
+from .base.tiny import TINY_ID_PREFIX
+from .errors import AvatarforgeError
 from .fsutil import replace_dir
 from .hashing import sha256_file
 
@@ -31,8 +34,10 @@ METADATA_FILE = "avatarforge_adapter.json"
 FORMAT_VERSION = 1
 
 
-class AdapterError(ValueError):
+class AdapterError(AvatarforgeError, ValueError):
     """An adapter folder is missing, incomplete, corrupt, or not loaded where expected."""
+
+    status = 400
 
 
 @dataclass
@@ -195,7 +200,7 @@ def base_config_for(meta: AdapterMetadata) -> BaseConfig:
 def load_adapter(pipe, adapter_dir: Path, base: BaseInfo, adapter_name: str) -> AdapterMetadata:
     """Check the adapter was trained on ``base``, then load it into ``pipe`` as ``adapter_name``.
 
-    ``pipe`` must be a pipeline of ``base`` (see :func:`avatarforge.base.load_pipeline`).
+    ``pipe`` must be a pipeline of ``base`` (see :func:`avatarforge.base.pipeline.load_pipeline`).
     """
     meta = read_adapter(adapter_dir)
     check_same_base(meta.to_dict(), base)

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import AvatarforgeError
+
 KOHYA = "kohya"
 FORMATS = (KOHYA,)
 
@@ -64,8 +66,10 @@ _KNOWN_PREDICTION = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(AvatarforgeError, ValueError):
     """An adapter cannot be written in the requested format; the message names the key."""
+
+    status = 400
 
 
 # ---------------------------------------------------------------- pure conversion
@@ -201,7 +205,7 @@ def _peft_alphas(header: Mapping[str, str], meta) -> dict[str, float]:
 
 def prediction_type(base_id: str) -> str | None:
     """'epsilon' or 'v_prediction' for the bases we can tell without loading them, else None."""
-    from .base import TINY_ID_PREFIX
+    from .base.tiny import TINY_ID_PREFIX
     from .fullsize import FULL_ID_PREFIX
 
     if base_id.startswith((TINY_ID_PREFIX + "@", FULL_ID_PREFIX + "@")):

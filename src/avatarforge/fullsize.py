@@ -3,7 +3,7 @@
 For memory, shape and GPU timing work where the tiny base says nothing: the real SD 2.1-base
 (512 px, epsilon) UNet (865.9M parameters), VAE (83.7M) and OpenCLIP ViT-H text encoder
 (340.4M), built from configs — no download — with SD 2.x's tokenizer and DDIM scheduler from
-:mod:`avatarforge.base`. Saved as an ordinary diffusers folder with a :class:`BaseInfo` identity
+:mod:`avatarforge.base.build`. Saved as an ordinary diffusers folder with a ``BaseInfo`` identity
 (``avatarforge/full-sd21@seed<N>`` + content hash), so training and serving load it as any base.
 
 Random weights are seeded, but CPU and CUDA draw different numbers: a base built on a GPU has
@@ -17,7 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .base import BaseInfo, build_base_folder, sd21_scheduler
+from .base.build import build_base_folder, sd21_scheduler
+from .base.identity import BaseInfo
 from .paths import build_dir
 
 FULL_ID_PREFIX = "avatarforge/full-sd21"
@@ -87,7 +88,7 @@ def full_components(seed: int = 0, device: str = "cpu", dtype=None) -> dict[str,
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from .base import quiet_hf
+    from .base.logs import quiet_hf
 
     quiet_hf()  # diffusers warns on every .to(dtype) of a model built without from_pretrained
     dtype = _dtype(dtype, device)
@@ -127,9 +128,10 @@ def build_full_base(
     ``device``: where the random weights are drawn (default: CUDA when available — seconds instead
     of half a minute). Saved in ``save_dtype`` (fp16: 2.6 GB on disk, as SD 2.1's fp16 variant;
     loaders cast to what they run in). ``bpe``: the CLIP BPE vocabulary file where the
-    open-clip-torch wheel is not installed (see :func:`avatarforge.base.clip_vocab_and_merges`).
+    open-clip-torch wheel is not installed (see
+    :func:`avatarforge.base.build.clip_vocab_and_merges`).
     """
-    from .base import best_device
+    from .base.pipeline import best_device
 
     device = device or best_device()
 

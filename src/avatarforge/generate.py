@@ -13,11 +13,13 @@ import dataclasses
 import difflib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from PIL import Image
 
+from .errors import AvatarforgeError
 from .settings import ConfigError, Settings, setting
 
 SCHEDULERS = {
@@ -137,10 +139,36 @@ def set_scheduler(pipe, name: str) -> None:
         pipe.scheduler = cls.from_config(pipe.scheduler.config)
 
 
+class GenerationStopped(AvatarforgeError):
+    """The caller's ``stop`` said so between two denoising steps (see :func:`generate_images`)."""
+
+    status = 504  # what stops a run is a deadline
+
+
+def _stop_hook(stop: Callable[[], bool] | None) -> dict:
+    """The pipeline's per-step callback for ``stop``: it raises GenerationStopped, so the
+    remaining steps and the VAE decode are never run."""
+    if stop is None:
+        return {}
+
+    def on_step_end(pipe, step, timestep, callback_kwargs):
+        if stop():
+            raise GenerationStopped(f"stopped after {step + 1} denoising steps")
+        return callback_kwargs
+
+    return {"callback_on_step_end": on_step_end}
+
+
 def generate_images(
-    pipe, prompt: str, negative_prompt: str | None = None, args: GenArgs | None = None
+    pipe,
+    prompt: str,
+    negative_prompt: str | None = None,
+    args: GenArgs | None = None,
+    *,
+    stop: Callable[[], bool] | None = None,
 ) -> list[Image.Image]:
-    """Run the pipeline; the generator is seeded on the CPU so CPU and GPU runs share noise."""
+    """Run the pipeline; the generator is seeded on the CPU so CPU and GPU runs share noise.
+    ``stop``: asked after every denoising step; True ends the run with GenerationStopped."""
     import torch
 
     args = args or GenArgs()
@@ -157,6 +185,7 @@ def generate_images(
         width=args.width,
         num_images_per_prompt=args.num_images,
         generator=generator,
+        **_stop_hook(stop),
     )
     return list(result.images)
 
@@ -183,9 +212,11 @@ def batch_key(args: GenArgs) -> tuple | None:
             args.num_images)  # fmt: skip
 
 
-def generate_batch(pipe, rows: list[tuple[str, str | None, GenArgs]]) -> list[list[Image.Image]]:
+def generate_batch(
+    pipe, rows: list[tuple[str, str | None, GenArgs]], *, stop: Callable[[], bool] | None = None
+) -> list[list[Image.Image]]:
     """Several (prompt, negative_prompt, args) rows with one :func:`batch_key` as ONE pipeline
-    call (one UNet batch); returns each row's images.
+    call (one UNet batch); returns each row's images. ``stop``: as for :func:`generate_images`.
 
     Per row, as :func:`generate_images` would: a CPU generator seeded with the row's seed draws
     its initial latents (passed in as ``latents``) and any later noise of its images; an omitted
@@ -231,6 +262,7 @@ def generate_batch(pipe, rows: list[tuple[str, str | None, GenArgs]]) -> list[li
         num_images_per_prompt=n,
         generator=generators,
         latents=torch.cat(latents),
+        **_stop_hook(stop),
     )
     images = list(result.images)
     return [images[i * n : (i + 1) * n] for i in range(len(rows))]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from .errors import AvatarforgeError
+
 # Triton model names and S3 keys: no '.', '/', spaces or case games with '..'; 1-63 chars.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$")
 # Names the serving side uses for itself: a user may not take them.
@@ -19,8 +21,10 @@ RESERVED_USERS = (SETUP_MODEL,)
 RESERVED_PREFIXES = (SHARED_BASE_PREFIX,)
 
 
-class InvalidNameError(ValueError):
+class InvalidNameError(AvatarforgeError, ValueError):
     """A user or job id breaks the naming rule; the message says the rule."""
+
+    status = 400
 
 
 def check_user_id(user: object, *, field: str = "user") -> str:

@@ -23,6 +23,7 @@ import uuid
 import zlib
 from pathlib import Path, PurePosixPath
 
+from .errors import AvatarforgeError
 from .fsutil import replace_dir
 
 MAX_MEMBER_BYTES = 2 * 1024**3  # one LoRA adapter is < 100 MB; base weights are a few GB
@@ -34,8 +35,10 @@ _CHUNK = 1024 * 1024
 _READ_ERRORS = (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError)
 
 
-class UnsafeArchiveError(ValueError):
+class UnsafeArchiveError(AvatarforgeError, ValueError):
     """The archive was refused; the message names the member and the reason."""
+
+    status = 400
 
 
 def safe_extract(

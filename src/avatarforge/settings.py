@@ -15,9 +15,13 @@ import math
 from pathlib import Path
 from typing import Any, Self
 
+from .errors import AvatarforgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(AvatarforgeError, ValueError):
     """A config value is out of range or of the wrong kind; the message names the field."""
+
+    status = 400
 
 
 def setting(

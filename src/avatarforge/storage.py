@@ -18,18 +18,21 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from .errors import AvatarforgeError
 from .hashing import sha256_file
 
 _CHUNK = 1024 * 1024
 MAX_NAME_BYTES = 240  # a file name is at most 255 bytes; fetch() adds a ".tmp-*" suffix to it
 
 
-class StorageError(RuntimeError):
+class StorageError(AvatarforgeError, RuntimeError):
     """A fetch or upload failed; the message names the URI."""
 
 
 class ObjectNotFoundError(StorageError, FileNotFoundError):
     """The URI names nothing: no such local file or S3 object."""
+
+    status = 404
 
 
 class ChecksumMismatchError(StorageError):
@@ -101,6 +104,8 @@ class ObjectInfo:
 
 class ListingLimitError(StorageError):
     """A listing breaks a count or size limit (refused before any download)."""
+
+    status = 400
 
 
 def _split_prefix(uri: str) -> tuple[str, str]:

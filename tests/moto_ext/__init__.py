@@ -6,7 +6,7 @@ import contextlib
 import sys
 from pathlib import Path
 
-from avatarforge.aws_local import moto_server
+from avatarforge.testing.aws_local import moto_server
 
 LAUNCHER = Path(__file__).with_name("launcher.py")
 

@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from . import (
+    avatars,
     base,
     cloud,
     config,
@@ -21,11 +22,14 @@ from . import (
     serve,
     train,
 )
+from . import eval as eval_
+from .common import Commands
 
 app = typer.Typer(
     name="avatarforge",
     help="Personal avatars from 10-12 selfies: preprocess, train a LoRA on SD 2.1, serve it "
     "from Triton. Every command has --help; generated files go under build/.",
+    cls=Commands,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
@@ -63,6 +67,8 @@ for _module in (
     serve,
     generate,
     export,
+    eval_,
+    avatars,
     mme,
     jobs,
     deploy,

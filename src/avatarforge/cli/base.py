@@ -9,10 +9,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..base import BaseConfig, BaseError, build_tiny_base, resolve_base
+from ..base.config import BaseConfig, resolve_base
+from ..base.tiny import build_tiny_base
 from ..paths import build_dir, tiny_base_dir
-from ..settings import ConfigError
-from .common import console, fail
+from .common import console
 
 base_app = typer.Typer(help="Build and inspect the base model.", no_args_is_help=True)
 
@@ -24,10 +24,7 @@ def build(
     force: bool = typer.Option(False, help="rebuild even if the folder exists"),
 ) -> None:
     """Build the embedded tiny SD 2.1-shaped base (random weights, real CLIP vocab)."""
-    try:
-        info = build_tiny_base(out or tiny_base_dir(), seed=seed, force=force)
-    except (BaseError, ConfigError) as exc:
-        fail(str(exc))
+    info = build_tiny_base(out or tiny_base_dir(), seed=seed, force=force)
     console.print(f"base [bold]{info.base_id}[/] at {info.path}")
     console.print(f"content hash {info.content_hash}")
 
@@ -37,10 +34,7 @@ def info(
     base: str = typer.Argument("tiny", help="'tiny', a diffusers folder, or a hub id"),
 ) -> None:
     """Print the id and content hash of a base (hashes a real base once, then caches)."""
-    try:
-        found = resolve_base(BaseConfig(base=base))
-    except (BaseError, ConfigError) as exc:
-        fail(str(exc))
+    found = resolve_base(BaseConfig(base=base))
     console.print_json(data=found.to_dict())
 
 

@@ -34,7 +34,6 @@ def deploy_config(
 ):
     """The --config file's DeployConfig with the options given on the command line on top."""
     from ..deploy.config import DeployConfig
-    from ..settings import ConfigError
 
     data: dict[str, Any] = {}
     if config is not None:
@@ -48,7 +47,7 @@ def deploy_config(
     data.update({k: v for k, v in given.items() if v is not None})
     try:
         result = DeployConfig.from_dict(data)
-    except (ConfigError, TypeError) as exc:
+    except TypeError as exc:
         fail(str(exc))
     if need_bucket and not result.bucket:
         fail("no bucket: give --bucket or --config deploy.json (the deployment's bucket)", code=2)
@@ -84,17 +83,14 @@ def submit(
     prefix: str = typer.Option(None, "--prefix", help="key prefix in the bucket"),
 ) -> None:
     """Upload photos and start a training job on the async training endpoint."""
-    from ..cloud import CloudError, PhotoError
     from ..cloud import submit as submit_job
-    from ..names import InvalidNameError
-    from ..storage import StorageError
 
     deployment = deploy_config(config, bucket, region, name, prefix)
     overrides = {"train": _json_option(train, "--train")}
     overrides["preprocess"] = _json_option(preprocess, "--preprocess")
     try:
         sub = submit_job(deployment, user, photos, job_id=job_id, overrides=overrides)
-    except (PhotoError, InvalidNameError, CloudError, StorageError, ValueError) as exc:
+    except ValueError as exc:  # e.g. a malformed s3:// URI
         fail(str(exc))
     console.print(f"job      [bold]{sub.job_id}[/] (user {sub.user}, endpoint {sub.endpoint})")
     console.print(f"photos   {sub.photos}")
@@ -129,16 +125,10 @@ def status(
 
     Exit code 0: succeeded; 1: failed; 3: still pending.
     """
-    from ..cloud import CloudError
     from ..cloud import status as job_status
-    from ..names import InvalidNameError
-    from ..storage import StorageError
 
     deployment = deploy_config(config, bucket, region, name, prefix)
-    try:
-        found = job_status(deployment, job_id, wait=wait, queue_url=queue)
-    except (CloudError, InvalidNameError, StorageError) as exc:
-        fail(str(exc))
+    found = job_status(deployment, job_id, wait=wait, queue_url=queue)
     if as_json:
         print(json.dumps(found.result or found.failure or {"reason": found.reason}, indent=2))
     else:
@@ -204,7 +194,7 @@ def demo_cloud(
     import logging
     import time
 
-    from ..cloud.demo import STEPS, run_demo_cloud
+    from ..demos.cloud import STEPS, run_demo_cloud
     from ..paths import build_dir
     from .serve import instance_env, stop_on_sigterm
 

@@ -10,17 +10,34 @@ import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import rich.markup
 import typer
 from PIL import Image
 from rich.console import Console
+from typer.core import TyperGroup
+
+from ..errors import AvatarforgeError
 
 console = Console()
 
 
 def fail(message: str, code: int = 1) -> typing.NoReturn:
     """Print a clear error and exit non-zero (no traceback for expected errors)."""
-    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)  # one line, greppable
+    # the message is text, not markup: "[a-z]" or "[[styles]]" must show as written
+    console.print(f"[bold red]error:[/] {rich.markup.escape(message)}", soft_wrap=True)
     raise typer.Exit(code)
+
+
+class Commands(TyperGroup):
+    """The root command group: the one place an :class:`~avatarforge.errors.AvatarforgeError`
+    that a command did not handle itself becomes ``error: <message>`` and exit code 1 (no
+    traceback). Commands catch an error only to say more or exit with another code."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except AvatarforgeError as exc:
+            fail(str(exc))
 
 
 def save_images(

@@ -11,10 +11,11 @@ from .common import console, fail
 
 # (module, class) of each step's config, in the order of the data's path
 CONFIGS = (
-    ("avatarforge.base", "BaseConfig"),
+    ("avatarforge.base.config", "BaseConfig"),
     ("avatarforge.preprocess", "PreprocessConfig"),
     ("avatarforge.train", "TrainConfig"),
     ("avatarforge.generate", "GenArgs"),
+    ("avatarforge.quality.config", "EvalConfig"),
     ("avatarforge.serving.config", "ServingConfig"),
     ("avatarforge.mme.loader", "MMEConfig"),
     ("avatarforge.jobs", "ServiceConfig"),

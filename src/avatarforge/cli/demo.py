@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import typer
+
+from .common import console
 
 
 def demo(
@@ -12,12 +15,33 @@ def demo(
 ) -> None:
     """Run every step on the tiny base and the sample photos; images + contact sheet in build/demo/.
 
-    Steps: base, samples -> preprocess, train, generate with diffusers, package, tritonserver,
-    contact sheet. About a minute on a 2-core CPU.
+    Steps: base, samples -> preprocess, train, generate with diffusers, eval (identity and
+    leakage), package, tritonserver (generate + a style pack's gallery), contact sheet. About a
+    minute on a 2-core CPU.
     """
-    from ..demo import run_demo
+    from ..demos.local import STEPS, run_demo
 
-    run_demo(out)
+    began = time.perf_counter()
+
+    def on_step(i: int, title: str) -> None:
+        console.rule(f"[bold]{i}/{len(STEPS)}[/] {title}")
+
+    def on_done(i: int, what: str, seconds: float) -> None:
+        for line in what.splitlines():
+            console.print(f"  {line}", soft_wrap=True)
+        console.print(f"  [dim]{seconds:.1f} s[/]")
+
+    state = run_demo(out, on_step=on_step, on_done=on_done)
+    console.rule(f"[bold green]done[/] in {time.perf_counter() - began:.0f} s")
+    console.print(f"  photos before/after   {state.dataset / 'contact_sheet.png'}")
+    console.print(f"  generated images      {state.out / 'contact_sheet.png'}")
+    console.print(f"  the demo user's model {state.package}")
+    console.print(
+        f"  quality report        {state.eval_report} (grid: {state.eval_grid})", soft_wrap=True
+    )
+    console.print(
+        f"  avatar gallery        {state.gallery} (sheet: {state.gallery_sheet})", soft_wrap=True
+    )
 
 
 def register(app: typer.Typer) -> None:

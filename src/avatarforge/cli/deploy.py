@@ -10,8 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 
-from ..deploy import AssetError, DeployConfig, DeployError, Plan, execute, make_clients, make_plan
-from ..settings import ConfigError
+from ..deploy import DeployConfig, Plan, execute, make_clients, make_plan
 from .common import config_options, console, fail
 
 deploy_app = typer.Typer(
@@ -56,7 +55,7 @@ def load_config(
             data[name] = value
     try:
         return DeployConfig.from_dict(data)
-    except (ConfigError, TypeError) as exc:
+    except TypeError as exc:
         fail(str(exc))
 
 
@@ -164,16 +163,11 @@ def _run(
     if logging.getLogger().level > logging.DEBUG:  # boto's INFO lines hide the plan (-v: shown)
         for name in ("botocore", "boto3", "s3transfer"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        if dry_run and command != "destroy":
-            plan = make_plan(command, config, create_role=create_role)
-        else:
-            clients = make_clients(config)
-            plan = make_plan(
-                command, config, clients, create_role=create_role, delete_data=delete_data
-            )
-    except (AssetError, DeployError, ConfigError) as exc:
-        fail(str(exc))
+    if dry_run and command != "destroy":
+        plan = make_plan(command, config, create_role=create_role)
+    else:
+        clients = make_clients(config)
+        plan = make_plan(command, config, clients, create_role=create_role, delete_data=delete_data)
     if as_json:
         print(json.dumps(plan.to_dict(), indent=2, default=str))
     else:
@@ -186,10 +180,7 @@ def _run(
     if not plan.changes:
         out.print("nothing to do: what exists matches the plan")
         return
-    try:
-        execute(plan, clients, config, progress=lambda line: out.print(line, soft_wrap=True))
-    except DeployError as exc:
-        fail(str(exc))
+    execute(plan, clients, config, progress=lambda line: out.print(line, soft_wrap=True))
     _print_next_steps(command, config, plan, out)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ..names import InvalidNameError, check_user_id
+from ..names import check_user_id
 from .common import console, fail
 
 
@@ -25,16 +25,12 @@ def export_command(
     ),
 ) -> None:
     """Export a user's LoRA for ComfyUI / AUTOMATIC1111 (kohya-ss format, SD 2.x)."""
-    from ..adapter import AdapterError
-    from ..base import TINY_ID_PREFIX
-    from ..export import FORMATS, KOHYA, ExportError, export_kohya
+    from ..base.tiny import TINY_ID_PREFIX
+    from ..export import FORMATS, KOHYA, export_kohya
     from ..fullsize import FULL_ID_PREFIX
     from ..paths import build_dir
 
-    try:
-        check_user_id(user, field="USER")
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_user_id(user, field="USER")
     if fmt not in FORMATS:
         fail(f"--format: must be one of {', '.join(FORMATS)} (got {fmt!r})")
     adapter = adapter or build_dir() / "users" / user / "adapter"
@@ -42,10 +38,7 @@ def export_command(
     if out.suffix != ".safetensors":
         fail(f"--out: {out} must end in .safetensors (the tools list LoRA files by extension)")
     replaced = out.exists()
-    try:
-        result = export_kohya(adapter, out)
-    except (AdapterError, ExportError) as exc:
-        fail(str(exc))
+    result = export_kohya(adapter, out)
     console.print(
         f"{'replaced' if replaced else 'wrote'} [bold]{result.path}[/] "
         f"({result.path.stat().st_size / 1024:.1f} KiB; {result.unet_pairs} UNet + "

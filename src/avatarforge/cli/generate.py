@@ -68,19 +68,15 @@ def generate(
         fail(TARGETS, code=2)
     _check_gen_args(gen_args)
     if url:
-        from ..serving.client import ServingError as RequestError
         from ..serving.client import generate_jpegs as request
 
         address, model, name = url, user, user
     else:
-        from ..mme.front import EndpointError as RequestError
         from ..mme.generate import generate_jpegs as request
 
         address, model, name = mme, target_model, target_model.removesuffix(".tar.gz")
     try:
         jpegs = request(address, model, prompt, negative_prompt, gen_args)
-    except RequestError as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(f"cannot reach {address}: {exc}")
     save_jpeg_bytes(jpegs, out or build_dir() / "generate" / name)
@@ -107,10 +103,7 @@ def _from_endpoint(
     region: str | None,
     out: Path | None,
 ) -> None:
-    from ..cloud import CloudError
     from ..cloud import generate as cloud_generate
-    from ..names import InvalidNameError
-    from ..settings import ConfigError
     from .cloud import deploy_config
 
     deployment = deploy_config(config, region=region, need_bucket=False)
@@ -122,19 +115,16 @@ def _from_endpoint(
     def waiting(reason: str, seconds: float) -> None:
         console.print(f"[dim]{reason}: retrying in {seconds:.1f} s[/]")
 
-    try:
-        images = cloud_generate(
-            endpoint,
-            user,
-            prompt,
-            negative_prompt,
-            gen_args,
-            region=region,
-            models_prefix=prefix,
-            on_retry=waiting,
-        )
-    except (CloudError, InvalidNameError, ConfigError) as exc:
-        fail(str(exc))
+    images = cloud_generate(
+        endpoint,
+        user,
+        prompt,
+        negative_prompt,
+        gen_args,
+        region=region,
+        models_prefix=prefix,
+        on_retry=waiting,
+    )
     save_jpeg_bytes(images, out or build_dir() / "generate" / user)
 
 

@@ -52,12 +52,8 @@ def _read_request(source: str) -> bytes:
 
 def _config():
     from ..jobs import ServiceConfig
-    from ..settings import ConfigError
 
-    try:
-        return ServiceConfig.from_env()
-    except ConfigError as exc:
-        fail(str(exc))
+    return ServiceConfig.from_env()
 
 
 def _print_event(event) -> None:
@@ -130,7 +126,7 @@ def demo_service(
     import logging
     import time
 
-    from ..jobs.demo import run_service_demo
+    from ..demos.service import run_service_demo
     from .serve import instance_env, stop_on_sigterm
 
     stop_on_sigterm()  # tritonserver and moto are stopped on any exit

@@ -133,12 +133,10 @@ def invoke(
     payload: Path = typer.Option(..., "--payload", help="KServe v2 JSON request file"),
 ) -> None:
     """Send a raw KServe v2 JSON request to a TargetModel; print the JSON response."""
-    from ..mme.front import EndpointError, invoke_endpoint
+    from ..mme.front import invoke_endpoint
 
     try:
         response = invoke_endpoint(url, target_model, json.loads(payload.read_text()))
-    except EndpointError as exc:
-        fail(str(exc))
     except OSError as exc:
         fail(f"cannot reach {url}: {exc}")
     console.print_json(data=response)

@@ -9,7 +9,6 @@ import typer
 from rich.table import Table
 
 from ..preprocess.config import PreprocessConfig
-from ..settings import ConfigError
 from .common import config_options, console, fail
 
 
@@ -43,10 +42,7 @@ def preprocess(
     **options,
 ) -> None:
     """Turn a folder of selfies into a training folder; say why each rejected photo was."""
-    try:
-        config = PreprocessConfig(**options)
-    except ConfigError as exc:
-        fail(str(exc))
+    config = PreprocessConfig(**options)
     if not in_dir.startswith("s3://"):
         _preprocess(Path(in_dir), out_dir, config)
         return
@@ -72,15 +68,13 @@ def _fetch(uri: str, dest: Path, config: PreprocessConfig) -> list[Path]:
 
 
 def _preprocess(in_dir: Path, out_dir: Path, config: PreprocessConfig) -> None:
-    from ..preprocess import NotEnoughPhotosError, PreprocessError
+    from ..preprocess import NotEnoughPhotosError
     from ..preprocess import preprocess_dir as run
 
     try:
         manifest = run(in_dir, out_dir, config, progress=True)
     except NotEnoughPhotosError as exc:
         console.print(_summary(exc.manifest))
-        fail(str(exc))
-    except PreprocessError as exc:
         fail(str(exc))
     console.print(_summary(manifest))
     console.print(f"{len(manifest.kept)} image(s) in {out_dir / 'images'}")
@@ -100,7 +94,7 @@ def samples(
     ),
 ) -> None:
     """Write the sample photos (variants of a public-domain portrait) for tests and the demo."""
-    from ..samples import write_hostile, write_samples
+    from ..testing.samples import write_hostile, write_samples
 
     paths = write_samples(out_dir)
     console.print(f"{len(paths)} sample photo(s) in {out_dir}")

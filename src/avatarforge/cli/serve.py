@@ -31,19 +31,15 @@ def package(
 
     It holds no machine paths: the serving instance says where its shared files are.
     """
-    from ..adapter import AdapterError, base_config_for, read_adapter
-    from ..base import BaseConfig, BaseError, resolve_base
-    from ..serving.package import PackageError, package_user
-    from ..settings import ConfigError
+    from ..adapter import base_config_for, read_adapter
+    from ..base.config import BaseConfig, resolve_base
+    from ..serving.package import package_user
 
     adapter = adapter or build_dir() / "users" / user / "adapter"
-    try:
-        serving = ServingConfig(**options)
-        meta = read_adapter(adapter)
-        info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
-        path = package_user(user, adapter, out, base=info, serving=serving)
-    except (AdapterError, BaseError, ConfigError, PackageError) as exc:
-        fail(str(exc))
+    serving = ServingConfig(**options)
+    meta = read_adapter(adapter)
+    info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
+    path = package_user(user, adapter, out, base=info, serving=serving)
     console.print(f"{path} ({path.stat().st_size / 1024:.1f} KiB)")
 
 
@@ -73,10 +69,8 @@ def local_triton(
 ) -> None:
     """Start tritonserver on model_setup + the packaged users (HTTP, gRPC and metrics on
     127.0.0.1); `avatarforge serve load USER` adds a user while it runs; Ctrl-C stops."""
-    from ..safe_tar import UnsafeArchiveError
-    from ..serving.package import PackageError
     from ..serving.repository import build_repository
-    from ..serving.server import PortInUseError, ServerError, tritonserver
+    from ..serving.server import PortInUseError, tritonserver
 
     options = {"HTTP": "--port", "gRPC": "--grpc-port", "metrics": "--metrics-port"}
     port = usable_port(port, "HTTP", options)  # checked before anything is built or started
@@ -90,10 +84,7 @@ def local_triton(
             fail(f"not packaged: {', '.join(map(str, missing))} (run make package USER=...)")
     env = instance_env(base, shared_dir)
     repo = repository_for(port)
-    try:
-        names = build_repository(repo, packages)
-    except (PackageError, UnsafeArchiveError) as exc:
-        fail(str(exc))
+    names = build_repository(repo, packages)
     stop_on_sigterm()
     try:
         with tritonserver(
@@ -112,8 +103,6 @@ def local_triton(
         console.print("stopped")
     except PortInUseError as exc:
         port_in_use(exc, options)
-    except ServerError as exc:
-        fail(str(exc))
 
 
 def say(text: str) -> None:
@@ -183,14 +172,10 @@ def load(
 ) -> None:
     """Load a newly packaged user into a running local-triton, without a restart (a package
     made again replaces the loaded one)."""
-    from ..names import InvalidNameError, check_user_id
-    from ..safe_tar import UnsafeArchiveError
-    from ..serving.server import ServerError, load_package
+    from ..names import check_user_id
+    from ..serving.server import load_package
 
-    try:
-        check_user_id(user)
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_user_id(user)
     package = (source or build_dir() / "package") / f"{user}.tar.gz"
     if not package.is_file():
         fail(f"no package {package} (run make package USER={user})")
@@ -202,7 +187,7 @@ def load(
     started = time.monotonic()
     try:
         name = load_package(url, repository, package)
-    except (ServerError, InvalidNameError, UnsafeArchiveError, OSError) as exc:
+    except OSError as exc:
         fail(str(exc))
     took = time.monotonic() - started
     console.print(f"loaded {name} on {url} in {took:.1f} s (from {package})", soft_wrap=True)
@@ -226,13 +211,11 @@ def contract(
 def instance_env(base: str, shared_dir: Path | None) -> dict[str, str]:
     """The server environment the models' ensure-step reads: shared files, base source, and
     this interpreter's environment as the shared base's serving env."""
-    from ..base import BaseConfig, BaseError, resolve_base
+    from ..base.config import BaseConfig, resolve_base
     from ..serving.config import local_instance_env
 
-    try:  # a folder or tarball is used as is: the ensure-step verifies the hash
-        source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
-    except BaseError as exc:
-        fail(str(exc))
+    # a folder or tarball is used as is: the ensure-step verifies the hash
+    source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
     return local_instance_env(source, shared_dir or build_dir() / "triton" / "shared")
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import typer
 
-from ..names import InvalidNameError, check_user_id
+from ..names import check_user_id
 from ..train.config import PRESETS, TrainConfig
 from .common import config_options, console, fail, save_images
 
@@ -169,18 +169,15 @@ def train_command(
     (a stopped run continues from its last checkpoint when run again)."""
     import time
 
-    from ..base import BaseConfig, BaseError, best_device, resolve_base
+    from ..base.config import BaseConfig, resolve_base
+    from ..base.pipeline import best_device
     from ..paths import build_dir
-    from ..settings import ConfigError
-    from ..train import TrainingError, TrainingStopped, train
+    from ..train import TrainingStopped, train
     from ..train import checkpoint as ckpt
     from ..train.data import read_dataset
     from ..train.loop import CHECKPOINT_DIR, run_class_images
 
-    try:
-        check_user_id(user, field="--user")
-    except InvalidNameError as exc:
-        fail(str(exc))
+    check_user_id(user, field="--user")
     if preset and preset not in PRESETS:
         fail(f"--preset: unknown preset {preset!r} (known: {', '.join(PRESETS)})")
     given = _given(ctx, options)
@@ -233,8 +230,6 @@ def train_command(
             soft_wrap=True,
         )
         raise typer.Exit(STOPPED) from None
-    except (TrainingError, ConfigError, BaseError) as exc:
-        fail(str(exc))
     console.print(f"adapter [bold]{result.adapter_dir}[/]")
     took = time.perf_counter() - started
     versus = f" (estimated {_duration(estimated)})" if estimated else ""
@@ -269,23 +264,20 @@ def generate_local(
     device: str = typer.Option("", help="torch device ('' : cuda when available, else cpu)"),
 ) -> None:
     """Generate with diffusers directly: the reference the Triton path is compared against."""
-    from ..adapter import AdapterError, base_config_for, load_adapter, read_adapter
-    from ..base import BaseConfig, BaseError, load_pipeline, resolve_base
+    from ..adapter import base_config_for, load_adapter, read_adapter
+    from ..base.config import BaseConfig, resolve_base
+    from ..base.pipeline import load_pipeline
     from ..generate import GenArgs, generate_images
     from ..paths import build_dir
-    from ..settings import ConfigError
 
     if image_format not in ("jpeg", "png"):
         fail(f"--format: must be jpeg or png (got {image_format!r})")
-    try:
-        args = GenArgs.parse(gen_args)
-        meta = read_adapter(adapter)
-        info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
-        pipe = load_pipeline(info, device=device or None)
-        load_adapter(pipe, adapter, info, "user")
-        images = generate_images(pipe, prompt, negative_prompt or None, args)
-    except (AdapterError, BaseError, ConfigError) as exc:
-        fail(str(exc))
+    args = GenArgs.parse(gen_args)
+    meta = read_adapter(adapter)
+    info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
+    pipe = load_pipeline(info, device=device or None)
+    load_adapter(pipe, adapter, info, "user")
+    images = generate_images(pipe, prompt, negative_prompt or None, args)
     folder = out or build_dir() / "generate-local" / Path(adapter).resolve().parent.name
     save_images(images, folder, suffix=f"-seed{args.seed}", image_format=image_format)
 

@@ -7,7 +7,6 @@
 - :mod:`.s3`             small JSON/bytes objects by URI
 - :mod:`.async_runner`   a local async endpoint: S3 in, bounded workers, S3 + SNS out
 - :mod:`.local_runtime`  a local SageMaker runtime HTTP API (InvokeEndpoint, InvokeEndpointAsync)
-- :mod:`.demo`           ``avatarforge demo-cloud``: the whole system on one machine
 
 The client talks to real AWS and to the local pieces alike: only boto3's endpoints differ.
 """

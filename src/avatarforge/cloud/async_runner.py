@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from ..deploy.config import DeployConfig
+from ..errors import AvatarforgeError
 from ..storage import StorageError
 from .notifications import COMPLETED, FAILED, build_notification
 from .s3 import read_object, write_json, write_object
@@ -50,8 +51,10 @@ DEFAULT_INVOCATION_TIMEOUT_S = 900  # SageMaker's default when the request sets 
 _INFERENCE_ID = re.compile(r"^\S[\x20-\x7e]{0,63}$")  # printable ASCII, <= 64 chars
 
 
-class InvocationRejected(ValueError):
+class InvocationRejected(AvatarforgeError, ValueError):
     """The invocation is refused before it is queued (SageMaker's ValidationError)."""
+
+    status = 400
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..deploy.config import DeployConfig
+from ..errors import AvatarforgeError
 from ..mme.front import MAX_BODY_BYTES
 from ..names import check_job_id, check_user_id
 from ..storage import ObjectNotFoundError, StorageError, parse_s3_uri
@@ -41,7 +42,7 @@ from .s3 import object_exists, read_json, read_object, write_json
 PENDING, SUCCEEDED, FAILED = "pending", "succeeded", "failed"
 
 
-class CloudError(RuntimeError):
+class CloudError(AvatarforgeError, RuntimeError):
     """Base of the client's errors."""
 
 
@@ -51,23 +52,32 @@ class EndpointError(CloudError):
     def __init__(self, message: str, code: str = "", status: int | None = None) -> None:
         super().__init__(message)
         self.code = code
-        self.status = status
+        if status is not None:  # else the class's: ours (500)
+            self.status = status
 
 
 class UnknownJobError(CloudError, LookupError):
     """No submission is recorded for that job id."""
 
+    status = 404
+
 
 class NoModelError(CloudError, LookupError):
     """The user has no ``<user>.tar.gz`` under the models prefix yet."""
+
+    status = 404
 
 
 class RequestTooLargeError(CloudError, ValueError):
     """The request body is over SageMaker's 6 MB real-time limit (refused before sending)."""
 
+    status = 413
+
 
 class ResponseError(CloudError):
     """The endpoint answered 200 with something that is not the expected response."""
+
+    status = 502
 
 
 # ---------------------------------------------------------------------------------- submit

@@ -26,12 +26,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from ..errors import AvatarforgeError
+
 COMPLETED = "Completed"
 FAILED = "Failed"
 
 
-class NotificationError(ValueError):
+class NotificationError(AvatarforgeError, ValueError):
     """A message is not an async-inference notification; the message says what was wrong."""
+
+    status = 400
 
 
 @dataclass(frozen=True)

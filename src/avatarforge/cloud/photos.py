@@ -12,14 +12,17 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import AvatarforgeError
 from ..jobs.config import ServiceConfig
 
 # The service's defaults (read from the fields: building a ServiceConfig imports the trainer).
 _SERVICE = {f.name: f.default for f in dataclasses.fields(ServiceConfig)}
 
 
-class PhotoError(ValueError):
+class PhotoError(AvatarforgeError, ValueError):
     """The photo folder cannot be submitted; the message names the file or the limit."""
+
+    status = 400
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,9 @@ import tarfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..base import BaseConfig, BaseError, BaseInfo, resolve_base
+from ..base.config import BaseConfig, resolve_base
+from ..base.identity import BaseError, BaseInfo
+from ..errors import AvatarforgeError
 from ..hashing import sha256_file
 from ..paths import build_dir
 from ..safe_tar import MAX_MEMBER_BYTES, MAX_TOTAL_BYTES, write_reproducible_tar
@@ -28,7 +30,7 @@ from .images import triton_python
 BASE_ARCNAME = "base"  # the tarball holds one diffusers folder (what ensure_base looks for)
 
 
-class AssetError(RuntimeError):
+class AssetError(AvatarforgeError, RuntimeError):
     """A local asset cannot be made or is not fit to deploy; the message says what to do."""
 
 

@@ -12,10 +12,11 @@ import json
 import urllib.parse
 from typing import Any
 
+from ..errors import AvatarforgeError
 from .config import DeployConfig
 
 
-class DeployError(RuntimeError):
+class DeployError(AvatarforgeError, RuntimeError):
     """An AWS step failed or cannot start; the message names the resource and what to do."""
 
 

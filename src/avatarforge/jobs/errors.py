@@ -1,18 +1,22 @@
-"""Errors of a training job: one root, :class:`JobError`, that says whose fault it was.
+"""Errors of a training job: one root, :class:`JobError` (an
+:class:`~avatarforge.errors.AvatarforgeError`), that says whose fault it was.
 
 Every failure of a job leaves as a ``JobError`` (or a subclass) so that each adapter answers it
 the same way: the DJL entry point turns ``status`` into the HTTP status of the invocation (a
 non-2xx makes SageMaker write the failure to S3FailurePath and publish to the ErrorTopic), the
-CLI into its exit code. ``client_fault`` is True when re-sending the same request cannot help
-(bad request, unusable photos); False for our failures, which a retry may cure.
+CLI into its exit code. ``client_fault`` (from the root: a 4xx ``status``) is True when
+re-sending the same request cannot help (bad request, unusable photos); False for our failures,
+which a retry may cure.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from ..errors import AvatarforgeError
 
-class JobError(Exception):
+
+class JobError(AvatarforgeError):
     """A training job failed; the message says why, ``status`` is HTTP-like (400, 409, 500...)."""
 
     status: int = 500
@@ -28,11 +32,6 @@ class JobError(Exception):
         if status is not None:
             self.status = status
         self.details: dict[str, Any] = dict(details or {})
-
-    @property
-    def client_fault(self) -> bool:
-        """True for 4xx: the request or its photos must change, not the service."""
-        return 400 <= self.status < 500
 
     @property
     def message(self) -> str:

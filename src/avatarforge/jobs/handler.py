@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from ..settings import ConfigError
 from .config import ServiceConfig
 from .errors import JobError, JobRequestError

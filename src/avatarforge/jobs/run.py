@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__, storage
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from ..hashing import sha256_file
 from .config import ServiceConfig
 from .errors import JobError, JobTimeoutError
@@ -87,7 +87,8 @@ def run_job(
 
 def resolve_service_base(config: ServiceConfig) -> BaseInfo:
     """The base the service trains on: the one the MME serves (same source, same hash)."""
-    from ..base import TINY, BaseConfig, BaseError, read_base_info, resolve_base
+    from ..base.config import TINY, BaseConfig, resolve_base
+    from ..base.identity import BaseError, read_base_info
     from ..safe_tar import UnsafeArchiveError
     from ..serving.shared_files import SharedFilesError, ensure_base
 

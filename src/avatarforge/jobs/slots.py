@@ -20,12 +20,16 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import AvatarforgeError
+
 log = logging.getLogger(__name__)
 POLL_S = 0.2
 
 
-class SlotTimeout(TimeoutError):
+class SlotTimeout(AvatarforgeError, TimeoutError):
     """No slot (or job lock) came free before the caller's deadline."""
+
+    status = 504
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ..errors import AvatarforgeError
 from ..safe_tar import UnsafeArchiveError
 from .loader import (
     InvalidTargetModelError,
@@ -346,7 +347,7 @@ def mme_front(
         invoker.close()
 
 
-class EndpointError(RuntimeError):
+class EndpointError(AvatarforgeError, RuntimeError):
     def __init__(self, status: int, message: str, code: str = "") -> None:
         super().__init__(f"HTTP {status}: {message}")
         self.status = status

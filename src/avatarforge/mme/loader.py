@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import AvatarforgeError
 from ..safe_tar import safe_extract
 from ..serving.package_check import (
     CHECKSUM_SUFFIX,
@@ -55,7 +56,7 @@ STAGING_PREFIX = ".staging-"  # <root>/.staging-<hash>-<random>: a model being f
 _TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\.tar\.gz$")
 
 
-class MMEError(Exception):
+class MMEError(AvatarforgeError):
     """Base of the loader's errors; ``status`` is the HTTP status a front end should answer."""
 
     status = 500
@@ -264,10 +265,34 @@ class MultiModelLoader:
                 self._loaded.move_to_end(target_model)
             return found
 
-    def unload_all(self) -> None:
+    def unload_all(self, wait_s: float = 5.0) -> list[str]:
+        """Unload every model (at shutdown); returns those left to the server's own stop.
+
+        A model with a request in flight is waited for at most ``wait_s`` in all: Triton's
+        unload waits for its requests, so one long generation would hold the shutdown for as
+        long as it runs. Those still busy then have only their files removed; stopping
+        tritonserver ends their requests (``--exit-timeout-secs``) and processes.
+        """
+        deadline = time.monotonic() + wait_s
+        with self._lru_lock:
+            while any(self._in_flight.get(t) for t in self._loaded):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._idle.wait(left)
+        left_busy = []
         # One at a time: Triton's front end holds its model-list lock through each unload.
         for target in self.loaded():
-            self.unload(target)
+            if self._in_flight.get(target):
+                with self._load_lock, self._lru_lock:
+                    model = self._loaded.pop(target, None)
+                if model is not None:
+                    shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
+                    left_busy.append(target)
+                    log.warning("%s has a request in flight: left to the server's stop", target)
+            else:
+                self.unload(target)
+        return left_busy
 
     def invoke_raw(
         self, target_model: str, body: bytes, content_type: str = "application/json"

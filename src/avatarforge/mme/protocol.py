@@ -23,10 +23,12 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import AvatarforgeError
+
 TARGET_MODEL_HEADER = "X-Amzn-SageMaker-Target-Model"
 
 
-class TritonMMEError(RuntimeError):
+class TritonMMEError(AvatarforgeError, RuntimeError):
     """Triton's SageMaker front end answered with an error; ``message`` is Triton's own."""
 
     def __init__(self, action: str, status: int, message: str) -> None:

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..errors import AvatarforgeError
 from ..settings import ConfigError, Settings, setting
 
 
-class PreprocessError(RuntimeError):
+class PreprocessError(AvatarforgeError, RuntimeError):
     """The preprocess step as a whole cannot go on (not one bad file: those are rejected)."""
 
 
 class NotEnoughPhotosError(PreprocessError):
     """Fewer usable photos than ``min_images`` remain; the message says what was rejected and
     ``manifest`` is the manifest that was written anyway."""
+
+    status = 400
 
     def __init__(self, message: str, manifest=None) -> None:
         super().__init__(message)

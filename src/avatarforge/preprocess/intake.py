@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from ..errors import AvatarforgeError
+
 try:  # HEIC/HEIF is what iPhones upload; optional so the rest works without the wheel
     import pillow_heif
 
@@ -44,11 +46,13 @@ UPRIGHT = {
 }
 
 
-class Rejected(Exception):
+class Rejected(AvatarforgeError):
     """This file cannot be used; ``str(exc)`` is the reason shown to the user.
 
     Later steps (faces) attach what they found so the manifest can show it.
     """
+
+    status = 400
 
     def __init__(self, reason: str, *, face_box=None, scores: dict | None = None) -> None:
         super().__init__(reason)

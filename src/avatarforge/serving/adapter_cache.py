@@ -25,7 +25,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from .host_adapters import (
     HostAdapterCache,
     NotSlottable,

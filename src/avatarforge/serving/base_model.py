@@ -8,9 +8,11 @@ row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one 
 
 from __future__ import annotations
 
+import time
+
 from ..adapter import AdapterError
-from ..base import BaseError
-from ..generate import GenArgs, generate_batch, generate_images
+from ..base.identity import BaseError
+from ..generate import GenArgs, GenerationStopped, generate_batch, generate_images
 from . import bootstrap, schema
 from .adapter_cache import SlotAdapterCache
 from .config import (
@@ -22,7 +24,14 @@ from .config import (
     P_BASE_ID,
     ServingConfig,
 )
-from .handler import CLIENT_ERRORS, Job, RequestError, handle_batched, handle_requests
+from .handler import (
+    CLIENT_ERRORS,
+    DeadlineExceeded,
+    Job,
+    RequestError,
+    handle_batched,
+    handle_requests,
+)
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
 BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
@@ -58,7 +67,7 @@ class SharedBase:
         """From its config parameters and the instance's environment: the base is fetched from
         AVATARFORGE_BASE_SOURCE into the shared dir if not there yet, and must have the hash
         the config names (Triton's instance kind decides the device)."""
-        from ..base import load_pipeline
+        from ..base.pipeline import load_pipeline
         from .shared_files import ensure_base
 
         instance = bootstrap.Instance(environ)
@@ -67,6 +76,7 @@ class SharedBase:
             instance.shared_dir,
             expected_hash=params.get(P_BASE_HASH, ""),
             base_id=params.get(P_BASE_ID, ""),
+            verify=True,  # once per start of the shared base: every byte it will serve
         )
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
         serving = ServingConfig.from_params(params)
@@ -85,14 +95,25 @@ class SharedBase:
         return generate_images(self.pipe, prompt, negative, args)
 
     def generate_jobs(self, jobs: list[Job]) -> list[list]:
-        """Rows sharing a batch key as one pipeline call (one row: exactly `generate`)."""
-        if len(jobs) == 1:
-            (job,) = jobs
-            return [self.generate(job.row.prompt, job.row.negative_prompt, job.row.args,
-                                  job.adapter)]  # fmt: skip
-        rows = [(job.row.prompt, job.row.negative_prompt, job.row.args) for job in jobs]
-        with self.cache.rows([job.adapter for job in jobs], jobs[0].row.args.num_images):
-            return generate_batch(self.pipe, rows)
+        """Rows sharing a batch key as one pipeline call (one row: exactly `generate`). It
+        stops between two steps when every client of the call has stopped waiting."""
+        deadlines = [job.deadline for job in jobs]
+        stop = None
+        if None not in deadlines:
+            last = max(deadlines)
+            stop = lambda: time.time() > last  # noqa: E731
+        try:
+            if len(jobs) == 1:
+                (job,) = jobs
+                self.cache.activate(job.adapter)
+                row = job.row
+                return [generate_images(self.pipe, row.prompt, row.negative_prompt, row.args,
+                                        stop=stop)]  # fmt: skip
+            rows = [(job.row.prompt, job.row.negative_prompt, job.row.args) for job in jobs]
+            with self.cache.rows([job.adapter for job in jobs], jobs[0].row.args.num_images):
+                return generate_batch(self.pipe, rows, stop=stop)
+        except GenerationStopped as exc:
+            raise DeadlineExceeded(str(exc)) from None
 
     def handle(self, requests) -> list:
         if not self.batching:

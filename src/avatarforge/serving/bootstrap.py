@@ -53,6 +53,15 @@ ADAPTER_INPUT = "adapter"  # the shared base's input naming the calling user's a
 # model every error of the shared base with the code INTERNAL (checked), so the code travels in
 # the message: the user model answers INVALID_ARG (HTTP 400) for these, INTERNAL (500) otherwise.
 CLIENT_FAULT_PREFIX = "invalid request: "
+# Starts the message of an error the client should meet by sending the request again later:
+# UNAVAILABLE (HTTP 503), carried the same way.
+RETRY_PREFIX = "unavailable: "
+# What a request that met a dead shared base process answers: the process is started again at
+# once, so the same request succeeds when sent again.
+BASE_RESTARTED = RETRY_PREFIX + "the shared base model's process died and was restarted; retry"
+# The shared base's input with the time (unix seconds, as text) after which the calling user
+# model's client no longer waits: the user model's arrival time + serving.request_timeout_s.
+DEADLINE_INPUT = "deadline"
 # The shared base's model.py, as handed to pb_utils.load_model: it runs in the serving env,
 # where avatarforge is installed, so it always matches the library there.
 SHARED_BASE_MODEL_PY = (
@@ -126,11 +135,33 @@ def ensure_env(instance: Instance) -> str:
     return str(dest)
 
 
+def lock_folder(shared_dir: Path) -> Path:
+    """Where the instance's processes keep their lock files: ``<shared_dir>/.locks``, or, when
+    the shared dir is read-only (a base and env prepared in the image or on a read-only
+    volume), a folder of the machine's temp dir named after it: the processes of one instance
+    share that too."""
+    folder = Path(shared_dir) / ".locks"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if os.access(folder, os.W_OK):
+            probe = folder / f".probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+            return folder
+    except OSError:
+        pass
+    import tempfile
+
+    key = hashlib.sha256(str(Path(shared_dir).resolve()).encode()).hexdigest()[:16]
+    folder = Path(tempfile.gettempdir()) / f"avatarforge-locks-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @contextlib.contextmanager
 def file_lock(shared_dir: Path, name: str, timeout: float = LOCK_TIMEOUT_S):
     """An exclusive lock between the processes of one instance (models start in parallel)."""
-    folder = Path(shared_dir) / ".locks"
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = lock_folder(shared_dir)
     deadline = time.monotonic() + timeout
     with open(folder / (name + ".lock"), "a") as handle:
         while True:
@@ -162,6 +193,12 @@ class SharedBase:
         self.config_json = config_json
         self.lock_dir = lock_dir
 
+    @property
+    def request_timeout_s(self) -> float:
+        """serving.request_timeout_s of the package (0: none), as the packager wrote it."""
+        params = json.loads(self.config_json).get("parameters", {})
+        return float(params.get("REQUEST_TIMEOUT_S", {}).get("string_value") or 0)
+
     @classmethod
     def from_template(cls, template: dict, env_path: str, lock_dir: Path) -> SharedBase:
         """The packaged config of the shared base, given this instance's environment path."""
@@ -182,11 +219,83 @@ class SharedBase:
             return
         with file_lock(self.lock_dir, self.name, timeout=600):
             if not pb_utils.is_model_ready(self.name):
-                pb_utils.load_model(
-                    model_name=self.name,
-                    config=self.config_json,
-                    files={"file:1/model.py": SHARED_BASE_MODEL_PY},
-                )
+                self._load(pb_utils)
+
+    def restart(self, pb_utils, failed_at: float) -> None:
+        """Replace a shared base whose process died (e.g. the OOM killer).
+
+        Triton 2.51's python backend no longer restarts a dead stub: the model stays READY and
+        every request fails until it is unloaded (a load of an unchanged config does nothing).
+        Once per death: a model whose request failed at ``failed_at`` (time.time()) finds the
+        restart another model made after that and does nothing.
+        """
+        marker = lock_folder(self.lock_dir) / (self.name + ".restarted")
+        with file_lock(self.lock_dir, self.name, timeout=600):
+            with contextlib.suppress(FileNotFoundError):
+                if marker.stat().st_mtime >= failed_at:
+                    return
+            pb_utils.unload_model(self.name)  # returns at once; the unload goes on
+            deadline = time.monotonic() + 120
+            while pb_utils.is_model_ready(self.name) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            self._load(pb_utils)
+            marker.touch()
+
+    def _load(self, pb_utils) -> None:
+        pb_utils.load_model(
+            model_name=self.name,
+            config=self.config_json,
+            files={"file:1/model.py": SHARED_BASE_MODEL_PY},
+        )
+
+
+def server_cmdline() -> list | None:
+    """The arguments of the tritonserver that started this stub (its parent process); None
+    where they cannot be read or the parent is not tritonserver."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return None
+    cmdline = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    return cmdline if cmdline and cmdline[0].endswith("tritonserver") else None
+
+
+def _option(cmdline: list, name: str) -> list:
+    """Every value of ``--name=value`` / ``--name value`` in ``cmdline``."""
+    values = []
+    for i, arg in enumerate(cmdline):
+        if arg.startswith(name + "="):
+            values.append(arg.split("=", 1)[1])
+        elif arg == name and i + 1 < len(cmdline):
+            values.append(cmdline[i + 1])
+    return values
+
+
+def check_control_mode(cmdline: list | None) -> None:
+    """Refuse to start under a tritonserver that cannot load the shared base.
+
+    The shared base is started with ``pb_utils.load_model``, which needs
+    ``--model-control-mode=explicit`` (what SageMaker MME and our launchers use); in the
+    default mode ``none`` tritonserver 2.51 aborts at that call (boost lock_exception), far
+    from the cause. ``cmdline``: the server's arguments (:func:`server_cmdline`); None: no check.
+    """
+    if cmdline is None:
+        return
+    mode = (_option(cmdline, "--model-control-mode") or ["none"])[-1]
+    if mode != "explicit":
+        raise BootstrapError(
+            f"tritonserver runs with --model-control-mode={mode}: avatarforge models start the "
+            "shared base model themselves, which needs --model-control-mode=explicit; start "
+            "it with --model-control-mode=explicit and --load-model=NAME for each model to "
+            "load at start (avatarforge serve local-triton does this)"
+        )
+
+
+def loaded_at_start(model: str, cmdline: list | None) -> bool:
+    """Whether the server loads ``model`` as it starts (``--load-model``). Then the shared base
+    starts with the first request: a model asking Triton about other models before the server
+    is up gets "Server not ready", and tritonserver 2.51 may abort (boost lock_exception)."""
+    return bool(cmdline) and bool({model, "*"} & set(_option(cmdline, "--load-model")))
 
 
 def read_user_model(version_dir: Path, base_hash: str) -> Path:
@@ -218,7 +327,14 @@ def error_code(message: str, pb_utils) -> int:
     """The Triton error code for an error message of the shared base (see CLIENT_FAULT_PREFIX)."""
     if message.startswith(CLIENT_FAULT_PREFIX):
         return pb_utils.TritonError.INVALID_ARG
+    if message.startswith(RETRY_PREFIX):
+        return pb_utils.TritonError.UNAVAILABLE
     return pb_utils.TritonError.INTERNAL
+
+
+def base_died(message: str) -> bool:
+    """Whether a BLS error says the shared base's process is gone (Triton's own words)."""
+    return message.startswith("Stub process") and "is not healthy" in message
 
 
 def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None):
@@ -227,11 +343,14 @@ def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None
     ``params``: the model config's parameters as plain strings.
     """
     version_dir = Path(version_dir)
+    cmdline = server_cmdline()
+    check_control_mode(cmdline)
     adapter = read_user_model(version_dir, params.get("BASE_HASH", ""))
     instance = Instance(environ)
     template = json.loads((version_dir / SHARED_BASE_FILE).read_text())
     base = SharedBase.from_template(template, ensure_env(instance), instance.shared_dir)
-    base.ensure_loaded(pb_utils)
+    if not loaded_at_start(version_dir.parent.name, cmdline):
+        base.ensure_loaded(pb_utils)
     return adapter, base
 
 

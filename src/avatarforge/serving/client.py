@@ -12,16 +12,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..errors import AvatarforgeError
 from ..generate import from_jpeg_base64
 from . import schema
 
 
-class ServingError(RuntimeError):
+class ServingError(AvatarforgeError, RuntimeError):
     """The server answered with an error for this request (the message is the server's)."""
 
 
 class ModelNotFoundError(ServingError):
     """No such model is loaded on the server."""
+
+    status = 404
 
 
 def build_inputs(

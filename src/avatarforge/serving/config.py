@@ -33,6 +33,7 @@ P_BASE_HASH = "BASE_HASH"
 
 SD_BASE_PREFIX = SHARED_BASE_PREFIX  # + base hash: one shared process per base
 MAX_REQUEST_COST = 600  # see ServingConfig.max_request_cost
+REQUEST_TIMEOUT_S = 60  # see ServingConfig.request_timeout_s
 ADAPTER_CACHE_SIZE = 16  # adapters loaded the old way (the slots' fallback), unless configured
 # 1024 default-rank SD 2.1 adapters (6.11 MiB each in fp16) page-locked for a GPU, where torch
 # rounds each pinned block up to a power of two (8 MiB); 1340 of them on a CPU
@@ -54,6 +55,15 @@ class ServingConfig(Settings):
         "H200 takes 0.025 s a step, an A10G about 4x that), SageMaker's invocation limit",
         ge=1,
         le=1_000_000,
+    )
+    request_timeout_s: int = setting(
+        REQUEST_TIMEOUT_S,
+        "seconds from a request's arrival at its user model after which its client no longer "
+        "waits (SageMaker's invocation limit is 60 s): work not started by then is skipped and "
+        "work under way stops between two denoising steps, answered 503 (retry); raise it "
+        "where clients wait longer (a CPU serving full-size SD)",
+        ge=1,
+        le=86400,
     )
     adapter_cache_size: int = setting(
         ADAPTER_CACHE_SIZE,

@@ -13,12 +13,15 @@ Two ways to run the rows: :func:`handle_requests`, one row at a time, and
 from __future__ import annotations
 
 import logging
+import math
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import AvatarforgeError
 from ..generate import GenArgs, batch_key, to_jpeg_base64
 from ..settings import ConfigError
 from . import schema
@@ -28,16 +31,18 @@ log = logging.getLogger(__name__)
 
 # Longest text a request may carry per row. CLIP reads 77 tokens of a prompt; a longer text is
 # tokenised whole before that cut, so an unbounded one is work the server does for nothing.
-MAX_TEXT_CHARS = {"prompt": 2000, "negative_prompt": 2000, "gen_args": 4096, "adapter": 4096}
+MAX_TEXT_CHARS = {"prompt": 2000, "negative_prompt": 2000, "gen_args": 4096, "adapter": 4096,
+                  "deadline": 32}  # fmt: skip
 
 
-class RequestError(ValueError):
+class RequestError(AvatarforgeError, ValueError):
     """This request cannot be answered; the message is what the client sees.
 
     ``client_fault``: the caller's mistake (a bad input, an adapter it cannot have) — Triton
     answers it as INVALID_ARG (HTTP 400); otherwise ours (INTERNAL, HTTP 500).
     """
 
+    status = 400
     client_fault = True
 
 
@@ -45,7 +50,23 @@ class InternalError(RequestError):
     """Our failure: the client is told that, with a reference to the log line holding the
     detail (exception text and server paths stay in the log)."""
 
+    status = 500
     client_fault = False
+
+
+class DeadlineExceeded(RequestError):
+    """The client stopped waiting (its deadline passed) before the work was done: work not
+    started is skipped, work under way stops between two denoising steps. HTTP 503: retry."""
+
+    status = 503
+    client_fault = False
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(
+            "not done within serving.request_timeout_s of its arrival "
+            f"({detail or 'skipped'}): the server was busy and the client has stopped "
+            "waiting; retry later, or raise the package's --request-timeout-s"
+        )
 
 
 @dataclass(frozen=True)
@@ -59,6 +80,10 @@ class Row:
 class ParsedRequest:
     rows: list[Row]
     adapter: str | None  # adapter folder (shared base only); None: the base alone
+    deadline: float | None = None  # unix time; past it nobody waits for the answer
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
 
 # (prompt, negative_prompt, args, adapter) -> images
@@ -140,7 +165,19 @@ def parse_request(
     adapters = set(texts.get(schema.ADAPTER.name) or [""])
     if len(adapters) != 1:
         raise RequestError("adapter: one request serves one adapter")
-    return ParsedRequest(parsed, adapters.pop() or None)
+    return ParsedRequest(parsed, adapters.pop() or None, _deadline(texts.get(schema.DEADLINE.name)))
+
+
+def _deadline(texts: list[str] | None) -> float | None:
+    if not texts:
+        return None
+    try:
+        values = {float(t) for t in texts}
+    except ValueError:
+        raise RequestError("deadline: not a number") from None
+    if len(values) != 1 or not all(math.isfinite(v) for v in values):
+        raise RequestError("deadline: one finite time per request")
+    return values.pop()
 
 
 def answer(parsed: ParsedRequest, generate: Generate) -> np.ndarray:
@@ -172,7 +209,10 @@ def handle_requests(
     results: list[np.ndarray | RequestError] = []
     for inputs in requests:
         try:
-            results.append(answer(parse_request(inputs, specs, max_cost=max_cost), generate))
+            parsed = parse_request(inputs, specs, max_cost=max_cost)
+            if parsed.expired():
+                raise DeadlineExceeded()
+            results.append(answer(parsed, generate))
         except Exception as exc:  # one broken request must not take the batch down with it
             results.append(as_request_error(exc, client_errors))
     return results
@@ -198,6 +238,7 @@ class Job:
     index: int  # index of the row in its request
     row: Row
     adapter: str | None
+    deadline: float | None = None  # the request's (see ParsedRequest)
 
 
 # jobs (sharing one batch_key, or one job) -> each job's images, in order
@@ -272,7 +313,7 @@ def handle_batched(
         if i in errors:
             continue
         for k, row in enumerate(request.rows):
-            job = Job(i, k, row, request.adapter)
+            job = Job(i, k, row, request.adapter, request.deadline)
             (batched if together[request.adapter] else alone).append(job)
     calls = plan_batches(batched, max_images, max_adapters) + [[job] for job in alone]
     images: dict[tuple[int, int], list] = {}
@@ -282,6 +323,10 @@ def handle_batched(
             out = run(call)
             for job, row_images in zip(call, out, strict=True):
                 images[job.request, job.index] = row_images
+        except DeadlineExceeded as exc:  # every client of the call has gone: no retry
+            for job in call:
+                errors.setdefault(job.request, exc)
+            return None
         except Exception as exc:
             if len(call) == 1:
                 errors.setdefault(call[0].request, as_request_error(exc, client_errors))
@@ -289,6 +334,9 @@ def handle_batched(
         return None
 
     for call in calls:
+        for job in call:
+            if job.deadline is not None and time.time() > job.deadline:
+                errors.setdefault(job.request, DeadlineExceeded())  # nobody waits: skip
         call = [job for job in call if job.request not in errors]  # a failed request stops
         if call and (exc := attempt(call)) is not None and len(call) > 1:
             log.warning("a batch of %d rows failed (%r); one at a time now", len(call), exc)

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..adapter import WEIGHTS_FILE, AdapterError, read_adapter
-from ..base import BaseInfo, check_same_base
+from ..base.identity import BaseInfo, check_same_base
+from ..errors import AvatarforgeError
 from .lora_slots import GROUPS, UNET, LoraWeights
 
 log = logging.getLogger(__name__)
@@ -138,7 +139,7 @@ def _peft_layers(state: dict[str, Any], group: str, module_names: tuple[str, ...
     return {name: (a, b) for name, (a, b) in layers.items()}
 
 
-class _Unfit(Exception):
+class _Unfit(AvatarforgeError):
     """Why an adapter does not fit the slots (internal: becomes a NotSlottable)."""
 
 

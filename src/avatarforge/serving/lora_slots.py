@@ -29,13 +29,15 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import AvatarforgeError
+
 log = logging.getLogger(__name__)
 
 UNET, TEXT_ENCODER = "unet", "text_encoder"
 GROUPS = (UNET, TEXT_ENCODER)
 
 
-class SlotError(RuntimeError):
+class SlotError(AvatarforgeError, RuntimeError):
     """A plan or an adapter does not fit the slots (a bug, never a user's input)."""
 
 

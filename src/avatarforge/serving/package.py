@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from ..adapter import METADATA_FILE, WEIGHTS_FILE, read_adapter
-from ..base import BaseInfo, check_same_base
+from ..base.identity import BaseInfo, check_same_base
 from ..names import InvalidNameError, check_user_id
 from ..paths import build_dir
 from ..safe_tar import safe_extract, write_reproducible_tar

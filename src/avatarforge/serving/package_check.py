@@ -26,6 +26,7 @@ import re
 from pathlib import Path
 
 from ..adapter import METADATA_FILE, WEIGHTS_FILE, AdapterError, read_adapter
+from ..errors import AvatarforgeError
 from ..hashing import sha256_file
 from ..names import InvalidNameError, check_user_id
 from ..settings import ConfigError
@@ -50,8 +51,10 @@ PACKAGE_FILES = frozenset(
 _SHA256_LINE = re.compile(r"^([0-9a-f]{64})(?:\s+\*?(\S+))?\s*$")
 
 
-class PackageError(ValueError):
+class PackageError(AvatarforgeError, ValueError):
     """A user package cannot be written or served as asked; the message says why."""
+
+    status = 400
 
 
 class PackageRefusedError(PackageError):

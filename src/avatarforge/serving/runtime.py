@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from . import bootstrap
 from .config import ServingConfig, model_params
 from .shared_files import ensure_base
@@ -26,8 +26,11 @@ class SetupPlan:
     shared_base: bootstrap.SharedBase
     base: BaseInfo
 
-    def ensure_loaded(self, pb_utils) -> None:
-        self.shared_base.ensure_loaded(pb_utils)
+    def ensure_loaded(self, pb_utils, model: str = "model_setup") -> None:
+        """Start the shared base, unless the server loads ``model`` as it starts (then the
+        first user request starts it: see :func:`.bootstrap.loaded_at_start`)."""
+        if not bootstrap.loaded_at_start(model, bootstrap.server_cmdline()):
+            self.shared_base.ensure_loaded(pb_utils)
 
     def status(self) -> str:
         config = json.loads(self.shared_base.config_json)
@@ -38,6 +41,7 @@ class SetupPlan:
 
 def plan_shared_base(params: dict[str, str], environ: dict | None = None) -> SetupPlan:
     """Make the base present at the instance's shared path and say how to start its model."""
+    bootstrap.check_control_mode(bootstrap.server_cmdline())
     instance = bootstrap.Instance(environ)
     base = ensure_base(instance.base_source, instance.shared_dir)
     template = sd_base_config(base.base_id, base.content_hash, ServingConfig.from_params(params))

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .bootstrap import ADAPTER_INPUT
+from .bootstrap import ADAPTER_INPUT, DEADLINE_INPUT
 
 MAX_BATCH_SIZE = 8  # rows per Triton request; every row is answered
 
@@ -43,9 +43,13 @@ GEN_ARGS = TensorSpec(
 )
 # Only the shared base model takes this: the calling user model names its adapter folder.
 ADAPTER = TensorSpec(ADAPTER_INPUT, "adapter folder of the calling user model", optional=True)
+DEADLINE = TensorSpec(
+    DEADLINE_INPUT, "unix time after which the user model's client has stopped waiting",
+    optional=True,
+)  # fmt: skip
 
 INPUTS: tuple[TensorSpec, ...] = (PROMPT, NEGATIVE_PROMPT, GEN_ARGS)
-BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER)
+BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER, DEADLINE)
 
 GENERATED_IMAGE = TensorSpec(
     "generated_image", "base64 JPEGs: one per image (num_images per row)", dims=(-1,)

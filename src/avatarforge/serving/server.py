@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..envs import bare_env
+from ..errors import AvatarforgeError
 from ..names import InvalidNameError, check_user_id
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
@@ -39,12 +40,14 @@ log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 
 
-class ServerError(RuntimeError):
+class ServerError(AvatarforgeError, RuntimeError):
     """tritonserver did not start, or a model did not load; the message quotes its log."""
 
 
 class PortInUseError(ServerError):
     """A port the server must listen on is taken; ``what`` says which one (HTTP, gRPC, ...)."""
+
+    status = 409
 
     def __init__(self, port: int, what: str, host: str = LOOPBACK) -> None:
         super().__init__(f"port {port} ({what}) is already in use on {host}")

@@ -21,14 +21,16 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..base import BaseInfo, read_base_info
+from ..base.identity import BaseInfo, content_hash, read_base_info
+from ..errors import AvatarforgeError
 from ..storage import fetch, local_path
+from .bootstrap import lock_folder
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 1800  # a multi-GB base from S3 may take minutes; longer means a stuck peer
 
 
-class SharedFilesError(RuntimeError):
+class SharedFilesError(AvatarforgeError, RuntimeError):
     """The shared files cannot be made present; the message says which and why."""
 
 
@@ -41,8 +43,7 @@ def _is_uri(source: str) -> bool:
 
 
 def _lock(shared: Path, name: str) -> FileLock:
-    (shared / ".locks").mkdir(parents=True, exist_ok=True)
-    return FileLock(str(shared / ".locks" / f"{name}.lock"), timeout=LOCK_TIMEOUT_S)
+    return FileLock(str(lock_folder(shared) / f"{name}.lock"), timeout=LOCK_TIMEOUT_S)
 
 
 def _fetch(source: str, dest: Path) -> Path:
@@ -70,7 +71,12 @@ def _check_hash(info: BaseInfo, expected: str, source: str) -> None:
 
 
 def ensure_base(
-    source: str, shared: Path, *, expected_hash: str = "", base_id: str = ""
+    source: str,
+    shared: Path,
+    *,
+    expected_hash: str = "",
+    base_id: str = "",
+    verify: bool = False,
 ) -> BaseInfo:
     """The base at ``shared/base/<content hash>``, fetched from ``source`` if not there yet.
 
@@ -78,6 +84,11 @@ def ensure_base(
     ``file://`` or ``s3://`` URI of a tarball holding one diffusers folder. Without
     ``expected_hash`` (model_setup) the hash found is remembered per source, so a later user
     model that names the hash finds the same copy.
+
+    A copy is recognised by its files' sizes and times (hashing a multi-GB base on every call
+    would cost seconds); ``verify`` (the shared base model, once per start) hashes every byte
+    instead. A copy whose hash is not ``expected_hash`` is corrupt: it is discarded and fetched
+    again from ``source`` once.
     """
     shared = Path(shared)
     root = shared / "base"
@@ -100,10 +111,32 @@ def ensure_base(
         except Timeout:
             raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
     info = read_base_info(dest, base_id or None)
-    _check_hash(info, expected_hash, str(dest))
+    actual = content_hash(dest) if verify and not fetched else info.content_hash
+    if expected_hash and actual != expected_hash and not fetched and source:
+        log.warning("base at %s has hash %s, expected %s: corrupt; fetching it again from %s",
+                    dest, actual[:12], expected_hash[:12], source)  # fmt: skip
+        try:
+            with _lock(shared, f"base-{_key(source)}"):
+                _discard(dest)
+                dest = _install_base(source, root, expected_hash, base_id)
+        except Timeout:
+            raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
+        info = read_base_info(dest, base_id or None)
+        actual, fetched = info.content_hash, True
+    _check_hash(BaseInfo(info.base_id, actual, info.path), expected_hash, str(dest))
     if fetched:
         _write_atomic(alias, info.content_hash)
     return info
+
+
+def _discard(dest: Path) -> None:
+    """Take a corrupt copy out of the way at once (a rename), then delete it."""
+    if dest.is_symlink():
+        dest.unlink()
+        return
+    aside = dest.with_name(f"{PARTIAL_PREFIX}{os.getpid()}-corrupt-{dest.name}")
+    os.replace(dest, aside)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write_atomic(path: Path, text: str) -> None:

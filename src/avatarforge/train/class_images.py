@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from ..paths import build_dir
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ def _generate(
     import torch
     from tqdm.auto import tqdm
 
-    from ..base import load_pipeline
+    from ..base.pipeline import load_pipeline
     from ..generate import GenArgs, generate_images
 
     log.info("generating %d class images of %r at %d px", len(indices), prompt, resolution)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..base import TINY
+from ..base.config import TINY
 from ..settings import ConfigError, Settings, setting
 
 TOKEN = "<<TOK>>"

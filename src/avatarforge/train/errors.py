@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..errors import AvatarforgeError
 
-class TrainingError(RuntimeError):
+
+class TrainingError(AvatarforgeError, RuntimeError):
     """Training could not run or did not produce a trustworthy adapter (no images, NaN loss...)."""
 
 

@@ -25,7 +25,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..base import BaseInfo, quiet_hf
+from ..base.identity import BaseInfo
+from ..base.logs import quiet_hf
 from . import checkpoint as ckpt
 from .class_images import cache_dir, missing_count
 from .config import TrainConfig

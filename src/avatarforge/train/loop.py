@@ -32,7 +32,10 @@ from typing import Any
 
 from .. import __version__
 from ..adapter import WEIGHTS_FILE, AdapterMetadata, save_adapter
-from ..base import BaseConfig, BaseError, BaseInfo, best_device, quiet_hf, resolve_base
+from ..base.config import BaseConfig, resolve_base
+from ..base.identity import BaseError, BaseInfo
+from ..base.logs import quiet_hf
+from ..base.pipeline import best_device
 from . import checkpoint as ckpt
 from .accelerator import make_accelerator
 from .class_images import class_images

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..base import BaseInfo
+from ..base.identity import BaseInfo
 from .config import TrainConfig
 from .errors import TrainingError
 

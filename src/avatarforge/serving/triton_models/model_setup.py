@@ -19,7 +19,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         self.output = config["output"][0]["name"]
         self.plan = runtime.plan_shared_base(runtime.model_params(args))
-        self.plan.ensure_loaded(pb_utils)
+        self.plan.ensure_loaded(pb_utils, args["model_name"])
 
     def execute(self, requests):
         # Answers what it made sure of: the shared base's name, base hash and config.

@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 
 from avatarforge.serving import schema
 from avatarforge.serving.base_model import SharedBase
-from avatarforge.serving.bootstrap import CLIENT_FAULT_PREFIX
+from avatarforge.serving.bootstrap import CLIENT_FAULT_PREFIX, RETRY_PREFIX
 from avatarforge.serving.config import model_params
 
 
@@ -40,6 +40,9 @@ class TritonPythonModel:
                 if result.client_fault:
                     message = CLIENT_FAULT_PREFIX + str(result)
                     error = pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+                elif result.status == 503:
+                    message = RETRY_PREFIX + str(result)
+                    error = pb_utils.TritonError(message, pb_utils.TritonError.UNAVAILABLE)
                 else:
                     error = pb_utils.TritonError(str(result), pb_utils.TritonError.INTERNAL)
                 responses.append(pb_utils.InferenceResponse(error=error))

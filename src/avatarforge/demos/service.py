@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..jobs.config import ServiceConfig
 from ..paths import build_dir
-from .config import ServiceConfig
 
 BUCKET = "avatarforge-demo"
 PREFIX = "avatarforge/"  # the deployment layout: photos/, models/, jobs/ under one prefix
@@ -46,7 +46,7 @@ def _s3(*parts: str) -> str:
 
 def service_config(out: Path, train_defaults: dict[str, Any] | None = None) -> ServiceConfig:
     """Small CPU settings (``make demo``'s): the path, not the quality, is what it shows."""
-    from ..demo import DEMO_TRAIN
+    from .local import DEMO_TRAIN
 
     if train_defaults is None:
         # no activation recomputation: it saves GPU memory, and only costs time on a CPU
@@ -65,7 +65,7 @@ def _upload_photos(demo: ServiceDemo) -> str:
     import boto3
 
     from .. import storage
-    from ..samples import write_samples
+    from ..testing.samples import write_samples
 
     boto3.client("s3").create_bucket(Bucket=BUCKET)
     photos = write_samples(demo.out / "photos")
@@ -78,7 +78,7 @@ def _upload_photos(demo: ServiceDemo) -> str:
 
 
 def _run_job(demo: ServiceDemo) -> str:
-    from .handler import handle_invocation
+    from ..jobs.handler import handle_invocation
 
     demo.request = {
         "job_id": DEMO_JOB,
@@ -100,11 +100,11 @@ def _run_job(demo: ServiceDemo) -> str:
 
 
 def _serve_and_generate(demo: ServiceDemo) -> str:
-    from ..demo import DEMO_ARGS, PROMPTS
     from ..mme import MultiModelLoader
     from ..mme.front import mme_front
     from ..mme.generate import generate
     from ..mme.launch import sagemaker_triton
+    from .local import DEMO_ARGS, PROMPTS
 
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     target = demo.result["target_model"]
@@ -140,8 +140,8 @@ def _serve_and_generate(demo: ServiceDemo) -> str:
 
 
 def _contact_sheet(demo: ServiceDemo) -> str:
-    from ..demo import PROMPTS
     from ..imaging import contact_sheet
+    from .local import PROMPTS
 
     photos = sorted((demo.out / "photos").iterdir())[:4]
     sheet = contact_sheet(
@@ -184,7 +184,7 @@ def run_service_demo(
     ``on_step(i, title)`` before each step, ``on_done(i, what it measured, seconds)`` after;
     ``train_defaults`` replaces the demo's training preset (tests use a smaller one).
     """
-    from ..aws_local import dummy_aws_env, environ, moto_server
+    from ..testing.aws_local import dummy_aws_env, environ, moto_server
 
     demo = ServiceDemo(
         out=(out or build_dir() / "demo-service").resolve(),

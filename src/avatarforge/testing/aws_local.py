@@ -17,8 +17,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .netutil import free_port, wait_until_http_ok
-from .subprocesses import die_with_parent
+from ..netutil import free_port, wait_until_http_ok
+from ..subprocesses import die_with_parent
 
 DUMMY_REGION = "us-east-1"
 

@@ -1,7 +1,8 @@
 """`make demo`: the whole path on the embedded tiny base and the sample photos.
 
 Each step calls the same library functions the CLI calls; what it makes lands in build/demo/
-and the last step draws a contact sheet of it.
+and the last step draws a contact sheet of it. Nothing here prints: each step returns a line on
+what it made, and :func:`run_demo` hands it to its caller (``avatarforge demo`` prints it).
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from rich.console import Console
 
-from .base import BaseConfig, BaseInfo, load_pipeline, resolve_base
-from .generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
-from .imaging import contact_sheet
-from .paths import build_dir
+from ..base.config import BaseConfig, resolve_base
+from ..base.identity import BaseInfo
+from ..base.pipeline import load_pipeline
+from ..generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
+from ..imaging import contact_sheet
+from ..paths import build_dir
 
 log = logging.getLogger(__name__)
-console = Console()
 
 DEMO_USER = "demo"
 # A short run at low resolution: the path, not the quality, is what the demo shows on a CPU.
@@ -40,6 +41,11 @@ PROMPTS = (
     "an oil painting of <<TOK>> person",
     "a pencil sketch of <<TOK>> person",
 )
+# Quality and the gallery, kept to seconds: a few small images (the tiny base makes no faces:
+# the report says that it measures nothing; the path is what the demo shows).
+DEMO_EVAL = {"prompts": 2, "seeds": 1, "steps": 4, "size": 128, "max_references": 6}
+DEMO_PACK = "classic"
+DEMO_PACK_ARGS = {"steps": 4, "height": 128, "width": 128}
 
 
 @dataclass
@@ -53,38 +59,42 @@ class DemoState:
     triton_vs_local: int | None = None  # largest pixel difference, same JPEG encoding
     # one row per prompt: label -> image path, in column order (base, adapter, ...)
     rows: dict[str, dict[str, Path]] = field(default_factory=dict)
+    eval_report: Path | None = None  # avatarforge eval: report.json, and its grid.png
+    eval_grid: Path | None = None
+    gallery: Path | None = None  # avatarforge avatars --pack: index.html, and its contact sheet
+    gallery_sheet: Path | None = None
 
 
-def _step_base(state: DemoState) -> None:
+def _step_base(state: DemoState) -> str:
     base = state.base = resolve_base(BaseConfig())
-    console.print(f"  base {base.base_id} ({base.content_hash[:12]}) at {base.path}")
+    return f"base {base.base_id} ({base.content_hash[:12]}) at {base.path}"
 
 
-def _step_preprocess(state: DemoState) -> None:
-    from .preprocess import preprocess_dir
-    from .samples import write_samples
+def _step_preprocess(state: DemoState) -> str:
+    from ..preprocess import preprocess_dir
+    from ..testing.samples import write_samples
 
     photos = state.out / "photos"
     write_samples(photos)
     state.dataset = state.out / "dataset"
     manifest = preprocess_dir(photos, state.dataset)
-    console.print(
-        f"  {len(manifest.kept_sources)} photos kept, {len(manifest.rejected)} rejected, "
-        f"{len(manifest.kept)} training images"
+    return (
+        f"{len(manifest.kept_sources)} photos kept, {len(manifest.rejected)} rejected, "
+        f"{len(manifest.kept)} training images\n"
+        f"before/after sheet: {state.dataset / 'contact_sheet.png'}"
     )
-    console.print(f"  before/after sheet: [bold]{state.dataset / 'contact_sheet.png'}[/]")
 
 
-def _step_train(state: DemoState) -> None:
-    from .train import TrainConfig, train
+def _step_train(state: DemoState) -> str:
+    from ..train import TrainConfig, train
 
     assert state.dataset is not None and state.base is not None
     config = TrainConfig(**DEMO_TRAIN)
     result = train(state.dataset, state.out / "users" / DEMO_USER, config, state.base)
     state.adapter = result.adapter_dir
     size = sum(f.stat().st_size for f in state.adapter.iterdir()) / 1024
-    console.print(
-        f"  {result.steps} steps, mean loss of the first/last 10 steps "
+    return (
+        f"{result.steps} steps, mean loss of the first/last 10 steps "
         f"{sum(result.losses[:10]) / 10:.3f} -> {sum(result.losses[-10:]) / 10:.3f}, "
         f"{result.step_seconds:.2f} s/step; adapter {size:.0f} KiB at {state.adapter}"
     )
@@ -99,8 +109,8 @@ def _save_column(state: DemoState, column: str, images) -> None:
         state.rows.setdefault(prompt, {})[column] = path
 
 
-def _step_generate_local(state: DemoState) -> None:
-    from .adapter import load_adapter
+def _step_generate_local(state: DemoState) -> str:
+    from ..adapter import load_adapter
 
     assert state.base is not None and state.adapter is not None
     pipe = load_pipeline(state.base)
@@ -114,7 +124,7 @@ def _step_generate_local(state: DemoState) -> None:
     diffs = [_difference(a, b) for a, b in zip(before, after, strict=True)]
     _save_column(state, "diff x8", [image for image, _ in diffs])
     mean = sum(d for _, d in diffs) / len(diffs)
-    console.print(f"  before/after in {state.out}; mean |after - before| {mean:.1f}/255")
+    return f"before/after in {state.out}; mean |after - before| {mean:.1f}/255"
 
 
 def _difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, float]:
@@ -122,20 +132,58 @@ def _difference(a: Image.Image, b: Image.Image) -> tuple[Image.Image, float]:
     return Image.fromarray(np.clip(delta * 8, 0, 255).astype(np.uint8)), float(delta.mean())
 
 
-def _step_package(state: DemoState) -> None:
-    from .serving.package import package_user
+def _step_eval(state: DemoState) -> str:
+    from ..quality import EvalConfig, evaluate
+
+    assert state.base is not None and state.adapter is not None and state.dataset is not None
+    config = EvalConfig(**DEMO_EVAL)
+    result = evaluate(DEMO_USER, state.adapter, state.dataset, state.out / "eval", config,
+                      base=state.base)  # fmt: skip
+    state.eval_report, state.eval_grid = result.report_path, result.grid_path
+    s = result.report.scores
+    lines = [
+        f"{s['images']} images, faces found in {s['face_found_rate']:.0%}; report "
+        f"{result.report_path}, grid {result.grid_path}"
+    ]
+    if result.report.why:
+        lines.append(result.report.why)
+    return "\n".join(lines)
+
+
+def _render_pack(state: DemoState, url: str, user: str) -> str:
+    """The demo user's gallery of the classic style pack, rendered by the running server."""
+    from ..packs import load_pack, render_gallery, targets
+
+    started = time.perf_counter()
+    files, rendered = render_gallery(
+        user,
+        load_pack(DEMO_PACK),
+        targets.triton(url, user),
+        state.out / "avatars" / DEMO_PACK,
+        target=f"tritonserver {url}, model {user}",
+        override=DEMO_PACK_ARGS,
+    )
+    state.gallery, state.gallery_sheet = files.html, files.sheet
+    seconds = time.perf_counter() - started
+    return (
+        f"{len(rendered)} avatars of the {DEMO_PACK} pack in {seconds:.1f} s: gallery {files.html}"
+    )
+
+
+def _step_package(state: DemoState) -> str:
+    from ..serving.package import package_user
 
     assert state.base is not None and state.adapter is not None
     state.package = package_user(DEMO_USER, state.adapter, build_dir() / "package", base=state.base)
     size = state.package.stat().st_size / 1024
-    console.print(f"  {state.package} ({size:.0f} KiB; `make local-triton` serves it too)")
+    return f"{state.package} ({size:.0f} KiB; `make local-triton` serves it too)"
 
 
-def _step_serve(state: DemoState) -> None:
-    from .serving.client import generate
-    from .serving.config import local_instance_env
-    from .serving.repository import build_repository
-    from .serving.server import tritonserver
+def _step_serve(state: DemoState) -> str:
+    from ..serving.client import generate
+    from ..serving.config import local_instance_env
+    from ..serving.repository import build_repository
+    from ..serving.server import tritonserver
 
     assert state.base is not None and state.package is not None
     repo = state.out / "triton" / "repository"
@@ -143,16 +191,18 @@ def _step_serve(state: DemoState) -> None:
     env = local_instance_env(state.base.path, state.out / "triton" / "shared")
     log_path = state.out / "triton" / "tritonserver.log"
     with tritonserver([repo], load=["model_setup", user], env=env, log_path=log_path) as server:
-        console.print(f"  tritonserver at http://{server.url} ready in {server.started_s:.1f} s")
+        ready = f"tritonserver at http://{server.url} ready in {server.started_s:.1f} s"
         args = DEMO_ARGS.to_dict()
         images = [generate(server.url, user, prompt, None, args)[0] for prompt in PROMPTS]
+        avatars = _render_pack(state, server.url, user)
     _save_column(state, "triton", images)
     # the server sends JPEGs: compare with the diffusers images through the same encoder
     local = [from_jpeg_base64(to_jpeg_base64(image)) for image in state.local_images]
     worst = state.triton_vs_local = max(_distance(a, b) for a, b in zip(local, images, strict=True))
-    console.print(
-        f"  {len(images)} images through tritonserver in {state.out / 'triton'}; "
-        f"largest pixel difference from the diffusers path {worst}/255; log {log_path}"
+    return (
+        f"{ready}\n{len(images)} images through tritonserver in {state.out / 'triton'}; "
+        f"largest pixel difference from the diffusers path {worst}/255; log {log_path}\n"
+        f"{avatars}"
     )
 
 
@@ -160,7 +210,7 @@ def _distance(a: Image.Image, b: Image.Image) -> int:
     return int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
 
 
-def _step_contact_sheet(state: DemoState) -> None:
+def _step_contact_sheet(state: DemoState) -> str:
     columns = list(next(iter(state.rows.values())))
     sheet = contact_sheet(
         [list(row.values()) for row in state.rows.values()],
@@ -170,32 +220,38 @@ def _step_contact_sheet(state: DemoState) -> None:
     )
     path = state.out / "contact_sheet.png"
     sheet.save(path)
-    console.print(f"  contact sheet: [bold]{path}[/]")
+    return f"contact sheet: {path}"
 
 
-STEPS: tuple[tuple[str, Callable[[DemoState], None]], ...] = (
+STEPS: tuple[tuple[str, Callable[[DemoState], str]], ...] = (
     ("build the embedded tiny SD 2.1-shaped base", _step_base),
     ("preprocess the sample selfies", _step_preprocess),
     ("train a DreamBooth LoRA for the demo user", _step_train),
     ("generate before/after with diffusers", _step_generate_local),
+    ("evaluate identity and leakage (avatarforge eval)", _step_eval),
     ("package the demo user as a Triton model", _step_package),
-    ("serve it from tritonserver and generate", _step_serve),
+    ("serve it from tritonserver, generate, render a style pack", _step_serve),
     ("draw the contact sheet", _step_contact_sheet),
 )
 
 
-def run_demo(out: Path | None = None) -> DemoState:
-    """Run every step into ``out`` (default build/demo); the state says what was made."""
+def run_demo(
+    out: Path | None = None,
+    *,
+    on_step: Callable[[int, str], None] | None = None,
+    on_done: Callable[[int, str, float], None] | None = None,
+) -> DemoState:
+    """Run every step into ``out`` (default build/demo); the state says what was made.
+
+    ``on_step(i, title)`` before each step, ``on_done(i, what it made, seconds)`` after it.
+    """
     state = DemoState(out=(out or build_dir() / "demo").resolve())
     state.out.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
     for i, (title, step) in enumerate(STEPS, 1):
-        console.rule(f"[bold]{i}/{len(STEPS)}[/] {title}")
+        if on_step is not None:
+            on_step(i, title)
         started = time.perf_counter()
-        step(state)
-        console.print(f"  [dim]{time.perf_counter() - started:.1f} s[/]")
-    console.rule(f"[bold green]done[/] in {time.perf_counter() - began:.0f} s")
-    console.print(f"  photos before/after   {state.dataset / 'contact_sheet.png'}")
-    console.print(f"  generated images      {state.out / 'contact_sheet.png'}")
-    console.print(f"  the demo user's model {state.package}")
+        what = step(state)
+        if on_done is not None:
+            on_done(i, what, time.perf_counter() - started)
     return state

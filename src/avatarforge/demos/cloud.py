@@ -2,14 +2,15 @@
 
 - a moto server plays S3, SNS and SQS: the deployment's bucket, its two training topics and an
   SQS queue subscribed to both;
-- the local SageMaker runtime (:mod:`.local_runtime`) serves the deployment's two endpoints:
-  the async training endpoint, an :class:`~.async_runner.AsyncRunner` around the training
-  service's :func:`avatarforge.jobs.handle_invocation` (small CPU settings), and the
-  multi-model endpoint, tritonserver's SageMaker front end + the TargetModel loader fed from
-  the models prefix in moto S3 (answering ModelNotReadyException while a user model loads);
-- the client does what a user does: sample selfies -> :func:`~.client.submit` -> the SNS
-  notification arrives in SQS -> :func:`~.client.status` -> :func:`~.client.generate` for a
-  few prompts -> the JPEGs as sent and a contact sheet under ``build/demo-cloud/``.
+- the local SageMaker runtime (:mod:`avatarforge.cloud.local_runtime`) serves the
+  deployment's two endpoints: the async training endpoint, an
+  :class:`~avatarforge.cloud.async_runner.AsyncRunner` around the training service's
+  :func:`avatarforge.jobs.handle_invocation` (small CPU settings), and the multi-model
+  endpoint, tritonserver's SageMaker front end + the TargetModel loader fed from the models
+  prefix in moto S3 (answering ModelNotReadyException while a user model loads);
+- the client (:mod:`avatarforge.cloud.client`) does what a user does: sample selfies -> submit
+  -> the SNS notification arrives in SQS -> status -> generate for a few prompts -> the JPEGs
+  as sent and a contact sheet under ``build/demo-cloud/``.
 
 The client and the handler are the real ones; only AWS is replaced (moto, the runtime). Steps
 report what they did through ``on_step``/``on_done``; this module prints nothing.
@@ -27,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..aws_local import environ
 from ..deploy.config import DeployConfig
 from ..paths import build_dir
+from ..testing.aws_local import environ
 
 DEMO_USER = "demo"
 QUEUE_NAME = "avatarforge-demo-jobs"
@@ -64,7 +65,7 @@ class CloudDemo:
 def _step_aws(demo: CloudDemo) -> str:
     import boto3
 
-    from .queue import subscribe_queue
+    from ..cloud.queue import subscribe_queue
 
     config = demo.config
     boto3.client("s3").create_bucket(Bucket=config.bucket)
@@ -81,12 +82,12 @@ def _step_aws(demo: CloudDemo) -> str:
 
 
 def _step_runtime(demo: CloudDemo) -> str:
+    from ..cloud.async_runner import AsyncEndpointConfig, AsyncRunner
+    from ..cloud.local_runtime import local_runtime
     from ..jobs import handle_invocation
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import Invoker
     from ..mme.launch import sagemaker_triton
-    from .async_runner import AsyncEndpointConfig, AsyncRunner
-    from .local_runtime import local_runtime
 
     config, stack = demo.config, demo.stack
     service = demo.service
@@ -122,7 +123,7 @@ def _step_runtime(demo: CloudDemo) -> str:
 
 
 def _step_photos(demo: CloudDemo) -> str:
-    from ..samples import write_samples
+    from ..testing.samples import write_samples
 
     demo.photos = write_samples(demo.out / "photos")
     size = sum(p.stat().st_size for p in demo.photos)
@@ -130,7 +131,7 @@ def _step_photos(demo: CloudDemo) -> str:
 
 
 def _step_submit(demo: CloudDemo) -> str:
-    from .client import submit
+    from ..cloud.client import submit
 
     sub = demo.submission = submit(demo.config, DEMO_USER, demo.out / "photos")
     return (
@@ -144,8 +145,8 @@ def _step_submit(demo: CloudDemo) -> str:
 def _step_notification(demo: CloudDemo) -> str:
     import boto3
 
-    from .client import CloudError
-    from .queue import wait_for_notification
+    from ..cloud.client import CloudError
+    from ..cloud.queue import wait_for_notification
 
     sub = demo.submission
     started = time.perf_counter()
@@ -159,7 +160,7 @@ def _step_notification(demo: CloudDemo) -> str:
 
 
 def _step_status(demo: CloudDemo) -> str:
-    from .client import CloudError, status
+    from ..cloud.client import CloudError, status
 
     found = demo.status = status(demo.config, demo.submission.job_id)
     if found.state != "succeeded":
@@ -177,7 +178,7 @@ def _step_status(demo: CloudDemo) -> str:
 
 
 def _step_generate(demo: CloudDemo) -> str:
-    from .client import RetryPolicy, generate
+    from ..cloud.client import RetryPolicy, generate
 
     folder = demo.out / "images"
     folder.mkdir(parents=True, exist_ok=True)
@@ -275,13 +276,13 @@ def run_demo_cloud(
     ``service``: the training service's ServiceConfig (default: the demo's small CPU settings);
     ``on_step(i, title)`` before each step, ``on_done(i, what, seconds)`` after it.
     """
-    from ..aws_local import dummy_aws_env, moto_server
-    from ..demo import DEMO_ARGS, PROMPTS
+    from ..testing.aws_local import dummy_aws_env, moto_server
+    from .local import DEMO_ARGS, PROMPTS
 
     out = (out or build_dir() / "demo-cloud").resolve()
     out.mkdir(parents=True, exist_ok=True)
     if service is None:
-        from ..jobs.demo import service_config
+        from .service import service_config
 
         service = service_config(out)
     demo = CloudDemo(

@@ -215,8 +215,8 @@ def bench_batching(a, work: Path) -> dict:
     from avatarforge.base.pipeline import load_pipeline
     from avatarforge.fullsize import random_adapter
     from avatarforge.generate import GenArgs, from_jpeg_base64
-    from avatarforge.serving.base_model import SharedBase
     from avatarforge.serving.handler import Job, Row
+    from avatarforge.serving.shared_base import SharedBase
 
     base = resolve_base(BaseConfig())
     users = [

@@ -581,8 +581,8 @@ def measure_batching(ctx: Ctx) -> dict[str, Any]:
     import torch
 
     from avatarforge.generate import GenArgs, from_jpeg_base64
-    from avatarforge.serving.base_model import SharedBase
     from avatarforge.serving.handler import Job, Row
+    from avatarforge.serving.shared_base import SharedBase
 
     o = ctx.opts
     base = ctx.need_base()
@@ -804,7 +804,7 @@ def triton_unavailable() -> str:
         if importlib.util.find_spec(module) is None:
             return f"{dist} is not installed"
     try:
-        from avatarforge.tritonserver import find_tritonserver
+        from avatarforge.tritonserver.install import find_tritonserver
 
         find_tritonserver()
     except (FileNotFoundError, ImportError) as exc:
@@ -825,9 +825,9 @@ def measure_triton(ctx: Ctx) -> dict[str, Any]:
     from avatarforge.generate import GenArgs, from_jpeg_base64, to_jpeg_base64
     from avatarforge.mme import MMEConfig, MultiModelLoader
     from avatarforge.mme.generate import generate_request, images_from_response
-    from avatarforge.mme.launch import sagemaker_triton
     from avatarforge.serving.config import local_instance_env
     from avatarforge.serving.package import package_user
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     o = ctx.opts
     base = ctx.need_base()

@@ -119,9 +119,9 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from avatarforge.mme import MMEConfig, MultiModelLoader
     from avatarforge.mme.front import mme_front
     from avatarforge.mme.generate import generate_request
-    from avatarforge.mme.launch import sagemaker_triton
     from avatarforge.paths import build_dir
     from avatarforge.serving.config import local_instance_env
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     started = time.perf_counter()
     base = resolve_base(BaseConfig(base=a.base))

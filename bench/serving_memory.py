@@ -2,7 +2,8 @@
 
     python bench/serving_memory.py [--users 1,10,50] [--floor 3] [--no-invoke]
 
-Starts tritonserver with the SageMaker front end (avatarforge.mme.launch.sagemaker_triton) and
+Starts tritonserver with the SageMaker front end
+(avatarforge.tritonserver.sagemaker.sagemaker_triton) and
 loads TargetModels through avatarforge.mme.loader.MultiModelLoader, as SageMaker does:
 
 - the floor: ``--floor`` bare python-backend models (numpy + pb_utils only, no
@@ -163,10 +164,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     from avatarforge.base.config import BaseConfig, resolve_base
     from avatarforge.mme import MMEConfig, MultiModelLoader, model_hash
     from avatarforge.mme.generate import generate_request
-    from avatarforge.mme.launch import sagemaker_triton
     from avatarforge.paths import build_dir
     from avatarforge.serving.config import local_instance_env
     from avatarforge.serving.triton_config import sd_base_name
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     started = time.perf_counter()
     points = sorted(set(a.users))

@@ -26,7 +26,7 @@ MODEL = {"base", "adapter", "generate"}
 # order of the data's path; "*" is every layer but the CLI.
 ALLOWED: dict[str, set[str]] = {
     **{unit: set() for unit in FOUNDATION},
-    "tritonserver": set(),  # finding the tritonserver binary
+    "tritonserver": {"envs"},  # finding, starting and stopping tritonserver (+ SageMaker front)
     "envs": set(),  # the serving Python environment
     "base": set(),
     "generate": set(),

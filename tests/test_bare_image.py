@@ -26,12 +26,12 @@ from fixtures.serving import thin_env_tarball
 
 from avatarforge.mme import MMEConfig, ModelLoadError, MultiModelLoader
 from avatarforge.mme.generate import generate_request, images_from_response
-from avatarforge.mme.launch import sagemaker_triton
 from avatarforge.serving import bootstrap
 from avatarforge.serving.package import upload_package
 from avatarforge.serving.processes import stub_processes
 from avatarforge.serving.triton_config import sd_base_name
 from avatarforge.storage import upload
+from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 7}
 STDLIB = set(sys.stdlib_module_names)

@@ -20,9 +20,9 @@ from avatarforge.adapter import AdapterError
 from avatarforge.base.pipeline import load_pipeline
 from avatarforge.fullsize import random_adapter
 from avatarforge.generate import GenArgs, batch_key, from_jpeg_base64, generate_images
-from avatarforge.serving.base_model import SharedBase
 from avatarforge.serving.config import ServingConfig, flag
 from avatarforge.serving.handler import Job, RequestError, Row, handle_batched, plan_batches
+from avatarforge.serving.shared_base import SharedBase
 from avatarforge.serving.triton_config import sd_base_config
 from avatarforge.settings import ConfigError
 
@@ -197,7 +197,7 @@ def test_a_failed_batch_is_retried_row_by_row_and_fails_alone():
         _request("e", "u1", seed=5),
         {"prompt": np.array([[b"f"], [b"g"]], dtype=object), "adapter": u3_twice},
     ]
-    from avatarforge.serving.base_model import BASE_CLIENT_ERRORS
+    from avatarforge.serving.shared_base import BASE_CLIENT_ERRORS
 
     results = handle_batched(requests, run, batchable, client_errors=BASE_CLIENT_ERRORS)
     assert calls == [[0, 1, 4, 5, 5], [0], [1], [4], [5], [5], [3]]

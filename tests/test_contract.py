@@ -21,7 +21,7 @@ from avatarforge.generate import GenArgs
 from avatarforge.serving import schema
 from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.repository import build_repository
-from avatarforge.serving.server import tritonserver
+from avatarforge.tritonserver.launch import tritonserver
 
 SMALL_ARGS = '{"num_inference_steps": 2, "height": 64, "width": 64, "seed": 1}'
 

@@ -20,8 +20,8 @@ from avatarforge.adapter import read_adapter
 from avatarforge.serving import client
 from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.repository import build_repository
-from avatarforge.serving.server import tritonserver
 from avatarforge.serving.triton_config import sd_base_name
+from avatarforge.tritonserver.launch import tritonserver
 
 pytestmark = pytest.mark.integration
 
@@ -111,7 +111,7 @@ def test_shutdown_with_a_request_in_flight_is_bounded(mme_source, tmp_path):
     from fixtures.mme import output_of, scale_request
 
     from avatarforge.mme import MMEConfig, MultiModelLoader
-    from avatarforge.mme.launch import sagemaker_triton
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     outcome = {}
     with sagemaker_triton(tmp_path / "triton") as server:
@@ -150,7 +150,7 @@ def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
 
     from avatarforge.mme import MultiModelLoader
     from avatarforge.mme.generate import generate_request, images_from_response
-    from avatarforge.mme.launch import sagemaker_triton
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     source = str(packaged_users["alice"].parent)
     env = local_instance_env(tiny_base.path, tmp_path / "shared")

@@ -25,6 +25,7 @@ import stat
 import string
 import tarfile
 import tempfile
+import time
 from pathlib import Path, PurePosixPath
 from types import SimpleNamespace
 
@@ -189,6 +190,12 @@ INPUT_CELLS = {
     "negative_prompt": weighted((4, TEXTS), (1, CELLS)),
     "gen_args": weighted((4, GOOD_GEN_DICTS.map(json.dumps)), (1, st.just(b"{}")), (1, CELLS)),
     "adapter": weighted((4, st.just(b"/adapters/alice")), (1, CELLS)),
+    # unix time as text: mostly an hour from now (the user model's), else past, odd or any
+    "deadline": weighted(
+        (4, st.just(f"{time.time() + 3600:.3f}".encode())),
+        (1, st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(f).encode())),
+        (1, CELLS),
+    ),
 }
 INPUT_NAMES = [s.name for s in schema.BASE_INPUTS]
 

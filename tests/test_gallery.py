@@ -186,7 +186,7 @@ def test_avatars_through_tritonserver_to_a_page_chromium_shows(
     from avatarforge.serving.client import generate_jpegs
     from avatarforge.serving.config import local_instance_env
     from avatarforge.serving.repository import build_repository
-    from avatarforge.serving.server import tritonserver
+    from avatarforge.tritonserver.launch import tritonserver
 
     monkeypatch.setenv("AVATARFORGE_PACKS", str(tmp_path / "no-user-packs"))
     small = {"steps": 2, "height": 64, "width": 64}

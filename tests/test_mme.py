@@ -17,10 +17,10 @@ from avatarforge.mme import (
     model_hash,
 )
 from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
-from avatarforge.mme.launch import sagemaker_options
 from avatarforge.mme.loader import check_target_model
 from avatarforge.safe_tar import UnsafeArchiveError
 from avatarforge.storage import upload
+from avatarforge.tritonserver.sagemaker import sagemaker_options
 
 
 def test_target_model_names_and_hashes() -> None:

@@ -30,11 +30,11 @@ from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_
 from avatarforge.mme import MMEConfig, MultiModelLoader, UnknownTargetModelError, model_hash
 from avatarforge.mme.front import EndpointError, mme_front
 from avatarforge.mme.generate import generate, generate_request, images_from_response
-from avatarforge.mme.launch import MMEServer, sagemaker_triton
 from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.package import package_user, upload_package
 from avatarforge.serving.package_check import checksum_path
 from avatarforge.serving.triton_config import sd_base_name
+from avatarforge.tritonserver.sagemaker import MMEServer, sagemaker_triton
 
 pytestmark = pytest.mark.integration
 

@@ -36,7 +36,7 @@ from avatarforge.mme.generate import generate_request
 from avatarforge.netutil import free_port
 from avatarforge.serving import client
 from avatarforge.serving.package_check import checksum_path, write_checksum
-from avatarforge.serving.server import PortInUseError, tritonserver
+from avatarforge.tritonserver.launch import PortInUseError, tritonserver
 
 runner = CliRunner()
 SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 7}

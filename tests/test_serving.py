@@ -87,6 +87,25 @@ def test_serving_settings_travel_as_parameters_and_come_back():
         ServingConfig.from_params({"ADAPTER_CACHE_MIB": "lots"})
 
 
+def test_model_params_are_written_and_read_by_one_type():
+    from avatarforge.serving.config import ModelParams
+
+    custom = ServingConfig(request_timeout_s=5, batching=False, device="cpu")
+    shared = ModelParams("tiny@seed0", "a" * 64, "/envs/serve", custom)
+    config = sd_base_config("tiny@seed0", "a" * 64, custom, env_path="/envs/serve")
+    rendered = {k: v["string_value"] for k, v in config["parameters"].items()}
+    assert rendered == shared.to_params()
+    assert ModelParams.from_params(rendered) == shared
+    # a user model's config: the base only (its settings travel in shared_base.json)
+    user = {
+        k: v["string_value"]
+        for k, v in user_model_config("alice", "b", "c" * 64)["parameters"].items()
+    }
+    assert ModelParams.from_params(user, serving=False) == ModelParams("b", "c" * 64)
+    args = {"model_config": json.dumps(config)}
+    assert ModelParams.of_model(args) == shared
+
+
 def test_checked_in_model_setup_config_matches_the_schema(repo_root):
     text = (repo_root / "model_repository" / "model_setup" / "config.pbtxt").read_text()
     assert text == checked_in_setup_config()

@@ -22,8 +22,8 @@ from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_
 from avatarforge.serving import client
 from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.repository import build_repository
-from avatarforge.serving.server import tritonserver
 from avatarforge.serving.triton_config import sd_base_name
+from avatarforge.tritonserver.launch import tritonserver
 
 pytestmark = pytest.mark.integration
 
@@ -199,7 +199,7 @@ def test_a_server_that_cannot_start_the_shared_base_says_how_to_start_it(
 ):
     # the default mode (none) loads the repository at start, but a model's load_model aborts
     # tritonserver 2.51 (boost lock_exception): the user model refuses to start, and says why
-    from avatarforge.serving.server import ServerError
+    from avatarforge.tritonserver.launch import ServerError
 
     build_repository(tmp_path / "repo", [packaged_users["alice"]])
     env = local_instance_env(tiny_base.path, tmp_path / "shared")

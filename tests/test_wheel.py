@@ -27,7 +27,7 @@ SERVE = textwrap.dedent(
     import avatarforge
     from avatarforge.mme import MultiModelLoader
     from avatarforge.mme.generate import generate_request, images_from_response
-    from avatarforge.mme.launch import sagemaker_triton
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
     from avatarforge.serving.config import local_instance_env
 
     work, base = Path(sys.argv[1]), sys.argv[2]

@@ -60,7 +60,7 @@ def doctor() -> None:
     except ImportError:
         gpu = "unknown (torch missing)"
     table.add_row("GPU", gpu)
-    from ..tritonserver import find_tritonserver
+    from ..tritonserver.install import find_tritonserver
 
     try:
         table.add_row("tritonserver", str(find_tritonserver().binary))

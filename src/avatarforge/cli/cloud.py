@@ -196,7 +196,7 @@ def demo_cloud(
 
     from ..demos.cloud import STEPS, run_demo_cloud
     from ..paths import build_dir
-    from .serve import instance_env, stop_on_sigterm
+    from .servers import instance_env, stop_on_sigterm
 
     stop_on_sigterm()  # tritonserver and moto are stopped on any exit
     logging.getLogger("botocore").setLevel(logging.WARNING)  # one line per client made

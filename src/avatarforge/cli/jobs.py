@@ -127,7 +127,7 @@ def demo_service(
     import time
 
     from ..demos.service import run_service_demo
-    from .serve import instance_env, stop_on_sigterm
+    from .servers import instance_env, stop_on_sigterm
 
     stop_on_sigterm()  # tritonserver and moto are stopped on any exit
     logging.getLogger("botocore").setLevel(logging.WARNING)  # "found credentials" per client

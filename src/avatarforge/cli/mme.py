@@ -11,7 +11,7 @@ import typer
 
 from ..paths import build_dir
 from .common import console, fail
-from .serve import instance_env, port_in_use, say, stop_on_sigterm, usable_port
+from .servers import instance_env, port_in_use, say, stop_on_sigterm, usable_port
 
 FRONT_PORT = 8080  # where a SageMaker container serves invocations: the port people know
 
@@ -52,8 +52,8 @@ def serve(
     """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything."""
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import mme_front
-    from ..mme.launch import sagemaker_triton
-    from ..serving.server import PortInUseError
+    from ..tritonserver.launch import PortInUseError
+    from ..tritonserver.sagemaker import sagemaker_triton
 
     options = {
         "MME front": "--port",

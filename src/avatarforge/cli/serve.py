@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import signal
 import time
 import urllib.parse
 from pathlib import Path
-from typing import NoReturn
 
 import typer
 
 from ..paths import build_dir
 from ..serving.config import ServingConfig
 from .common import config_options, console, fail
+from .servers import instance_env, port_in_use, say, stop_on_sigterm, usable_port
 
 serve_app = typer.Typer(help="Serve packaged users from tritonserver.", no_args_is_help=True)
 
@@ -70,7 +69,7 @@ def local_triton(
     """Start tritonserver on model_setup + the packaged users (HTTP, gRPC and metrics on
     127.0.0.1); `avatarforge serve load USER` adds a user while it runs; Ctrl-C stops."""
     from ..serving.repository import build_repository
-    from ..serving.server import PortInUseError, tritonserver
+    from ..tritonserver.launch import PortInUseError, tritonserver
 
     options = {"HTTP": "--port", "gRPC": "--grpc-port", "metrics": "--metrics-port"}
     port = usable_port(port, "HTTP", options)  # checked before anything is built or started
@@ -105,11 +104,6 @@ def local_triton(
         port_in_use(exc, options)
 
 
-def say(text: str) -> None:
-    """One line, never wrapped (scripts and tests read the URLs)."""
-    console.print(text, soft_wrap=True, highlight=False)
-
-
 def _print_urls(server, names: list[str], repo: Path) -> None:
     say(f"tritonserver ready in {server.started_s:.1f} s; log {server.log_path}")
     say(f"  HTTP     http://{server.url}  (KServe v2: POST /v2/models/<user>/infer)")
@@ -123,29 +117,6 @@ def _print_urls(server, names: list[str], repo: Path) -> None:
     )
     say(f"add a newly packaged user: avatarforge serve load USER --url {server.url}")
     say("the request format: avatarforge contract")
-
-
-def usable_port(port: int, what: str, options: dict[str, str], host: str = "127.0.0.1") -> int:
-    """``port`` if nothing listens on it (else a clear error naming its option in
-    ``options``, by ``what``), or a free one for 0."""
-    from ..netutil import free_port
-    from ..serving.server import PortInUseError, check_port_free
-
-    if port == 0:
-        return free_port()
-    try:
-        check_port_free(port, what, host)
-    except PortInUseError as exc:
-        port_in_use(exc, options)
-    return port
-
-
-def port_in_use(exc, options: dict[str, str]) -> NoReturn:
-    """Fail with the port, what it is for and the option that moves it."""
-    option = options.get(exc.what, "")
-    fail(
-        f"{exc}: stop what listens there or choose another port with {option} N (0: any free port)"
-    )
 
 
 def repository_for(port: int) -> Path:
@@ -173,7 +144,7 @@ def load(
     """Load a newly packaged user into a running local-triton, without a restart (a package
     made again replaces the loaded one)."""
     from ..names import check_user_id
-    from ..serving.server import load_package
+    from ..serving.repository import load_package
 
     check_user_id(user)
     package = (source or build_dir() / "package") / f"{user}.tar.gz"
@@ -206,26 +177,6 @@ def contract(
         print(contract_markdown())
     else:
         console.print(Markdown(contract_markdown()))
-
-
-def instance_env(base: str, shared_dir: Path | None) -> dict[str, str]:
-    """The server environment the models' ensure-step reads: shared files, base source, and
-    this interpreter's environment as the shared base's serving env."""
-    from ..base.config import BaseConfig, resolve_base
-    from ..serving.config import local_instance_env
-
-    # a folder or tarball is used as is: the ensure-step verifies the hash
-    source = str(resolve_base(BaseConfig()).path) if base == "tiny" else base
-    return local_instance_env(source, shared_dir or build_dir() / "triton" / "shared")
-
-
-def stop_on_sigterm() -> None:
-    """SIGTERM (kill, a supervisor) unwinds like Ctrl-C, so the servers are always stopped."""
-    signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _interrupt(*_) -> None:
-    raise KeyboardInterrupt
 
 
 def register(app: typer.Typer) -> None:

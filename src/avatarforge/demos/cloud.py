@@ -87,7 +87,7 @@ def _step_runtime(demo: CloudDemo) -> str:
     from ..jobs import handle_invocation
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import Invoker
-    from ..mme.launch import sagemaker_triton
+    from ..tritonserver.sagemaker import sagemaker_triton
 
     config, stack = demo.config, demo.stack
     service = demo.service

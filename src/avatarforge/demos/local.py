@@ -183,7 +183,7 @@ def _step_serve(state: DemoState) -> str:
     from ..serving.client import generate
     from ..serving.config import local_instance_env
     from ..serving.repository import build_repository
-    from ..serving.server import tritonserver
+    from ..tritonserver.launch import tritonserver
 
     assert state.base is not None and state.package is not None
     repo = state.out / "triton" / "repository"

@@ -103,7 +103,7 @@ def _serve_and_generate(demo: ServiceDemo) -> str:
     from ..mme import MultiModelLoader
     from ..mme.front import mme_front
     from ..mme.generate import generate
-    from ..mme.launch import sagemaker_triton
+    from ..tritonserver.sagemaker import sagemaker_triton
     from .local import DEMO_ARGS, PROMPTS
 
     aws = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}

@@ -3,11 +3,11 @@
 SageMaker, given ``TargetModel=<user>.tar.gz``, copies ``s3://<prefix>/<user>.tar.gz`` to the
 instance, untars it into ``/opt/ml/models/<hash>/model`` and asks Triton's SageMaker front end
 to load it (``POST /models``); it evicts the least-recently-used model when memory runs short.
-This package does the same against a tritonserver started with ``--allow-sagemaker``:
+This package does the same against a tritonserver started with ``--allow-sagemaker``
+(:func:`avatarforge.tritonserver.sagemaker.sagemaker_triton`):
 
 - :mod:`.protocol`  the HTTP calls of Triton's SageMaker front end (load, unload, list, invoke)
 - :mod:`.loader`    TargetModel -> fetch, safe extract, load, LRU eviction, invoke
-- :mod:`.launch`    tritonserver launch options for the SageMaker front end (+ a launcher)
 - :mod:`.front`     a tiny SageMaker-runtime-like HTTP front (``/endpoints/<name>/invocations``)
 - :mod:`.generate`  prompt in, images out through the front (the serving schema as KServe JSON)
 """

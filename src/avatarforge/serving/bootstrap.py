@@ -185,7 +185,7 @@ def file_lock(shared_dir: Path, name: str, timeout: float = LOCK_TIMEOUT_S):
 # ---------------------------------------------------------------- the shared base
 
 
-class SharedBase:
+class SharedBaseModel:
     """How to start the shared base model: its name, its config (JSON) and its model.py."""
 
     def __init__(self, name: str, config_json: str, lock_dir: Path) -> None:
@@ -200,7 +200,7 @@ class SharedBase:
         return float(params.get("REQUEST_TIMEOUT_S", {}).get("string_value") or 0)
 
     @classmethod
-    def from_template(cls, template: dict, env_path: str, lock_dir: Path) -> SharedBase:
+    def from_template(cls, template: dict, env_path: str, lock_dir: Path) -> SharedBaseModel:
         """The packaged config of the shared base, given this instance's environment path."""
         config = json.loads(json.dumps(template))  # a deep copy of plain JSON
         params = config.setdefault("parameters", {})
@@ -348,7 +348,7 @@ def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None
     adapter = read_user_model(version_dir, params.get("BASE_HASH", ""))
     instance = Instance(environ)
     template = json.loads((version_dir / SHARED_BASE_FILE).read_text())
-    base = SharedBase.from_template(template, ensure_env(instance), instance.shared_dir)
+    base = SharedBaseModel.from_template(template, ensure_env(instance), instance.shared_dir)
     if not loaded_at_start(version_dir.parent.name, cmdline):
         base.ensure_loaded(pb_utils)
     return adapter, base

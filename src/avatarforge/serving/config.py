@@ -146,9 +146,42 @@ def flag(text: str | None, default: bool) -> bool:
     raise ConfigError(f"config parameter: {text!r} is not true or false")
 
 
-def model_params(args: dict[str, str]) -> dict[str, str]:
-    """A running model's config parameters as plain strings (Triton's string_value form)."""
-    return bootstrap.model_params(args["model_config"])
+@dataclass(frozen=True)
+class ModelParams:
+    """Every parameter of a config we render, typed: the one place they are written
+    (:meth:`to_params`, which :mod:`.triton_config` renders into config.pbtxt and the shared
+    base's config) and read back (:meth:`from_params`: a running model, the package check).
+    A user model reads its BASE_HASH itself (:func:`.bootstrap.model_params`: it runs under the
+    image's bare Python, without avatarforge)."""
+
+    base_id: str = ""
+    base_hash: str = ""
+    env_path: str = ""  # EXECUTION_ENV_PATH: the instance's serving environment, never packaged
+    # the shared base's and model_setup's settings; None for a user model (its own travel in
+    # the shared base's config packaged beside it)
+    serving: ServingConfig | None = None
+
+    def to_params(self) -> dict[str, str]:
+        """Parameter name -> text; empty values are left out (Triton's configs omit them)."""
+        params = {P_ENV_PATH: self.env_path, P_BASE_ID: self.base_id, P_BASE_HASH: self.base_hash}
+        if self.serving is not None:
+            params |= self.serving.to_params()
+        return {k: v for k, v in params.items() if v != ""}
+
+    @classmethod
+    def from_params(cls, params: dict[str, str], *, serving: bool = True) -> ModelParams:
+        """What :meth:`to_params` wrote (``serving``: read the settings too, bounds checked)."""
+        return cls(
+            params.get(P_BASE_ID, ""),
+            params.get(P_BASE_HASH, ""),
+            params.get(P_ENV_PATH, ""),
+            ServingConfig.from_params(params) if serving else None,
+        )
+
+    @classmethod
+    def of_model(cls, args: dict[str, str]) -> ModelParams:
+        """A running model's, from the ``args`` Triton hands its ``initialize()``."""
+        return cls.from_params(bootstrap.model_params(args["model_config"]))
 
 
 def local_instance_env(

@@ -31,7 +31,7 @@ from ..hashing import sha256_file
 from ..names import InvalidNameError, check_user_id
 from ..settings import ConfigError
 from . import bootstrap, triton_models
-from .config import P_BASE_HASH, P_BASE_ID, ServingConfig
+from .config import ModelParams, ServingConfig
 from .triton_config import parse_pbtxt, sd_base_config, to_pbtxt, user_model_config
 
 VERSION_DIR = "1"
@@ -149,7 +149,8 @@ def _check_config(path: Path, user: str, where: str) -> tuple[str, str, ServingC
     except ValueError as exc:
         raise PackageRefusedError(f"{where}: {exc}") from None
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    base_id, base_hash = params.get(P_BASE_ID, ""), params.get(P_BASE_HASH, "")
+    declared = ModelParams.from_params(params, serving=False)
+    base_id, base_hash = declared.base_id, declared.base_hash
     try:
         serving = ServingConfig(max_batch_size=int(config.get("max_batch_size", 0)))
         expected = to_pbtxt(user_model_config(user, base_id, base_hash, serving))
@@ -169,7 +170,7 @@ def _check_shared_base(
     try:
         data = json.loads(path.read_text())
         params = {k: v["string_value"] for k, v in data["parameters"].items()}
-        settings = ServingConfig.from_params(params)
+        settings = ModelParams.from_params(params).serving
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
         raise PackageRefusedError(f"{where}: {bootstrap.SHARED_BASE_FILE}: {exc}") from None
     expected = sd_base_config(base_id, base_hash, settings)

@@ -13,13 +13,7 @@ from typing import Any
 
 from ..names import SETUP_MODEL
 from . import schema
-from .config import (
-    P_BASE_HASH,
-    P_BASE_ID,
-    P_ENV_PATH,
-    SD_BASE_PREFIX,
-    ServingConfig,
-)
+from .config import SD_BASE_PREFIX, ModelParams, ServingConfig
 
 _KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"}
 
@@ -67,7 +61,7 @@ def user_model_config(
     """A user's model: no EXECUTION_ENV_PATH (it runs under the image's bare Python), no
     machine paths; it never needs a GPU itself (it only forwards to the shared base)."""
     serving = serving or ServingConfig()
-    params = {P_BASE_ID: base_id, P_BASE_HASH: base_hash}
+    params = ModelParams(base_id, base_hash).to_params()
     return _config(
         user, schema.INPUTS, schema.OUTPUTS, max_batch=serving.max_batch_size,
         kind="KIND_CPU", params=params, batching=False,
@@ -84,8 +78,7 @@ def sd_base_config(
     """The shared base's config; ``env_path`` is the instance's serving environment (empty in
     the template packaged with each user: the instance fills it in)."""
     serving = serving or ServingConfig()
-    params = {P_ENV_PATH: env_path, P_BASE_ID: base_id, P_BASE_HASH: base_hash}
-    params |= serving.to_params()
+    params = ModelParams(base_id, base_hash, env_path, serving).to_params()
     return _config(
         sd_base_name(base_hash), schema.BASE_INPUTS, schema.OUTPUTS,
         max_batch=schema.MAX_BATCH_SIZE, kind=instance_kind(serving.device), params=params,
@@ -97,7 +90,7 @@ def setup_model_config(serving: ServingConfig | None = None, *, env_path: str = 
     """model_setup's config; without ``env_path`` it is the portable form checked in as
     model_repository/model_setup/config.pbtxt."""
     serving = serving or ServingConfig()
-    params = {P_ENV_PATH: env_path, **serving.to_params()}
+    params = ModelParams(env_path=env_path, serving=serving).to_params()
     return _config(
         SETUP_MODEL, schema.SETUP_INPUTS, schema.SETUP_OUTPUTS, max_batch=0,
         kind="KIND_CPU", params=params, batching=False,

@@ -13,14 +13,14 @@ import json
 import triton_python_backend_utils as pb_utils
 
 from avatarforge.serving import schema
-from avatarforge.serving.base_model import SharedBase
 from avatarforge.serving.bootstrap import CLIENT_FAULT_PREFIX, RETRY_PREFIX
-from avatarforge.serving.config import model_params
+from avatarforge.serving.config import ModelParams
+from avatarforge.serving.shared_base import SharedBase
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_params(args)
+        params = ModelParams.of_model(args)
         self.inputs = [i["name"] for i in json.loads(args["model_config"])["input"]]
         self.output = schema.GENERATED_IMAGE.name
         self.model = SharedBase.from_params(

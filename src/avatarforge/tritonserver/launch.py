@@ -6,8 +6,7 @@ HTTP, and where asked gRPC and Prometheus metrics, listen on 127.0.0.1 only; a p
 taken is a :class:`PortInUseError` naming it, before the server starts.
 
 Used by `avatarforge serve local-triton`, the integration tests and the local MME
-(:func:`avatarforge.mme.launch.sagemaker_triton`: ``extra_args`` adds the SageMaker front end).
-:func:`load_package` adds a packaged user to a running server's repository and loads it.
+(:func:`.sagemaker.sagemaker_triton`: ``extra_args`` adds the SageMaker front end).
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import errno
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
@@ -28,11 +26,10 @@ from pathlib import Path
 
 from ..envs import bare_env
 from ..errors import AvatarforgeError
-from ..names import InvalidNameError, check_user_id
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
 from ..subprocesses import die_with_parent
-from ..tritonserver import TritonInstall, find_tritonserver
+from .install import backend_dir, find_tritonserver
 
 log = logging.getLogger(__name__)
 
@@ -67,26 +64,6 @@ def check_port_free(port: int, what: str, host: str = LOOPBACK) -> None:
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUseError(port, what, host) from None
             raise ServerError(f"cannot listen on {host}:{port} ({what}): {exc.strerror}") from None
-
-
-def backend_dir(install: TritonInstall | None = None) -> Path:
-    """backends/python with the stub for this Python (the wheel keeps stubs apart)."""
-    install = install or find_tritonserver()
-    python = build_dir() / "triton" / "backends" / "python"
-    python.mkdir(parents=True, exist_ok=True)
-    for target in (
-        install.python_backend / "libtriton_python.so",
-        install.python_backend / "triton_python_backend_utils.py",
-        install.stub,
-    ):
-        link = python / target.name
-        if link.is_symlink() and link.resolve() == target.resolve():
-            continue
-        tmp = python / f".{target.name}.{os.getpid()}"
-        tmp.unlink(missing_ok=True)
-        os.symlink(target, tmp)
-        os.replace(tmp, link)  # atomic: parallel starts never see a missing file
-    return python.parent
 
 
 @dataclass
@@ -245,79 +222,3 @@ def listener_error(server: RunningServer, ports: dict[str, int | None]) -> Serve
                 return PortInUseError(port, what)
         return ServerError(f"tritonserver could not start its {service} service: {message}")
     return None
-
-
-def load_package(url: str, repository: Path, package: Path, *, timeout: float = 600.0) -> str:
-    """Add a packaged user (``<user>.tar.gz``) to the repository of the running tritonserver
-    at ``url`` and load it with Triton's repository API: no restart. Returns the model name.
-
-    The archive is unpacked as :func:`~avatarforge.serving.repository.build_repository` does
-    (:func:`~avatarforge.safe_tar.safe_extract`: traversal, links, bombs refused before
-    anything is written) into a hidden folder of the repository, then renamed into place; a
-    model of that name already there is replaced and reloaded. If Triton refuses the model,
-    the repository is left as it was (and Triton keeps serving what it served). ``repository``
-    must be the one the server serves: it must hold models the server lists, and no other."""
-    import tritonclient.http as httpclient
-    from tritonclient.utils import InferenceServerException
-
-    from .package import PackageError, unpack_package
-
-    package, repository = Path(package), Path(repository)
-    try:  # before the name goes into any path below
-        name = check_user_id(package.name.removesuffix(".tar.gz"), field="package")
-    except InvalidNameError as exc:
-        raise ServerError(str(exc)) from None
-    if not package.is_file():
-        raise ServerError(f"no package {package} (make package USER={name})")
-    client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout)
-    try:
-        _check_serves(client, url, repository)
-        staging = repository / f".{name}.loading-{os.getpid()}"
-        old = repository / f".{name}.previous-{os.getpid()}"
-        target = repository / name
-        try:
-            try:
-                model = unpack_package(package, staging)
-            except PackageError as exc:
-                raise ServerError(str(exc)) from None
-            if target.exists():
-                os.replace(target, old)
-            os.replace(model, target)
-            try:
-                client.load_model(name)
-            except InferenceServerException as exc:
-                shutil.rmtree(target)
-                if old.exists():
-                    os.replace(old, target)
-                raise ServerError(
-                    f"tritonserver at {url} refused {name!r}: {exc.message()}"
-                ) from None
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        client.close()
-    return name
-
-
-def _check_serves(client, url: str, repository: Path) -> None:
-    """ServerError unless the server at ``url`` answers and ``repository`` is one it serves:
-    it holds a model the server lists and none it does not (a package unpacked into a folder
-    the server does not read would load nothing, or another folder's files)."""
-    from tritonclient.utils import InferenceServerException
-
-    try:
-        index = {m["name"] for m in client.get_model_repository_index()}
-    except (InferenceServerException, OSError) as exc:
-        raise ServerError(f"no tritonserver answers at {url}: {exc}") from None
-    models = (
-        {p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")}
-        if repository.is_dir()
-        else set()
-    )
-    if not models & index or models - index:
-        raise ServerError(
-            f"the tritonserver at {url} does not serve {repository} (it lists "
-            f"{', '.join(sorted(index)) or 'no models'}; the folder holds "
-            f"{', '.join(sorted(models)) or 'none'}): give the repository it was started with"
-        )

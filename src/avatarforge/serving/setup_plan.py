@@ -2,7 +2,7 @@
 
 model_setup runs in the serving environment with the full library: it fetches and checks the
 base (the ensure-step of :mod:`.shared_files`), learns its hash, and starts the shared base
-through the same :class:`~avatarforge.serving.bootstrap.SharedBase` a user model uses. User
+through the same :class:`~avatarforge.serving.bootstrap.SharedBaseModel` a user model uses. User
 models do not come here: they start the shared base from their packaged template (see
 :mod:`.bootstrap`).
 """
@@ -14,16 +14,16 @@ from dataclasses import dataclass
 
 from ..base.identity import BaseInfo
 from . import bootstrap
-from .config import ServingConfig, model_params
+from .config import ModelParams, ServingConfig
 from .shared_files import ensure_base
 from .triton_config import sd_base_config
 
-__all__ = ["SetupPlan", "model_params", "plan_shared_base"]
+__all__ = ["SetupPlan", "plan_shared_base"]
 
 
 @dataclass(frozen=True)
 class SetupPlan:
-    shared_base: bootstrap.SharedBase
+    shared_base: bootstrap.SharedBaseModel
     base: BaseInfo
 
     def ensure_loaded(self, pb_utils, model: str = "model_setup") -> None:
@@ -39,13 +39,13 @@ class SetupPlan:
         )
 
 
-def plan_shared_base(params: dict[str, str], environ: dict | None = None) -> SetupPlan:
+def plan_shared_base(params: ModelParams, environ: dict | None = None) -> SetupPlan:
     """Make the base present at the instance's shared path and say how to start its model."""
     bootstrap.check_control_mode(bootstrap.server_cmdline())
     instance = bootstrap.Instance(environ)
     base = ensure_base(instance.base_source, instance.shared_dir)
-    template = sd_base_config(base.base_id, base.content_hash, ServingConfig.from_params(params))
-    shared_base = bootstrap.SharedBase.from_template(
+    template = sd_base_config(base.base_id, base.content_hash, params.serving or ServingConfig())
+    shared_base = bootstrap.SharedBaseModel.from_template(
         template, bootstrap.ensure_env(instance), instance.shared_dir
     )
     return SetupPlan(shared_base, base)

@@ -1,11 +1,16 @@
-"""Locate the real tritonserver binary that ships in the nvidia-pytriton wheel."""
+"""Where the real tritonserver is: the binary, the python backend and its stub for this Python,
+all from the nvidia-pytriton wheel; :func:`backend_dir` lays out the backend folder the server
+is given."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..paths import build_dir
 
 
 @dataclass(frozen=True)
@@ -33,3 +38,23 @@ def find_tritonserver(python_version: str | None = None) -> TritonInstall:
         if not path.exists():
             raise FileNotFoundError(f"tritonserver part missing: {path}")
     return install
+
+
+def backend_dir(install: TritonInstall | None = None) -> Path:
+    """backends/python with the stub for this Python (the wheel keeps stubs apart)."""
+    install = install or find_tritonserver()
+    python = build_dir() / "triton" / "backends" / "python"
+    python.mkdir(parents=True, exist_ok=True)
+    for target in (
+        install.python_backend / "libtriton_python.so",
+        install.python_backend / "triton_python_backend_utils.py",
+        install.stub,
+    ):
+        link = python / target.name
+        if link.is_symlink() and link.resolve() == target.resolve():
+            continue
+        tmp = python / f".{target.name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        os.symlink(target, tmp)
+        os.replace(tmp, link)  # atomic: parallel starts never see a missing file
+    return python.parent

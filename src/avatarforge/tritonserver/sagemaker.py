@@ -2,11 +2,11 @@
 
 :func:`sagemaker_options` holds what is SageMaker-specific (flags and environment);
 :func:`sagemaker_triton` passes them to the project's launcher
-(:func:`avatarforge.serving.server.tritonserver`: the real binary from the nvidia-pytriton wheel,
+(:func:`.launch.tritonserver`: the real binary from the nvidia-pytriton wheel,
 explicit model control, loopback ports, always stopped) with an empty repository — models
 arrive only through ``POST /models`` — and waits until ``/ping`` answers. Triton's own HTTP,
 gRPC and metrics listen on 127.0.0.1; the SageMaker port on every interface (2.51 has no
-address flag for it). A port in use is a :class:`~avatarforge.serving.server.PortInUseError`.
+address flag for it). A port in use is a :class:`~avatarforge.tritonserver.launch.PortInUseError`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from pathlib import Path
 
 from ..netutil import free_port, wait_until_http_ok
 from ..paths import build_dir
+from .launch import ServerError, check_port_free, listener_error, tritonserver
+from .loopback import loopback_env
 
 
 @dataclass(frozen=True)
@@ -76,11 +78,8 @@ def sagemaker_triton(
 ) -> Iterator[MMEServer]:
     """Run tritonserver with the SageMaker MME front end for the block; always stops it.
 
-    Ports as :func:`~avatarforge.serving.server.tritonserver` takes them (0 or None for the
+    Ports as :func:`~avatarforge.tritonserver.launch.tritonserver` takes them (0 or None for the
     SageMaker port: a free one)."""
-    from ..serving.server import ServerError, check_port_free, listener_error, tritonserver
-    from .loopback import loopback_env
-
     workdir = Path(workdir or build_dir() / "mme").resolve()
     empty_repo = workdir / "empty-repository"
     empty_repo.mkdir(parents=True, exist_ok=True)

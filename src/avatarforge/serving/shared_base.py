@@ -1,4 +1,6 @@
-"""The shared base model: one pipeline of the base, user adapters switched in per request.
+"""The shared base: one pipeline of the base, user adapters switched in per request (what the
+shared base's Triton model, ``triton_models/shared_base.py``, runs; starting that model is
+:class:`.bootstrap.SharedBaseModel`'s).
 
 Adapters are activated by a copy into preallocated LoRA slots (:class:`SlotAdapterCache`);
 with ``batching`` on, the rows of a Triton batch that share size, steps, scheduler, guidance and
@@ -20,8 +22,7 @@ from .config import (
     ADAPTER_CACHE_SIZE,
     BATCH_MAX_IMAGES,
     MAX_REQUEST_COST,
-    P_BASE_HASH,
-    P_BASE_ID,
+    ModelParams,
     ServingConfig,
 )
 from .handler import (
@@ -62,7 +63,7 @@ class SharedBase:
 
     @classmethod
     def from_params(
-        cls, params: dict[str, str], instance_kind: str, device_id: str = "0", environ=None
+        cls, params: ModelParams, instance_kind: str, device_id: str = "0", environ=None
     ):
         """From its config parameters and the instance's environment: the base is fetched from
         AVATARFORGE_BASE_SOURCE into the shared dir if not there yet, and must have the hash
@@ -74,12 +75,12 @@ class SharedBase:
         base = ensure_base(
             instance.base_source,
             instance.shared_dir,
-            expected_hash=params.get(P_BASE_HASH, ""),
-            base_id=params.get(P_BASE_ID, ""),
+            expected_hash=params.base_hash,
+            base_id=params.base_id,
             verify=True,  # once per start of the shared base: every byte it will serve
         )
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
-        serving = ServingConfig.from_params(params)
+        serving = params.serving or ServingConfig()
         return cls(
             load_pipeline(base, device),
             base,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -133,6 +134,11 @@ def test_load_failure_surfaces_tritons_message(make_loader, mme_source: Path) ->
     with pytest.raises(ModelLoadError, match="broken on purpose") as info:
         loader.invoke("broken.tar.gz", scale_request([1]))
     assert "Triton could not load 'broken.tar.gz'" in str(info.value)
+    # the client gets the reason and a reference; the traceback and server paths stay in the log
+    message = str(info.value)
+    assert "At:" not in message and "model.py(" not in message
+    assert str(loader.root) not in message and str(mme_source) not in message
+    assert re.search(r"reference [0-9a-f]{12} in the server's log", message)
     assert loader.loaded() == [] and list(loader.root.iterdir()) == []
     # the server keeps serving, and the failed name can be tried again (not stuck in Triton)
     assert output_of(loader.invoke("alice.tar.gz", scale_request([1]))) == [2.0]

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from .common import console, fail
+from .common import console, fail, step_printers
 
 EXIT_FAILED = 1
 EXIT_PENDING = 3  # not done yet: try again later (or --wait longer)
@@ -204,13 +204,7 @@ def demo_cloud(
     env = instance_env("tiny", root / "mme" / "shared")
     began = time.perf_counter()
 
-    def on_step(i: int, title: str) -> None:
-        console.rule(f"[bold]{i}/{len(STEPS)}[/] {title}")
-
-    def on_done(i: int, what: str, seconds: float) -> None:
-        for line in what.splitlines():
-            console.print(f"  {line}", soft_wrap=True)
-        console.print(f"  [dim]{seconds:.1f} s[/]")
+    on_step, on_done = step_printers(len(STEPS))
 
     try:
         run_demo_cloud(env, root, on_step=on_step, on_done=on_done)

@@ -40,6 +40,22 @@ class Commands(TyperGroup):
             fail(str(exc))
 
 
+def step_printers(
+    total: int,
+) -> tuple[Callable[[int, str], None], Callable[[int, str, float], None]]:
+    """``on_step`` / ``on_done`` for the demos: a rule per step, then what it did and its time."""
+
+    def on_step(i: int, title: str) -> None:
+        console.rule(f"[bold]{i}/{total}[/] {title}")
+
+    def on_done(i: int, what: str, seconds: float) -> None:
+        for line in what.splitlines():
+            console.print(f"  {line}", soft_wrap=True)
+        console.print(f"  [dim]{seconds:.1f} s[/]")
+
+    return on_step, on_done
+
+
 def save_images(
     images: Iterable[Image.Image], folder: Path, *, suffix: str = "", image_format: str = "jpeg"
 ) -> list[Path]:

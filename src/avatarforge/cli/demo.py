@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console
+from .common import console, step_printers
 
 
 def demo(
@@ -23,13 +23,7 @@ def demo(
 
     began = time.perf_counter()
 
-    def on_step(i: int, title: str) -> None:
-        console.rule(f"[bold]{i}/{len(STEPS)}[/] {title}")
-
-    def on_done(i: int, what: str, seconds: float) -> None:
-        for line in what.splitlines():
-            console.print(f"  {line}", soft_wrap=True)
-        console.print(f"  [dim]{seconds:.1f} s[/]")
+    on_step, on_done = step_printers(len(STEPS))
 
     state = run_demo(out, on_step=on_step, on_done=on_done)
     console.rule(f"[bold green]done[/] in {time.perf_counter() - began:.0f} s")

@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from .common import console, fail
+from .common import console, fail, step_printers
 
 job_app = typer.Typer(
     help="Training jobs of the service: run one against S3 here, or validate a request. "
@@ -126,6 +126,7 @@ def demo_service(
     import logging
     import time
 
+    from ..demos.service import STEPS as SERVICE_STEPS
     from ..demos.service import run_service_demo
     from .servers import instance_env, stop_on_sigterm
 
@@ -134,14 +135,7 @@ def demo_service(
     root = (out or _default_out()).resolve()
     env = instance_env("tiny", root / "mme" / "shared")
     began = time.perf_counter()
-    steps = 4
-
-    def on_step(i: int, title: str) -> None:
-        console.rule(f"[bold]{i}/{steps}[/] {title}")
-
-    def on_done(i: int, what: str, seconds: float) -> None:
-        console.print(f"  {what}")
-        console.print(f"  [dim]{seconds:.1f} s[/]")
+    on_step, on_done = step_printers(len(SERVICE_STEPS))
 
     try:
         demo = run_service_demo(env, root, on_step=on_step, on_done=on_done)

@@ -31,6 +31,7 @@ from typing import Any
 from ..deploy.config import DeployConfig
 from ..paths import build_dir
 from ..testing.aws_local import environ
+from .steps import run_steps
 
 DEMO_USER = "demo"
 QUEUE_NAME = "avatarforge-demo-jobs"
@@ -300,15 +301,8 @@ def run_demo_cloud(
         # once it listens
         masked: dict[str, str | None] = {k: None for k in os.environ if k.startswith("AWS_")}
         stack.enter_context(environ({**masked, **dummy_aws_env(endpoint)}))
-        for i, (title, step) in enumerate(STEPS, 1):
-            if on_step is not None:
-                on_step(i, title)
-            started = time.perf_counter()
-            what = step(demo)
-            seconds = time.perf_counter() - started
-            demo.measured.setdefault("step_s", {})[title] = round(seconds, 2)
-            if on_done is not None:
-                on_done(i, what, seconds)
+        seconds = run_steps(STEPS, demo, on_step, on_done)
+        demo.measured["step_s"] = {title: round(s, 2) for title, s in seconds.items()}
         demo.measured["total_s"] = round(time.perf_counter() - began, 1)
         _write_summary(demo)
     return demo

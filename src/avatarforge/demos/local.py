@@ -22,6 +22,7 @@ from ..base.pipeline import load_pipeline
 from ..generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
 from ..imaging import contact_sheet
 from ..paths import build_dir
+from .steps import run_steps
 
 log = logging.getLogger(__name__)
 
@@ -247,11 +248,5 @@ def run_demo(
     """
     state = DemoState(out=(out or build_dir() / "demo").resolve())
     state.out.mkdir(parents=True, exist_ok=True)
-    for i, (title, step) in enumerate(STEPS, 1):
-        if on_step is not None:
-            on_step(i, title)
-        started = time.perf_counter()
-        what = step(state)
-        if on_done is not None:
-            on_done(i, what, time.perf_counter() - started)
+    run_steps(STEPS, state, on_step, on_done)
     return state

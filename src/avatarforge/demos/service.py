@@ -21,6 +21,7 @@ from typing import Any
 
 from ..jobs.config import ServiceConfig
 from ..paths import build_dir
+from .steps import run_steps
 
 BUCKET = "avatarforge-demo"
 PREFIX = "avatarforge/"  # the deployment layout: photos/, models/, jobs/ under one prefix
@@ -195,11 +196,5 @@ def run_service_demo(
     with moto_server(log_path=demo.out / "moto_server.log") as endpoint:
         demo.endpoint = endpoint
         with environ(dummy_aws_env(endpoint)):
-            for i, (title, step) in enumerate(STEPS, 1):
-                if on_step is not None:
-                    on_step(i, title)
-                started = time.perf_counter()
-                what = step(demo)
-                if on_done is not None:
-                    on_done(i, what, time.perf_counter() - started)
+            run_steps(STEPS, demo, on_step, on_done)
     return demo

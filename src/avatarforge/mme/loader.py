@@ -53,6 +53,21 @@ log = logging.getLogger(__name__)
 STAGING_PREFIX = ".staging-"  # <root>/.staging-<hash>-<random>: a model being fetched
 
 # SageMaker: TargetModel is a relative S3 key under the endpoint's prefix (≤ 1024 chars).
+# What of a Triton load error a client is shown: not the Python traceback Triton appends
+# ("At:" and the frames), and no server path (each absolute path is cut to its last part).
+_TRACEBACK_RE = re.compile(r"\s*\bAt:\s*\n.*", re.S)
+_PATH_RE = re.compile(r"(?<![\w.:/])/(?:[^\s/:'\"()]+/)+(?=[^\s/:'\"()]+)")
+
+
+def client_message(message: str, limit: int = 500) -> str:
+    """A Triton load error as a client may read it: the reason, without the traceback and the
+    server's paths (the log keeps the whole message)."""
+    text = _TRACEBACK_RE.sub("", message.replace("\\n", "\n"))
+    text = _PATH_RE.sub(".../", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 _TARGET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\.tar\.gz$")
 
 
@@ -421,6 +436,11 @@ class MultiModelLoader:
                     log.warning("out of memory loading %s: evicting and retrying", target_model)
                     self._evict_lru()
                     continue
+                reference = uuid.uuid4().hex[:12]
+                log.error("Triton could not load %s (reference %s): %s", target_model,
+                          reference, exc.message or exc)  # fmt: skip
                 raise ModelLoadError(
-                    f"Triton could not load {target_model!r}: {exc.message or exc}"
+                    f"Triton could not load {target_model!r}: "
+                    f"{client_message(exc.message or str(exc))} (reference {reference} in the "
+                    "server's log)"
                 ) from exc

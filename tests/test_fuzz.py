@@ -930,3 +930,91 @@ def test_training_requests_are_parsed_or_refused_naming_the_field(
         assert JOB_FIELD_RE.match(str(exc)), exc
         return
     assert_valid_job(request, service_config)
+
+
+# ---------------------------------------------------------------------------------- style packs
+
+PACK_KEYS = ["description", "defaults", "styles", "framings", "styels", "negative_prompt"]
+PACK_TEXTS = weighted(
+    (16, st.sampled_from(["a photo of {token} person", "{token} as a {framing} portrait"])),
+    (1, st.text(max_size=30)),
+    (1, st.sampled_from(["{token", "{other} {token}", "{0} {token}", "no token here", ""])),
+)
+
+
+def _valid_gen_value(field: dataclasses.Field) -> st.SearchStrategy:
+    meta = field.metadata
+    if meta["choices"]:
+        return st.sampled_from(meta["choices"])
+    if field.type == "float":
+        return st.floats(meta["ge"], meta["le"])
+    return st.integers(int(meta["ge"]), int(meta["le"]))
+
+
+VALID_GEN_DICTS = st.fixed_dictionaries(
+    {}, optional={n: _valid_gen_value(f) for n, f in GEN_FIELDS.items()}
+)
+PACK_GEN_ARGS = weighted(
+    (10, VALID_GEN_DICTS),
+    (1, st.dictionaries(
+        st.sampled_from(["steps", "seed", "height", "width", "guidance_scale", "cfg"]),
+        st.one_of(st.integers(-5, 5000), st.floats(allow_nan=False, width=32), st.text(max_size=5)),
+        max_size=4,
+    )),
+)  # fmt: skip
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int | float):
+        return repr(value) if not isinstance(value, float) or math.isfinite(value) else "nan"
+    return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+
+
+@st.composite
+def pack_texts(draw: st.DrawFn) -> str:
+    """TOML as people write packs: mostly the right shape, with wrong fields, types, braces and
+    gen_args mixed in; sometimes any text."""
+    if draw(st.integers(0, 9)) == 0:
+        return draw(st.text(max_size=200))
+    lines = []
+    if draw(st.booleans()):
+        lines.append(f"description = {_toml_value(draw(st.text(max_size=20)))}")
+    if draw(st.booleans()):
+        lines.append("[defaults]")
+        lines.append(f"gen_args = {_toml_value(draw(PACK_GEN_ARGS))}")
+    for table, text_key in (("styles", "prompt"), ("framings", "text")):
+        for i in range(draw(weighted((1, st.just(0)), (6, st.integers(1, 3))))):
+            lines.append(f"[[{table}]]")
+            name = draw(weighted((12, st.just(f"{table[:-1]}{i}")), (1, st.text(max_size=5))))
+            lines.append(f"name = {_toml_value(name)}")
+            lines.append(f"{text_key} = {_toml_value(draw(PACK_TEXTS))}")
+            if draw(st.booleans()):
+                lines.append(f"gen_args = {_toml_value(draw(PACK_GEN_ARGS))}")
+            if draw(st.integers(0, 12)) == 0:
+                lines.append(f"{draw(st.sampled_from(PACK_KEYS))} = 1")
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=pack_texts(), name=weighted((6, st.just("mine")), (1, st.text(max_size=8))))
+@example(text='[[styles]]\nname = "a"\nprompt = "{token"\n[[framings]]\nname = "b"\ntext = "x"\n',
+         name="mine")  # fmt: skip
+def test_style_packs_are_parsed_or_refused_naming_the_field(text: str, name: str) -> None:
+    from avatarforge.packs import PackError, parse_pack
+
+    try:
+        pack = parse_pack(text, name, source="mine.toml")
+    except PackError as exc:
+        assert str(exc).startswith("mine.toml: "), exc
+        assert exc.client_fault
+        return
+    # a pack that reads renders: every avatar names the person, with gen_args a request takes
+    items = pack.items(token="<<TOK>>")
+    assert 1 <= len(items) <= 64
+    for item in items:
+        assert "<<TOK>>" in item.prompt
+        assert GenArgs.from_dict(item.gen_args).to_dict() == item.gen_args

@@ -58,8 +58,9 @@ def _stamp(folder: Path) -> list[list[Any]]:
     ]
 
 
-def read_base_info(folder: Path, base_id: str | None = None) -> BaseInfo:
-    """The BaseInfo of a diffusers folder, hashing it only when its files changed."""
+def read_base_info(folder: Path, base_id: str | None = None, *, verify: bool = False) -> BaseInfo:
+    """The BaseInfo of a diffusers folder, hashing it only when its files changed (their sizes
+    and times), or always with ``verify``: a change that keeps both is then seen too."""
     folder = Path(folder).resolve()
     if not (folder / "model_index.json").is_file():
         raise BaseError(f"{folder} is not a diffusers model folder (no model_index.json)")
@@ -72,7 +73,7 @@ def read_base_info(folder: Path, base_id: str | None = None) -> BaseInfo:
         if not isinstance(recorded, dict):
             recorded = {}
     stamp = _stamp(folder)
-    if recorded.get("stamp") != stamp or "content_hash" not in recorded:
+    if verify or recorded.get("stamp") != stamp or "content_hash" not in recorded:
         recorded["content_hash"] = content_hash(folder)
         recorded["stamp"] = stamp
         recorded.setdefault("base_id", base_id or str(folder))

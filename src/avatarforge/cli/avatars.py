@@ -121,7 +121,9 @@ def avatars(
         model = target_model or f"{user}.tar.gz"
         generate, where = targets.mme(mme, model), f"local MME {mme}, TargetModel {model}"
     else:
-        generate, where = _endpoint_target(endpoint, user, config, region)
+        from .cloud import endpoint_target
+
+        generate, where = endpoint_target(endpoint, user, config, region)
     out = out or build_dir() / "avatars" / user / chosen.name
     n = len(chosen.styles) * len(chosen.framings)
     console.print(f"{n} avatars of the {chosen.name} pack for {user} from {where}")
@@ -136,23 +138,6 @@ def avatars(
     except AvatarforgeError as exc:
         fail(str(exc))
     console.print(f"gallery       [bold]{files.html}[/]\ncontact sheet [bold]{files.sheet}[/]")
-
-
-def _endpoint_target(endpoint: str, user: str, config: Path | None, region: str | None):
-    from ..packs import targets
-    from .cloud import deploy_config
-
-    deployment = deploy_config(config, region=region, need_bucket=False)
-    prefix = deployment.models_prefix if deployment.bucket else None
-    region = region or (deployment.region if config else None)
-
-    def waiting(reason: str, seconds: float) -> None:
-        console.print(f"[dim]{reason}: retrying in {seconds:.1f} s[/]")
-
-    generate = targets.endpoint(
-        endpoint, user, region=region, models_prefix=prefix, on_retry=waiting
-    )
-    return generate, f"endpoint {endpoint}, TargetModel {user}.tar.gz"
 
 
 @packs_app.command("list")

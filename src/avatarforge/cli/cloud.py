@@ -54,6 +54,26 @@ def deploy_config(
     return result
 
 
+def endpoint_target(endpoint: str, user: str, config: Path | None, region: str | None):
+    """The user's model on SageMaker endpoint ``endpoint`` as a Generate (retries printed),
+    and a line saying where it is."""
+    from ..packs import targets
+
+    deployment = deploy_config(config, region=region, need_bucket=False)
+    # the models prefix tells "no model yet" apart from other errors; without --config or
+    # --region, boto3's own region (AWS_REGION, the profile) is used
+    prefix = deployment.models_prefix if deployment.bucket else None
+    region = region or (deployment.region if config else None)
+
+    def waiting(reason: str, seconds: float) -> None:
+        console.print(f"[dim]{reason}: retrying in {seconds:.1f} s[/]")
+
+    generate = targets.endpoint(
+        endpoint, user, region=region, models_prefix=prefix, on_retry=waiting
+    )
+    return generate, f"endpoint {endpoint}, TargetModel {user}.tar.gz"
+
+
 def _json_option(text: str | None, flag: str) -> dict[str, Any]:
     if not text:
         return {}

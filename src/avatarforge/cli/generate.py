@@ -12,7 +12,7 @@ from pathlib import Path
 import typer
 
 from ..paths import build_dir
-from .common import console, fail, save_jpeg_bytes
+from .common import fail, save_jpeg_bytes
 
 TARGETS = (
     "give --url and --user (tritonserver), --mme and --target-model (local MME), "
@@ -103,28 +103,10 @@ def _from_endpoint(
     region: str | None,
     out: Path | None,
 ) -> None:
-    from ..cloud import generate as cloud_generate
-    from .cloud import deploy_config
+    from .cloud import endpoint_target
 
-    deployment = deploy_config(config, region=region, need_bucket=False)
-    # the models prefix tells "no model yet" apart from other errors; without --config or
-    # --region, boto3's own region (AWS_REGION, the profile) is used
-    prefix = deployment.models_prefix if deployment.bucket else None
-    region = region or (deployment.region if config else None)
-
-    def waiting(reason: str, seconds: float) -> None:
-        console.print(f"[dim]{reason}: retrying in {seconds:.1f} s[/]")
-
-    images = cloud_generate(
-        endpoint,
-        user,
-        prompt,
-        negative_prompt,
-        gen_args,
-        region=region,
-        models_prefix=prefix,
-        on_retry=waiting,
-    )
+    generate, _ = endpoint_target(endpoint, user, config, region)
+    images = generate(prompt, negative_prompt, gen_args)
     save_jpeg_bytes(images, out or build_dir() / "generate" / user)
 
 

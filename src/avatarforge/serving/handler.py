@@ -83,7 +83,12 @@ class ParsedRequest:
     deadline: float | None = None  # unix time; past it nobody waits for the answer
 
     def expired(self) -> bool:
-        return self.deadline is not None and time.time() > self.deadline
+        return past(self.deadline)
+
+
+def past(deadline: float | None) -> bool:
+    """Whether nobody waits any more for work with this deadline (None: someone always does)."""
+    return deadline is not None and time.time() > deadline
 
 
 # (prompt, negative_prompt, args, adapter) -> images
@@ -335,7 +340,7 @@ def handle_batched(
 
     for call in calls:
         for job in call:
-            if job.deadline is not None and time.time() > job.deadline:
+            if past(job.deadline):
                 errors.setdefault(job.request, DeadlineExceeded())  # nobody waits: skip
         call = [job for job in call if job.request not in errors]  # a failed request stops
         if call and (exc := attempt(call)) is not None and len(call) > 1:

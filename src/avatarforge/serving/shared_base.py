@@ -10,8 +10,6 @@ row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one 
 
 from __future__ import annotations
 
-import time
-
 from ..adapter import AdapterError
 from ..base.identity import BaseError
 from ..generate import GenArgs, GenerationStopped, generate_batch, generate_images
@@ -32,6 +30,7 @@ from .handler import (
     RequestError,
     handle_batched,
     handle_requests,
+    past,
 )
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
@@ -102,7 +101,7 @@ class SharedBase:
         stop = None
         if None not in deadlines:
             last = max(deadlines)
-            stop = lambda: time.time() > last  # noqa: E731
+            stop = lambda: past(last)  # noqa: E731
         try:
             if len(jobs) == 1:
                 (job,) = jobs

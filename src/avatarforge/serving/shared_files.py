@@ -21,7 +21,7 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from ..base.identity import BaseInfo, content_hash, read_base_info
+from ..base.identity import BaseInfo, read_base_info
 from ..errors import AvatarforgeError
 from ..storage import fetch, local_path
 from .bootstrap import lock_folder
@@ -110,20 +110,18 @@ def ensure_base(
                     dest = _install_base(source, root, expected_hash, base_id)
         except Timeout:
             raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
-    info = read_base_info(dest, base_id or None)
-    actual = content_hash(dest) if verify and not fetched else info.content_hash
-    if expected_hash and actual != expected_hash and not fetched and source:
+    info = read_base_info(dest, base_id or None, verify=verify and not fetched)
+    if expected_hash and info.content_hash != expected_hash and not fetched and source:
         log.warning("base at %s has hash %s, expected %s: corrupt; fetching it again from %s",
-                    dest, actual[:12], expected_hash[:12], source)  # fmt: skip
+                    dest, info.content_hash[:12], expected_hash[:12], source)  # fmt: skip
         try:
             with _lock(shared, f"base-{_key(source)}"):
                 _discard(dest)
                 dest = _install_base(source, root, expected_hash, base_id)
         except Timeout:
             raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
-        info = read_base_info(dest, base_id or None)
-        actual, fetched = info.content_hash, True
-    _check_hash(BaseInfo(info.base_id, actual, info.path), expected_hash, str(dest))
+        info, fetched = read_base_info(dest, base_id or None), True
+    _check_hash(info, expected_hash, str(dest))
     if fetched:
         _write_atomic(alias, info.content_hash)
     return info

@@ -256,19 +256,21 @@ class MultiModelLoader:
         with self._lru_lock:
             return self._staging.setdefault(target_model, threading.Lock())
 
-    def unload(self, target_model: str) -> bool:
-        """Unload and delete its files; False if it was not loaded."""
+    def unload(self, target_model: str, *, in_triton: bool = True) -> bool:
+        """Unload and delete its files; False if it was not loaded. ``in_triton=False``: only
+        forget it and delete its files (the server's own stop ends it)."""
         with self._load_lock:
             with self._lru_lock:
                 model = self._loaded.pop(target_model, None)
             if model is None:
                 return False
-            self._unload(model)
+            self._unload(model, in_triton=in_triton)
             return True
 
-    def _unload(self, model: LoadedModel) -> None:
+    def _unload(self, model: LoadedModel, *, in_triton: bool = True) -> None:
         try:
-            self.client.unload(model.model_hash, model.target_model)
+            if in_triton:
+                self.client.unload(model.model_hash, model.target_model)
         finally:
             shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
         log.info("unloaded %s", model.target_model)
@@ -298,15 +300,10 @@ class MultiModelLoader:
         left_busy = []
         # One at a time: Triton's front end holds its model-list lock through each unload.
         for target in self.loaded():
-            if self._in_flight.get(target):
-                with self._load_lock, self._lru_lock:
-                    model = self._loaded.pop(target, None)
-                if model is not None:
-                    shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
-                    left_busy.append(target)
-                    log.warning("%s has a request in flight: left to the server's stop", target)
-            else:
-                self.unload(target)
+            busy = bool(self._in_flight.get(target))
+            if self.unload(target, in_triton=not busy) and busy:
+                left_busy.append(target)
+                log.warning("%s has a request in flight: left to the server's stop", target)
         return left_busy
 
     def invoke_raw(

@@ -4,7 +4,8 @@
 (docker/sagemaker/serve in triton-inference-server/server; the same lines at v2.51.0, v2.61.0
 (25.09) and HEAD) passes to tritonserver in multi-model mode, for a given environment: HTTP,
 gRPC and metrics off, model namespacing on, verbose logging unless
-``SAGEMAKER_TRITON_LOG_VERBOSE`` says otherwise, the python backend's shared-memory sizes.
+``SAGEMAKER_TRITON_LOG_VERBOSE`` says otherwise, the python backend's shared-memory sizes. The
+local MME adds the environment the deploy plan gives the model (:data:`MME_ENV`).
 :func:`sagemaker_triton` runs exactly that (plus the launcher's backend folder and stop
 timeout) with an empty repository — models arrive only through ``POST /models`` — and waits
 until ``/ping`` answers; nothing passes locally that needs a port SageMaker does not open. The
@@ -27,11 +28,20 @@ from ..netutil import free_port
 from ..paths import build_dir
 from .launch import check_port_free, start_tritonserver
 
-# The log verbosity of the MME: the serve script's default is verbose (true), which writes
-# ~1.7 KB per request (measured on 2.51: request states, buffers; no input values) and buries
-# loads, unloads and errors (INFO and ERROR, logged at any verbosity). The deploy plan sets the
-# same value in the model's environment; SAGEMAKER_TRITON_LOG_VERBOSE overrides it here too.
-LOG_VERBOSE = "0"
+# What the MME model's environment sets for tritonserver on SageMaker, and so here (the deploy
+# plan sets the same: avatarforge.deploy.mme, keep them equal):
+# - verbose logs off: the script's default (true) writes ~2 KB per invocation (measured on 2.51
+#   through the SageMaker front end: 2072 bytes against 99 at 0; request states and buffers, no
+#   input values) and buries loads, unloads and errors, which INFO and ERROR keep at 0;
+# - /ping "live": the script assigns it in MME mode without exporting it, so the front end's
+#   default "ready" would apply (a dead python stub would fail the instance's health).
+# Variables set in this process's environment win, as a model's environment does there.
+MME_ENV = {
+    "SAGEMAKER_TRITON_PING_MODE": "live",
+    "SAGEMAKER_TRITON_OVERRIDE_PING_MODE": "live",
+    "SAGEMAKER_TRITON_LOG_VERBOSE": "0",
+}
+LOG_VERBOSE = MME_ENV["SAGEMAKER_TRITON_LOG_VERBOSE"]
 
 # The serve script's MME lines: (variable, flag, value when the variable is unset or empty), in
 # its order (docker/sagemaker/serve at v2.61.0, lines 63-134; the repository is line 44's
@@ -116,7 +126,7 @@ def sagemaker_triton(
         check_port_free(sagemaker_port, "SageMaker", host="0.0.0.0")  # it binds all interfaces
     port = sagemaker_port or free_port()
     env = {
-        "SAGEMAKER_TRITON_LOG_VERBOSE": LOG_VERBOSE,
+        **MME_ENV,
         **os.environ,
         **(extra_env or {}),
         "SAGEMAKER_MULTI_MODEL": "true",

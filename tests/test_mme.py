@@ -21,7 +21,6 @@ from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
 from avatarforge.mme.loader import check_target_model
 from avatarforge.safe_tar import UnsafeArchiveError
 from avatarforge.storage import upload
-from avatarforge.tritonserver.sagemaker import sagemaker_options
 
 
 def test_target_model_names_and_hashes() -> None:
@@ -33,14 +32,6 @@ def test_target_model_names_and_hashes() -> None:
     assert model_hash("alice.tar.gz") == model_hash("alice.tar.gz")
     assert model_hash("alice.tar.gz") != model_hash("bob.tar.gz")
     assert len(model_hash("x.tar.gz")) == 32
-
-
-def test_sagemaker_launch_options() -> None:
-    options = sagemaker_options(8080)
-    assert "--allow-sagemaker=true" in options.args
-    assert "--sagemaker-port=8080" in options.args
-    assert "--model-namespacing=true" in options.args  # as the image's serve script runs it
-    assert options.env == {"SAGEMAKER_MULTI_MODEL": "true"}
 
 
 @pytest.mark.integration

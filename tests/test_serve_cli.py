@@ -3,7 +3,9 @@
 The servers run as the real commands, in their own processes (`python -m avatarforge ...`), on
 free ports given with --port/--grpc-port/--metrics-port (the defaults, 8000/8001/8002 and 8080,
 are the ports people know; a test must not depend on them being free); each is stopped with
-SIGTERM, as Ctrl-C or a supervisor stops it, and killed if it does not stop.
+SIGTERM, as Ctrl-C or a supervisor stops it, and killed if it does not stop. The local MME's
+tritonserver runs with the SageMaker image's flags (its HTTP and gRPC off); its metrics are
+turned on as on SageMaker, with SAGEMAKER_TRITON_ALLOW_METRICS.
 """
 
 from __future__ import annotations
@@ -75,14 +77,16 @@ class Started:
         return self.output.read_text(errors="replace")
 
 
-def start_cli(args: list[str], out: Path, ready: str, timeout: float = 240.0) -> Started:
+def start_cli(
+    args: list[str], out: Path, ready: str, timeout: float = 240.0, env: dict | None = None
+) -> Started:
     """Run ``avatarforge ARGS`` in its own process until ``ready`` appears in its output."""
     log = open(out, "wb")  # noqa: SIM115 - the process writes it while the tests run
     process = subprocess.Popen(
         [sys.executable, "-m", "avatarforge", *args],
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "COLUMNS": "80"},
+        env={**os.environ, "COLUMNS": "80", **(env or {})},
     )
     log.close()
     started = Started(process, out, {})
@@ -141,7 +145,7 @@ def test_local_triton_port_in_use_names_the_port_and_the_option(busy_port, optio
 
 @pytest.mark.parametrize(
     ("option", "what"),
-    [("--port", "MME front"), ("--sagemaker-port", "SageMaker"), ("--metrics-port", "metrics")],
+    [("--port", "MME front"), ("--sagemaker-port", "SageMaker")],
 )
 def test_local_mme_port_in_use_names_the_port_and_the_option(busy_port, option, what, tmp_path):
     args = ["mme", "serve", "--source", str(tmp_path), option, str(busy_port)]
@@ -211,6 +215,9 @@ def test_local_triton_prints_its_urls_and_listens_on_loopback_only(local_triton)
     for port in ports.values():
         addresses = listening_addresses(port)
         assert addresses and addresses <= LOOPBACK, (port, addresses)
+    # the key that opens the APIs that change the server: for this user only
+    key = Path(re.search(r"with the key in (\S+) \(this user only\)", out).group(1))
+    assert key.stat().st_mode & 0o777 == 0o600
     # metrics: Prometheus text with per-model counters, after a request
     client.generate(f"127.0.0.1:{http}", "alice", PROMPT, gen_args=SMALL)
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=10) as response:
@@ -325,12 +332,15 @@ def local_mme(packaged_users, tmp_path_factory):
     """`avatarforge mme serve` with alice.tar.gz and bob.tar.gz in its source folder."""
     tmp = tmp_path_factory.mktemp("local-mme")
     source = _package_folder(packaged_users, tmp)
-    ports = {name: free_port() for name in ("front", "sagemaker", "http", "grpc", "metrics")}
+    ports = {name: free_port() for name in ("front", "sagemaker", "metrics")}
     args = ["mme", "serve", "--source", str(source), "--root", str(tmp / "models")]
     args += ["--port", str(ports["front"]), "--sagemaker-port", str(ports["sagemaker"])]
-    args += ["--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"])]
-    args += ["--metrics-port", str(ports["metrics"]), "--shared-dir", str(tmp / "shared")]
-    server = start_cli(args, tmp / "local-mme.out", ready="TargetModels from")
+    args += ["--shared-dir", str(tmp / "shared")]
+    metrics = {  # as a SageMaker model's environment turns them on
+        "SAGEMAKER_TRITON_ALLOW_METRICS": "true",
+        "SAGEMAKER_TRITON_METRICS_PORT": str(ports["metrics"]),
+    }
+    server = start_cli(args, tmp / "local-mme.out", ready="TargetModels from", env=metrics)
     server.ports = ports
     try:
         yield server
@@ -346,8 +356,8 @@ def test_local_mme_prints_its_urls_and_generate_saves_the_servers_bytes(local_mm
     assert f"MME front        {front}" in out
     assert f"SageMaker front  http://127.0.0.1:{ports['sagemaker']}" in out
     assert f"metrics          http://127.0.0.1:{ports['metrics']}/metrics" in out
-    assert f"gRPC             127.0.0.1:{ports['grpc']}" in out
-    for name in ("front", "http", "grpc", "metrics"):
+    assert "gRPC" not in out and "HTTP" not in out  # off, as on SageMaker
+    for name in ("front", "sagemaker", "metrics"):
         addresses = listening_addresses(ports[name])
         assert addresses and addresses <= LOOPBACK, (name, addresses)
 

@@ -39,17 +39,14 @@ def serve(
         max=65535,
         help="port of the SageMaker-runtime-like front on 127.0.0.1 (0: any free port)",
     ),
-    sagemaker_port: int = _free_port_option(
-        "tritonserver's SageMaker front end",
-        where="all interfaces (Triton 2.51 has no address flag for it)",
-    ),
-    http_port: int = _free_port_option("tritonserver's HTTP (KServe v2)"),
-    grpc_port: int = _free_port_option("tritonserver's gRPC"),
-    metrics_port: int = _free_port_option("tritonserver's Prometheus metrics"),
+    sagemaker_port: int = _free_port_option("tritonserver's SageMaker front end"),
     shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
     base: str = typer.Option("tiny", help="base source for the shared base: 'tiny' or a path"),
 ) -> None:
-    """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything."""
+    """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything.
+
+    tritonserver runs with the SageMaker image's flags: its HTTP, gRPC and metrics are off
+    (SAGEMAKER_TRITON_ALLOW_GRPC / _ALLOW_METRICS turn the last two on, as there)."""
     from ..mme import MMEConfig, MultiModelLoader
     from ..mme.front import mme_front
     from ..tritonserver.launch import PortInUseError
@@ -58,28 +55,16 @@ def serve(
     options = {
         "MME front": "--port",
         "SageMaker": "--sagemaker-port",
-        "HTTP": "--http-port",
-        "gRPC": "--grpc-port",
-        "metrics": "--metrics-port",
     }
     # all checked before anything starts; 0 stays 0 for tritonserver's ports (it picks them)
     port = usable_port(port, "MME front", options)
-    if sagemaker_port:  # Triton 2.51 binds it on every interface
+    if sagemaker_port:  # Triton 2.51 asks for it on every interface (kept on loopback)
         usable_port(sagemaker_port, "SageMaker", options, host="0.0.0.0")
-    for what, value in (("HTTP", http_port), ("gRPC", grpc_port), ("metrics", metrics_port)):
-        if value:
-            usable_port(value, what, options)
     stop_on_sigterm()  # models unloaded, tritonserver stopped
     source = source or str(build_dir() / "package")
     env = instance_env(base, shared_dir)  # the user models' ensure-step reads these
     try:
-        with sagemaker_triton(
-            sagemaker_port=sagemaker_port,
-            extra_env=env,
-            http_port=http_port,
-            grpc_port=grpc_port,
-            metrics_port=metrics_port,
-        ) as server:
+        with sagemaker_triton(sagemaker_port=sagemaker_port, extra_env=env) as server:
             loader = MultiModelLoader(
                 server.sagemaker_url,
                 source,
@@ -110,10 +95,11 @@ def _print_usage(url: str, server, source: str) -> None:
     target = examples[0] if examples else "USER.tar.gz"
     say(f"local MME ready in {server.start_seconds:.1f} s; log {server.log_path}")
     say(f"  MME front        {url}  (POST /endpoints/<name>/invocations)")
-    say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver; all interfaces)")
-    say(f"  HTTP             {server.http_url}  (tritonserver, KServe v2)")
-    say(f"  gRPC             {server.grpc_url}")
-    say(f"  metrics          {server.metrics_url}  (Prometheus)")
+    say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver)")
+    if server.grpc_url:
+        say(f"  gRPC             {server.grpc_url}")
+    if server.metrics_url:
+        say(f"  metrics          {server.metrics_url}  (Prometheus)")
     say(f"TargetModels from {source}: {', '.join(examples) or '(none yet)'}")
     say(
         f"try: avatarforge generate --mme {url} --target-model {target} "

@@ -94,7 +94,7 @@ def local_triton(
             grpc_port=grpc_port,
             metrics_port=metrics_port,
         ) as server:
-            _print_urls(server, names, repo)
+            _print_urls(server, names, repo, port)
             while server.process.poll() is None:
                 time.sleep(0.5)
             fail(f"tritonserver exited ({server.process.returncode}); see {server.log_path}")
@@ -104,7 +104,9 @@ def local_triton(
         port_in_use(exc, options)
 
 
-def _print_urls(server, names: list[str], repo: Path) -> None:
+def _print_urls(server, names: list[str], repo: Path, port: int) -> None:
+    from ..tritonserver.control_key import HEADER, key_file
+
     say(f"tritonserver ready in {server.started_s:.1f} s; log {server.log_path}")
     say(f"  HTTP     http://{server.url}  (KServe v2: POST /v2/models/<user>/infer)")
     say(f"  gRPC     {server.grpc_url}")
@@ -116,6 +118,10 @@ def _print_urls(server, names: list[str], repo: Path) -> None:
         "--prompt 'a photo of <<TOK>> person' --gen-args '{\"num_inference_steps\": 20}'"
     )
     say(f"add a newly packaged user: avatarforge serve load USER --url {server.url}")
+    say(
+        "the APIs that change the server (repository, shared memory, trace, logging) take "
+        f"the header {HEADER} with the key in {key_file(port)} (this user only)"
+    )
     say("the request format: avatarforge contract")
 
 
@@ -145,19 +151,19 @@ def load(
     made again replaces the loaded one)."""
     from ..names import check_user_id
     from ..serving.repository import load_package
+    from ..tritonserver.control_key import read_key
 
     check_user_id(user)
     package = (source or build_dir() / "package") / f"{user}.tar.gz"
     if not package.is_file():
         fail(f"no package {package} (run make package USER={user})")
-    if repository is None:
-        port = urllib.parse.urlsplit("//" + url.removeprefix("http://")).port
-        if port is None:
-            fail(f"--url {url}: give host:port, or --repository")
-        repository = repository_for(port)
+    port = urllib.parse.urlsplit("//" + url.removeprefix("http://")).port
+    if port is None:
+        fail(f"--url {url}: give host:port")
+    repository = repository or repository_for(port)
     started = time.monotonic()
     try:
-        name = load_package(url, repository, package)
+        name = load_package(url, repository, package, control_key=read_key(port))
     except OSError as exc:
         fail(str(exc))
     took = time.monotonic() - started

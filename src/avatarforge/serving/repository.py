@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..names import SETUP_MODEL, InvalidNameError, check_user_id
+from ..tritonserver.control_key import headers
 from ..tritonserver.launch import ServerError
 from . import triton_models
 from .config import ServingConfig
@@ -45,9 +46,12 @@ def build_repository(
     return users
 
 
-def load_package(url: str, repository: Path, package: Path, *, timeout: float = 600.0) -> str:
+def load_package(
+    url: str, repository: Path, package: Path, *, control_key: str, timeout: float = 600.0
+) -> str:
     """Add a packaged user (``<user>.tar.gz``) to the repository of the running tritonserver
     at ``url`` and load it with Triton's repository API: no restart. Returns the model name.
+    ``control_key`` opens that API (:mod:`avatarforge.tritonserver.control_key`).
 
     The archive is unpacked as :func:`~avatarforge.serving.repository.build_repository` does
     (:func:`~avatarforge.safe_tar.safe_extract`: traversal, links, bombs refused before
@@ -68,8 +72,9 @@ def load_package(url: str, repository: Path, package: Path, *, timeout: float = 
     if not package.is_file():
         raise ServerError(f"no package {package} (make package USER={name})")
     client = httpclient.InferenceServerClient(url.removeprefix("http://"), network_timeout=timeout)
+    key = headers(control_key)
     try:
-        _check_serves(client, url, repository)
+        _check_serves(client, url, repository, key)
         staging = repository / f".{name}.loading-{os.getpid()}"
         old = repository / f".{name}.previous-{os.getpid()}"
         target = repository / name
@@ -82,7 +87,7 @@ def load_package(url: str, repository: Path, package: Path, *, timeout: float = 
                 os.replace(target, old)
             os.replace(model, target)
             try:
-                client.load_model(name)
+                client.load_model(name, headers=key)
             except InferenceServerException as exc:
                 shutil.rmtree(target)
                 if old.exists():
@@ -98,15 +103,23 @@ def load_package(url: str, repository: Path, package: Path, *, timeout: float = 
     return name
 
 
-def _check_serves(client, url: str, repository: Path) -> None:
-    """ServerError unless the server at ``url`` answers and ``repository`` is one it serves:
-    it holds a model the server lists and none it does not (a package unpacked into a folder
-    the server does not read would load nothing, or another folder's files)."""
+def _check_serves(client, url: str, repository: Path, key: dict[str, str]) -> None:
+    """ServerError unless the server at ``url`` answers, takes the control key, and
+    ``repository`` is one it serves: it holds a model the server lists and none it does not (a
+    package unpacked into a folder the server does not read would load nothing, or another
+    folder's files)."""
     from tritonclient.utils import InferenceServerException
 
     try:
-        index = {m["name"] for m in client.get_model_repository_index()}
-    except (InferenceServerException, OSError) as exc:
+        index = {m["name"] for m in client.get_model_repository_index(headers=key)}
+    except InferenceServerException as exc:
+        if exc.status() == "403":
+            raise ServerError(
+                f"the tritonserver at {url} refused the control key: it is not the server "
+                "started on that port by this build folder"
+            ) from None
+        raise ServerError(f"no tritonserver answers at {url}: {exc}") from None
+    except OSError as exc:
         raise ServerError(f"no tritonserver answers at {url}: {exc}") from None
     models = (
         {p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith(".")}

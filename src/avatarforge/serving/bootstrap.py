@@ -362,32 +362,47 @@ def model_params(model_config_json: str) -> dict:
 
 # ---------------------------------------------------------------- S3 without boto3
 
+# A whole download, retries included; below LOCK_TIMEOUT_S, so a model waiting for a peer's
+# download hears of its failure instead of timing out on the lock.
+DOWNLOAD_DEADLINE_S = 1200.0
+_READ_TIMEOUT_S = 60.0
 
-def download(uri: str, dest: Path, sha256: str | None = None, retries: int = 4) -> Path:
+
+def download(
+    uri: str,
+    dest: Path,
+    sha256: str | None = None,
+    retries: int = 4,
+    deadline_s: float = DOWNLOAD_DEADLINE_S,
+) -> Path:
     """Download ``s3://bucket/key`` to ``dest`` atomically; checks ``sha256`` when given.
 
     Signed with SigV4 and the instance's credentials (environment, container credentials, or
-    the instance metadata service: the order boto3 uses). Server errors and broken connections
-    are retried with exponential backoff; a missing object or a refused request is not.
+    the instance metadata service: the order boto3 uses). Server errors, broken connections and
+    bodies shorter than their Content-Length are retried with exponential backoff; a missing
+    object, a refused request or a redirect is not. Everything, retries included, ends by
+    ``deadline_s``.
     """
+    import http.client
     import urllib.error
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    deadline = time.monotonic() + deadline_s
     delay = 1.0
     try:
         for attempt in range(retries + 1):
             try:
-                actual = _get_to_file(uri, tmp)
+                actual = _get_to_file(uri, tmp, deadline, deadline_s)
                 break
             except urllib.error.HTTPError as exc:
                 if exc.code < 500 or attempt == retries:
                     raise BootstrapError(_http_failure(uri, exc)) from None
-            except (urllib.error.URLError, OSError) as exc:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 if attempt == retries:
                     raise BootstrapError(f"cannot download {uri}: {exc}") from None
-            time.sleep(delay)
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             delay *= 2
         if sha256 and actual != sha256.lower():
             raise BootstrapError(f"{uri}: sha256 is {actual}, expected {sha256.lower()}")
@@ -403,23 +418,59 @@ def _http_failure(uri: str, exc) -> str:
     with contextlib.suppress(Exception):
         detail = exc.read(2000).decode("utf-8", "replace")
     reason = {403: "access denied (check the instance role's s3:GetObject)", 404: "no such object"}
+    if exc.code in (301, 307):  # S3 names the bucket's region; we never re-send the signed GET
+        where = exc.headers.get("x-amz-bucket-region") if exc.headers else None
+        fix = f"set AWS_REGION={where}" if where else "set AWS_REGION to the bucket's region"
+        reason[exc.code] = f"the bucket is in another region: {fix} (redirect not followed)"
     detail = " ".join(detail.split())[:300]
     return f"cannot download {uri}: HTTP {exc.code}, {reason.get(exc.code, '')} {detail}"
 
 
-def _get_to_file(uri: str, path: Path) -> str:
+def _opener():
+    """urllib without redirects: a 3xx is an HTTPError. urllib would re-send every header,
+    Authorization and the session token included, to whatever host the Location names."""
     import urllib.request
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+
+    return urllib.request.build_opener(NoRedirect)
+
+
+def _get_to_file(uri: str, path: Path, deadline: float, deadline_s: float) -> str:
+    import urllib.request
+
+    def check_deadline():
+        if time.monotonic() > deadline:
+            raise BootstrapError(f"cannot download {uri}: not done after {deadline_s:.0f} s")
+
+    check_deadline()
     url, headers = signed_get(uri, credentials(), region())
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers=headers, method="GET")
-    with urllib.request.urlopen(request, timeout=60) as response, open(path, "wb") as out:
+    # The timeout bounds each wait for bytes; the deadline, checked after every read, bounds
+    # the whole: a server that sends a byte now and then never trips a per-read timeout.
+    timeout = max(0.1, min(_READ_TIMEOUT_S, deadline - time.monotonic()))
+    received = 0
+    with _opener().open(request, timeout=timeout) as response, open(path, "wb") as out:
+        length = response.headers.get("Content-Length")
+        read = getattr(response, "read1", response.read)  # read1: what one recv brings
         while True:
-            chunk = response.read(_CHUNK)
+            try:
+                chunk = read(_CHUNK)
+            except OSError:
+                check_deadline()
+                raise
+            check_deadline()
             if not chunk:
                 break
+            received += len(chunk)
             digest.update(chunk)
             out.write(chunk)
+    # urllib reports a body cut short as a normal end: only the length can tell
+    if length is None or not length.isdigit() or received != int(length):
+        raise OSError(f"connection closed after {received} of {length or '?'} bytes")
     return digest.hexdigest()
 
 
@@ -508,7 +559,7 @@ def _http_json(url: str, headers: dict | None = None, method: str = "GET", timeo
     import urllib.request
 
     request = urllib.request.Request(url, headers=headers or {}, method=method)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _opener().open(request, timeout=timeout) as response:  # the token stays with its host
         body = response.read().decode()
     return json.loads(body) if body.lstrip().startswith("{") else body
 

@@ -8,10 +8,11 @@ start, and nothing more, so a resident user model stays a ~20 MB process:
 
 1. read the instance's settings from the environment (never from a packaged config: a
    tarball cannot redirect where the instance keeps or fetches its shared files);
-2. make the serving environment present: a local folder or tarball is used where it is; an
-   ``s3://`` tarball is downloaded once per instance (SigV4-signed GET with the instance's
-   credentials, sha256 checked, written under a temporary name and renamed, one download at a
-   time behind a file lock) — and refused when it was built for another Python than this stub's;
+2. make the serving environment present: a local folder is used where it is; a tarball (a
+   path, or ``s3://``: a SigV4-signed GET with the instance's credentials, sha256 checked) is
+   extracted once per instance into the shared dir (beside, renamed into place, one at a time
+   behind a file lock), so Triton gets a folder — and it is refused when it was built for
+   another Python than this stub's;
 3. start the one shared base model (``pb_utils.load_model``) in that environment unless it is
    running; the shared base fetches and checks the base weights itself, with the full library.
 
@@ -108,31 +109,178 @@ def check_env_python(env_python: str, source: str) -> None:
         )
 
 
+# Written last into an extracted serving env: the folder is complete (and how it was made).
+ENV_READY_FILE = ".avatarforge-env.json"
+CONDA_UNPACK_TIMEOUT_S = 600.0
+
+
 def ensure_env(instance: Instance) -> str:
     """The EXECUTION_ENV_PATH of the shared base ("" when none is configured: inherit).
 
-    A local folder (with ``bin/activate``) or tarball is used where it is; an ``s3://`` tarball
-    is downloaded once to ``<shared_dir>/env/`` (Triton unpacks it itself).
+    Triton is always handed a folder. A local folder (with ``bin/activate``) is used where it
+    is. A tarball — a local path, or ``s3://`` (downloaded once, sha256 checked) — is extracted
+    once per instance to ``<shared_dir>/env/serve-<key>/``: given the tarball, Triton would
+    extract it again at every server start, into a temp folder of its own (python_backend
+    pb_env.cc), which is minutes for a multi-GB CUDA env.
     """
     source = instance.env_source
     if not source:
         return ""
     check_env_python(instance.env_python, source)
-    if not source.startswith("s3://"):
+    local = None
+    if source.startswith("s3://"):
+        key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
+    else:
         local = Path(source[len("file://") :] if source.startswith("file://") else source)
         local = local.expanduser()
-        if local.is_dir() and not (local / "bin" / "activate").is_file():
-            raise BootstrapError(f"serving environment {local} has no bin/activate")
+        if local.is_dir():
+            if not (local / "bin" / "activate").is_file():
+                raise BootstrapError(f"serving environment {local} has no bin/activate")
+            return str(local.resolve())
         if not local.exists():
             raise BootstrapError(f"serving environment {local} does not exist")
-        return str(local.resolve())
-    key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
-    dest = instance.shared_dir / "env" / f"serve-{key}.tar.gz"
-    if not dest.is_file():
-        with file_lock(instance.shared_dir, "env-" + key):
-            if not dest.is_file():  # a peer may have finished meanwhile
-                download(source, dest, sha256=instance.env_sha256 or None)
-    return str(dest)
+        stat = local.stat()  # without a sha256, a rebuilt tarball is a new env (as for Triton)
+        identity = f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = instance.env_sha256[:16] or hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folder = instance.shared_dir / "env" / f"serve-{key}"
+    if (folder / ENV_READY_FILE).is_file():
+        return str(folder)
+    with file_lock(instance.shared_dir, "env-" + key):
+        if not (folder / ENV_READY_FILE).is_file():  # a peer may have finished meanwhile
+            _sweep(folder)
+            tarball = local or folder.with_name(folder.name + ".tar.gz")
+            if local is None:
+                download(source, tarball, sha256=instance.env_sha256 or None)
+            elif instance.env_sha256:
+                actual = _file_sha256(local)
+                if actual != instance.env_sha256:
+                    raise BootstrapError(
+                        f"{local}: sha256 is {actual}, expected {instance.env_sha256}"
+                    )
+            record = {"source": source, "sha256": instance.env_sha256}
+            unpack_env(tarball, folder, record)
+            if local is None:
+                tarball.unlink()  # the folder is what runs; the tarball would double the disk
+    return str(folder)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove what a killed start left of ``folder`` (its lock is held): a half-made folder,
+    its staging folders, a partial download."""
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    for leftover in folder.parent.glob(f".{folder.name}.*tmp-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack_env(tarball: Path, folder: Path, record: dict) -> None:
+    """Make ``folder`` the serving env in ``tarball`` (the caller holds its lock).
+
+    Extracted beside ``folder`` and renamed into place; then a conda-pack env's own
+    ``bin/conda-unpack`` runs in the final folder (it rewrites the build prefix to the folder
+    it sits in, so not in the staging one); ``ENV_READY_FILE`` is written last, and only a
+    folder that has it is used.
+    """
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _extract_env(tarball, staging)
+        if not (staging / "bin" / "activate").is_file():
+            # both Triton 2.51 and 2.61 refuse an EXECUTION_ENV_PATH without it
+            raise BootstrapError(f"serving environment {tarball} has no bin/activate")
+        os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _conda_unpack(folder)
+        (folder / ENV_READY_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _extract_env(tarball: Path, dest: Path) -> None:
+    import tarfile
+
+    dest.mkdir()
+    # "tar" filter where this Python has one (3.8.17+, 3.10.12+, 3.12): no setuid bits, nothing
+    # outside dest; links may point anywhere, which a venv needs (bin/python -> /usr/bin/...).
+    options = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+    try:
+        with tarfile.open(tarball, "r:*") as tar:
+            tar.extractall(dest, members=_env_members(tar, tarball), **options)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BootstrapError(f"cannot extract serving environment {tarball}: {exc}") from None
+
+
+def _env_members(tar, tarball: Path):
+    """The tarball's members, each checked before it is written: only files, folders and links,
+    all named inside the folder (no ``..``); nothing written at or below a link the tarball
+    made, so a link cannot carry a later member outside."""
+    links = set()
+
+    def inside(name: str) -> str:
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if name.startswith("/") or ".." in parts:
+            raise BootstrapError(f"serving environment {tarball}: {name!r} is outside it")
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+            raise BootstrapError(f"serving environment {tarball}: {name!r} is at or below a link")
+        return "/".join(parts)
+
+    for member in tar:
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise BootstrapError(f"serving environment {tarball}: {member.name!r} is no file")
+        name = inside(member.name)
+        if member.islnk():
+            inside(member.linkname)
+        if member.issym():
+            links.add(name)
+        yield member
+
+
+def _conda_unpack(folder: Path) -> None:
+    """Run a conda-pack env's ``bin/conda-unpack`` (a Python script) with the env's own Python.
+
+    conda-pack leaves the build prefix in text files (scripts, sysconfig data, .pc files);
+    conda-unpack rewrites it to where the env now is. Triton never runs it, neither does its
+    ``bin/activate`` (which Triton 25.09+ does not source either)."""
+    import subprocess
+
+    script = folder / "bin" / "conda-unpack"
+    if not script.is_file():
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in (str(folder / "bin"), env.get("PATH")) if p)
+    try:
+        result = subprocess.run(
+            [str(folder / "bin" / "python"), str(script)],
+            cwd=str(folder),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=CONDA_UNPACK_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BootstrapError(f"conda-unpack in {folder} did not run: {exc}") from None
+    if result.returncode != 0:
+        tail = result.stdout.decode("utf-8", "replace")[-1000:]
+        raise BootstrapError(f"conda-unpack in {folder} failed ({result.returncode}): {tail}")
 
 
 def lock_folder(shared_dir: Path) -> Path:

@@ -10,9 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import multiprocessing
 import os
+import shlex
+import shutil
+import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 
 import boto3
@@ -195,3 +201,163 @@ def test_an_env_tarball_cannot_write_outside_its_folder(tmp_path, kind):
     assert list(outside.iterdir()) == []
     assert not (tmp_path / "escaped").exists() and not (shared / "escaped").exists()
     assert os.listdir(shared / "env") == []
+
+
+# ---------------------------------------------------------------- started as Triton 25.09 does
+
+CHECK_SCRIPT = Path(__file__).resolve().parents[1] / "conda_envs" / "check_packed_env.py"
+
+# Triton 2.51 (here) starts the stub with `bash -c "source <env>/bin/activate && exec env
+# LD_LIBRARY_PATH=<env>/lib:$LD_LIBRARY_PATH <stub> ..."` (python_backend r24.10
+# src/stub_launcher.cc:362-375). 25.09 sources nothing: it sets VIRTUAL_ENV, PATH and
+# LD_LIBRARY_PATH itself and execs the stub (r25.09 stub_launcher.cc:405-470, pb_utils.cc:361-438).
+# This activate stands in for the env's own: it throws nothing of the env's activate in and sets
+# exactly what 25.09 sets, so the real 2.51 server and stub start the env as 25.09 would.
+ACTIVATE_LIKE_25_09 = """# stand-in: what python_backend 25.09 sets instead of sourcing bin/activate
+VIRTUAL_ENV={folder}
+export VIRTUAL_ENV
+export VIRTUAL_ENV_PROMPT="($VIRTUAL_ENV)"
+export PATH="$VIRTUAL_ENV/bin${{PATH+:$PATH}}"
+export LD_LIBRARY_PATH="$VIRTUAL_ENV/lib${{LD_LIBRARY_PATH+:$LD_LIBRARY_PATH}}"
+unset PYTHONHOME
+"""
+_SET_BY_25_09 = ("VIRTUAL_ENV", "VIRTUAL_ENV_PROMPT", "PATH", "LD_LIBRARY_PATH", "PYTHONHOME")
+
+
+@pytest.fixture(scope="module")
+def check_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_packed_env", CHECK_SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def activate_like_25_09(folder: Path) -> None:
+    activate = folder / "bin" / "activate"
+    activate.unlink(missing_ok=True)  # may be a hard link into the env it was copied from
+    activate.write_text(ACTIVATE_LIKE_25_09.format(folder=shlex.quote(str(folder))))
+
+
+def test_the_activate_stand_in_gives_the_stub_what_25_09_gives(tmp_path, check_script):
+    folder = tmp_path / "env"
+    (folder / "bin").mkdir(parents=True)
+    activate_like_25_09(folder)
+    server_env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": "/opt/triton/libs",
+                  "PYTHONHOME": "/somewhere", "OTHER": "kept"}  # fmt: skip
+    launch = (
+        f"source {folder}/bin/activate && exec env "
+        f"LD_LIBRARY_PATH={folder}/lib:$LD_LIBRARY_PATH env -0"
+    )  # 2.51's, stub -> env -0
+    out = subprocess.run(["bash", "-c", launch], env=server_env, capture_output=True, check=True)
+    seen = dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if item)
+    seen["LD_LIBRARY_PATH"] = seen["LD_LIBRARY_PATH"].split(":", 1)[1]  # the stub's own strip
+    for bash_own in ("_", "SHLVL", "PWD", "OLDPWD"):
+        seen.pop(bash_own, None)
+    assert seen == check_script.environ_like_25_09(str(folder), server_env)
+    assert seen["LD_LIBRARY_PATH"] == f"{folder}/lib:/opt/triton/libs" and "PYTHONHOME" not in seen
+
+
+def test_the_check_script_starts_envs_without_activate(tmp_path, check_script):
+    log = tmp_path / "unpacked.log"
+    tarball = conda_like_tarball(tmp_path / "build", log)
+    report = check_script.check(tarball, ("avatarforge.serving.bootstrap",), tmp_path / "work")
+    assert report["problems"] == []
+    assert report["prefix"] == report["env"]  # python3 on the 25.09 PATH is the env's
+    assert (Path(report["env"]) / "lib" / "prefix.txt").read_text() == report["env"]
+    # a conda activation hook would not run on 25.09+: the check says so
+    hooks = tmp_path / "build" / "thin-env" / "etc" / "conda" / "activate.d"
+    hooks.mkdir(parents=True)
+    (hooks / "libxml2_activate.sh").write_text("export XML_CATALOG_FILES=...\n")
+    hooked = write_reproducible_tar(hooks.parents[2], tmp_path / "hooked.tar.gz", ".",
+                                    allow_symlinks=True)  # fmt: skip
+    out = subprocess.run([sys.executable, str(CHECK_SCRIPT), str(hooked), "json"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode == 1 and "libxml2_activate.sh" in out.stdout
+
+
+PROBE_CONFIG = """name: "probe"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "X", data_type: TYPE_FP32, dims: [ 1 ] }} ]
+output [ {{ name: "Y", data_type: TYPE_FP32, dims: [ 1 ] }} ]
+parameters: {{ key: "EXECUTION_ENV_PATH", value: {{ string_value: "{env}" }} }}
+parameters: {{ key: "REPORT", value: {{ string_value: "{report}" }} }}
+"""
+PROBE_MODEL = """import importlib, json, os, sys
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = json.loads(args["model_config"])["parameters"]
+        modules = {{m: importlib.import_module(m).__file__ for m in {modules!r}}}
+        report = {{"prefix": sys.prefix, "modules": modules, "environ": dict(os.environ)}}
+        with open(params["REPORT"]["string_value"], "w") as f:
+            json.dump(report, f)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("Y", pb_utils.get_input_tensor_by_name(
+            r, "X").as_numpy())]) for r in requests]
+"""
+
+
+def start_like_25_09(folder: Path, tmp_path: Path, modules) -> tuple[dict, dict]:
+    """Load a python model in ``folder`` with the real tritonserver and stub, started as 25.09
+    starts it; returns what the model saw and the server's environment."""
+    from avatarforge.tritonserver.launch import tritonserver
+
+    activate_like_25_09(folder)
+    model = tmp_path / "repo" / "probe"
+    (model / "1").mkdir(parents=True)
+    report = tmp_path / "probe.json"
+    (model / "config.pbtxt").write_text(PROBE_CONFIG.format(env=folder, report=report))
+    (model / "1" / "model.py").write_text(PROBE_MODEL.format(modules=tuple(modules)))
+    # a PYTHONHOME the stub must not get (25.09 drops it): it would break the stub's Python
+    env = {"PYTHONHOME": "/nonexistent/python-home", "AVATARFORGE_PROBE": "passed through"}
+    with tritonserver([model.parent], load=["probe"], env=env,
+                      log_path=tmp_path / "triton.log") as server:  # fmt: skip
+        raw = Path(f"/proc/{server.process.pid}/environ").read_bytes()
+    server_env = dict(item.split("=", 1) for item in raw.decode().split("\0") if item)
+    return json.loads(report.read_text()), server_env
+
+
+def _assert_started_like_25_09(seen: dict, server_env: dict, folder: Path, check_script) -> None:
+    expected = check_script.environ_like_25_09(str(folder), server_env)
+    assert seen["prefix"] == str(folder)  # the stub's Python runs from the env
+    assert {k: seen["environ"].get(k) for k in _SET_BY_25_09} == {
+        k: expected.get(k) for k in _SET_BY_25_09
+    }
+    assert seen["environ"]["AVATARFORGE_PROBE"] == "passed through"
+
+
+@pytest.mark.integration
+def test_an_extracted_env_starts_without_activate(tmp_path, check_script):
+    """The thin env (this checkout's packages behind a venv), extracted by the bootstrap, loads
+    the shared base's imports in the real stub with only what 25.09 sets."""
+    tarball = thin_env_tarball(tmp_path / "build")
+    folder = Path(_ensure(tmp_path / "shared", str(tarball))).resolve()
+    seen, server_env = start_like_25_09(folder, tmp_path, check_script.SHARED_BASE_IMPORTS)
+    _assert_started_like_25_09(seen, server_env, folder, check_script)
+    assert set(seen["modules"]) == set(check_script.SHARED_BASE_IMPORTS)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_make_env_env_starts_without_activate(repo_root, tmp_path, check_script):
+    """The env `make env` builds (build/test-cache/envs/serve, built once by test_envs.py),
+    copied elsewhere (hard links) so its activate can be replaced: every shared-base import
+    comes from inside it."""
+    from avatarforge import envs
+
+    built = envs.build(envs.plan(repo_root))
+    folder = Path(tempfile.mkdtemp(prefix=".moved-", dir=built.parent)).resolve()
+    try:
+        subprocess.run(["cp", "-al", f"{built}/.", str(folder)], check=True)
+        seen, server_env = start_like_25_09(folder, tmp_path, check_script.SHARED_BASE_IMPORTS)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    _assert_started_like_25_09(seen, server_env, folder, check_script)
+    for module, path in seen["modules"].items():
+        assert path.startswith(f"{folder}/lib/python3.11/site-packages/"), module

@@ -1,4 +1,4 @@
-"""Check a packed serving env the way Triton 25.09 and later start it, without `activate`.
+"""Check a packed serving env the way Triton 25.08 and later start it, without `activate`.
 
 The env is extracted by the bootstrap's own code (once, conda-unpack run in place), then
 ``python3`` is started the way python_backend r25.09 starts the stub of a model whose
@@ -45,7 +45,8 @@ def environ_like_25_09(env_dir: str, environ: dict) -> dict:
     VIRTUAL_ENV and VIRTUAL_ENV_PROMPT, puts <env>/bin before PATH and <env>/lib before
     LD_LIBRARY_PATH, drops PYTHONHOME, and reads nothing from the activate script. Then
     PrepareEnvironment (pb_utils.cc:413-438) puts <env>/lib before LD_LIBRARY_PATH once more,
-    and the stub takes that first entry off again (src/pb_stub.cc:187-211).
+    and the stub takes that first entry off again (src/pb_stub.cc:187-211). The same from
+    r25.08, where it came in, to r25.12.
     """
     env = dict(environ)
     env["VIRTUAL_ENV"] = env_dir
@@ -87,7 +88,7 @@ def check(tarball: Path, modules=SHARED_BASE_IMPORTS, work_dir: Path | None = No
     hooks = sorted(p.name for p in Path(folder, "etc", "conda", "activate.d").glob("*"))
     if hooks:
         report["problems"].append(
-            f"activation hooks {hooks}: Triton 25.09+ does not source bin/activate, so they "
+            f"activation hooks {hooks}: Triton 25.08+ does not source bin/activate, so they "
             "would not run; set what they set some other way"
         )
     env = environ_like_25_09(folder, dict(os.environ))

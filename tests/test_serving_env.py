@@ -2,8 +2,9 @@
 
 Triton extracts a tarball EXECUTION_ENV_PATH again at every server start (python_backend
 pb_env.cc), so the bootstrap extracts it once per instance into the shared dir and hands
-Triton a folder. From 25.09 the python backend no longer sources the env's bin/activate; the
-tests here start the env the way 25.09 does, with the real tritonserver and stub.
+Triton a folder. From 25.08 (checked: r25.08 to r25.12; the issue says 25.09, our deploy
+default) the python backend no longer sources the env's bin/activate; the tests here start the
+env the way 25.09 does, with the real tritonserver and stub.
 """
 
 from __future__ import annotations
@@ -140,6 +141,18 @@ def test_what_a_killed_start_left_is_swept_and_made_again(tmp_path):
     assert _ensure(tmp_path / "shared", str(tarball), sha) == str(folder)
     assert (folder / "lib" / "prefix.txt").read_text() == str(folder)
     assert os.listdir(env_dir) == [folder.name]
+
+
+def test_a_download_whose_extraction_was_killed_is_not_fetched_again(tmp_path):
+    tarball = conda_like_tarball(tmp_path / "build", tmp_path / "unpacked.log")
+    sha = _sha256(tarball)
+    kept = tmp_path / "shared" / "env" / f"serve-{sha[:16]}.tar.gz"
+    kept.parent.mkdir(parents=True)
+    shutil.copy(tarball, kept)  # downloaded whole (and checked), then the start was killed
+    # no bucket, no credentials: a download would fail
+    folder = _ensure(tmp_path / "shared", "s3://no-such-bucket/serve-env.tar.gz", sha)
+    assert (Path(folder) / bootstrap.ENV_READY_FILE).is_file()
+    assert os.listdir(kept.parent) == [Path(folder).name]
 
 
 def test_a_tarball_with_the_wrong_sha256_is_refused(tmp_path):

@@ -18,8 +18,8 @@ avatarforge's own sources only reinstalls avatarforge (seconds).
 Relocating a venv (what a plain tarball of it needs, unlike a conda-pack one):
 
 - ``bin/activate`` hardcodes the venv's path; :func:`build` rewrites it to find its own folder,
-  so Triton up to 25.08, which sources it, gets the right ``PATH`` wherever the env is. From
-  25.09 Triton sources nothing and sets ``VIRTUAL_ENV``, ``PATH`` and ``LD_LIBRARY_PATH``
+  so Triton up to 25.07, which sources it, gets the right ``PATH`` wherever the env is. From
+  25.08 Triton sources nothing and sets ``VIRTUAL_ENV``, ``PATH`` and ``LD_LIBRARY_PATH``
   itself; the env needs nothing more: the stub's Python finds its prefix through the
   ``python3`` first on ``PATH`` (tests/test_serving_env.py starts it both ways);
 - ``bin/python*`` are symlinks to ``/usr/bin/python3.11`` and ``pyvenv.cfg`` says

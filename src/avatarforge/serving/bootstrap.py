@@ -142,21 +142,21 @@ def ensure_env(instance: Instance) -> str:
         stat = local.stat()  # without a sha256, a rebuilt tarball is a new env (as for Triton)
         identity = f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         key = instance.env_sha256[:16] or hashlib.sha256(identity.encode()).hexdigest()[:16]
-    folder = instance.shared_dir / "env" / f"serve-{key}"
+    folder = Path(os.path.abspath(instance.shared_dir / "env" / f"serve-{key}"))
     if (folder / ENV_READY_FILE).is_file():
         return str(folder)
     with file_lock(instance.shared_dir, "env-" + key):
         if not (folder / ENV_READY_FILE).is_file():  # a peer may have finished meanwhile
             _sweep(folder)
             tarball = local or folder.with_name(folder.name + ".tar.gz")
-            if local is None:
+            sha_ok = not instance.env_sha256 or (
+                tarball.is_file() and _file_sha256(tarball) == instance.env_sha256
+            )
+            if local is None and not (tarball.is_file() and sha_ok):
+                # (a tarball already here is a whole download whose extraction did not finish)
                 download(source, tarball, sha256=instance.env_sha256 or None)
-            elif instance.env_sha256:
-                actual = _file_sha256(local)
-                if actual != instance.env_sha256:
-                    raise BootstrapError(
-                        f"{local}: sha256 is {actual}, expected {instance.env_sha256}"
-                    )
+            elif not sha_ok:
+                raise BootstrapError(f"{local}: sha256 is not {instance.env_sha256}")
             record = {"source": source, "sha256": instance.env_sha256}
             unpack_env(tarball, folder, record)
             if local is None:
@@ -259,7 +259,7 @@ def _conda_unpack(folder: Path) -> None:
 
     conda-pack leaves the build prefix in text files (scripts, sysconfig data, .pc files);
     conda-unpack rewrites it to where the env now is. Triton never runs it, neither does its
-    ``bin/activate`` (which Triton 25.09+ does not source either)."""
+    ``bin/activate`` (which Triton 25.08+ does not source either)."""
     import subprocess
 
     script = folder / "bin" / "conda-unpack"

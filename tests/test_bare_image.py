@@ -189,20 +189,6 @@ def test_download_checks_the_hash_and_leaves_nothing_on_failure(s3_bucket, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["env.tar.gz"]  # no partial files
 
 
-def test_env_from_s3_is_fetched_once_per_instance(s3_bucket, tmp_path):
-    body = b"x" * 4096
-    boto3.client("s3").put_object(Bucket=s3_bucket, Key="shared/env.tar.gz", Body=body)
-    instance = bootstrap.Instance({
-        bootstrap.ENV_SHARED_DIR: str(tmp_path), bootstrap.ENV_ENV_SOURCE:
-        f"s3://{s3_bucket}/shared/env.tar.gz", bootstrap.ENV_ENV_SHA256:
-        hashlib.sha256(body).hexdigest(),
-    })  # fmt: skip
-    path = Path(bootstrap.ensure_env(instance))
-    assert path.read_bytes() == body and path.parent == tmp_path / "env"
-    boto3.client("s3").delete_object(Bucket=s3_bucket, Key="shared/env.tar.gz")
-    assert bootstrap.ensure_env(instance) == str(path)  # present: no second download
-
-
 # ---------------------------------------------------------------- a fresh instance, from S3
 
 
@@ -259,15 +245,16 @@ def test_fresh_instance_serves_a_user_from_s3_alone(
             assert image.size == (64, 64) and image.format == "JPEG"
             (image,) = images_from_response(loader.invoke("bob.tar.gz", request))
             assert image.size == (64, 64)
-            # what the first model fetched: the env tarball (sha256-named), the base weights
-            assert [p.name for p in (shared / "env").iterdir()] == [
-                f"serve-{instance[bootstrap.ENV_ENV_SHA256][:16]}.tar.gz"
-            ]
+            # what the first model fetched: the env, extracted once (sha256-named), the base
+            env_dir = shared / "env" / f"serve-{instance[bootstrap.ENV_ENV_SHA256][:16]}"
+            assert [p.name for p in (shared / "env").iterdir()] == [env_dir.name]
             assert (shared / "base" / tiny_base.content_hash[:16] / "model_index.json").is_file()
             # the user models ran under the bare Python, the shared base in the serving env
             stubs = {s.instance.rsplit("_", 2)[0]: s for s in stub_processes(server.pid)}
             base = stubs.pop(sd_base_name(tiny_base.content_hash))
             assert base.maps_library("libtorch")
+            # Triton was handed that folder: nothing extracted again into its temp dir
+            assert base.environ()["VIRTUAL_ENV"] == str(env_dir)
             assert len(stubs) == 2
             for stub in stubs.values():
                 assert not stub.maps_library("libtorch"), "a user model imported torch"

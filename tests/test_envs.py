@@ -116,6 +116,10 @@ def test_image_build_names_the_deployed_triton_tag_and_refuses_without_an_engine
     assert f"ARG TRITON_TAG={DeployConfig().triton_image_tag}" in dockerfile
     # the env's Python is the image's own python3, never a pinned guess
     assert "python3 -c" in dockerfile and "conda-pack" in dockerfile
+    # the packed env is checked as an instance uses it: the bootstrap extracts it, and it is
+    # started without bin/activate, as Triton 25.09+ starts it (check_packed_env.py)
+    assert "RUN python3 /tmp/check/check_packed_env.py /out/serve-env-py" in dockerfile
+    assert "src/avatarforge/serving/bootstrap.py conda_envs/check_packed_env.py" in dockerfile
     script = repo_root / "conda_envs" / "build_in_image.sh"
     env = {"PATH": "/usr/bin:/bin", "DOCKER_HOST": "unix:///nonexistent/docker.sock"}
     result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env)

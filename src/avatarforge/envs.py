@@ -18,12 +18,16 @@ avatarforge's own sources only reinstalls avatarforge (seconds).
 Relocating a venv (what a plain tarball of it needs, unlike a conda-pack one):
 
 - ``bin/activate`` hardcodes the venv's path; :func:`build` rewrites it to find its own folder,
-  so Triton, which sources it, gets the right ``PATH`` wherever the tarball is unpacked;
+  so Triton up to 25.07, which sources it, gets the right ``PATH`` wherever the env is. From
+  25.08 Triton sources nothing and sets ``VIRTUAL_ENV``, ``PATH`` and ``LD_LIBRARY_PATH``
+  itself; the env needs nothing more: the stub's Python finds its prefix through the
+  ``python3`` first on ``PATH`` (tests/test_serving_env.py starts it both ways);
 - ``bin/python*`` are symlinks to ``/usr/bin/python3.11`` and ``pyvenv.cfg`` says
   ``home = /usr/bin``: the target machine needs that same system Python 3.11 (and
   ``libpython3.11.so.1.0``, which the stub links anyway);
 - console scripts in ``bin/`` keep absolute ``#!`` lines (Triton never runs them);
-- the tarball keeps those symlinks, so it must be unpacked by Triton or ``tar``, not by
+- the tarball keeps those symlinks, so it is unpacked by the bootstrap (once per instance:
+  links allowed, nothing written through one) or ``tar``, not by
   :func:`avatarforge.safe_tar.safe_extract`, which refuses links.
 
 ``venv-pack`` (PyPI), when installed, is used to pack instead; it solves the same issues.

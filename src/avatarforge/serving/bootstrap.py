@@ -8,10 +8,11 @@ start, and nothing more, so a resident user model stays a ~20 MB process:
 
 1. read the instance's settings from the environment (never from a packaged config: a
    tarball cannot redirect where the instance keeps or fetches its shared files);
-2. make the serving environment present: a local folder or tarball is used where it is; an
-   ``s3://`` tarball is downloaded once per instance (SigV4-signed GET with the instance's
-   credentials, sha256 checked, written under a temporary name and renamed, one download at a
-   time behind a file lock) — and refused when it was built for another Python than this stub's;
+2. make the serving environment present: a local folder is used where it is; a tarball (a
+   path, or ``s3://``: a SigV4-signed GET with the instance's credentials, sha256 checked) is
+   extracted once per instance into the shared dir (beside, renamed into place, one at a time
+   behind a file lock), so Triton gets a folder — and it is refused when it was built for
+   another Python than this stub's;
 3. start the one shared base model (``pb_utils.load_model``) in that environment unless it is
    running; the shared base fetches and checks the base weights itself, with the full library.
 
@@ -108,31 +109,178 @@ def check_env_python(env_python: str, source: str) -> None:
         )
 
 
+# Written last into an extracted serving env: the folder is complete (and how it was made).
+ENV_READY_FILE = ".avatarforge-env.json"
+CONDA_UNPACK_TIMEOUT_S = 600.0
+
+
 def ensure_env(instance: Instance) -> str:
     """The EXECUTION_ENV_PATH of the shared base ("" when none is configured: inherit).
 
-    A local folder (with ``bin/activate``) or tarball is used where it is; an ``s3://`` tarball
-    is downloaded once to ``<shared_dir>/env/`` (Triton unpacks it itself).
+    Triton is always handed a folder. A local folder (with ``bin/activate``) is used where it
+    is. A tarball — a local path, or ``s3://`` (downloaded once, sha256 checked) — is extracted
+    once per instance to ``<shared_dir>/env/serve-<key>/``: given the tarball, Triton would
+    extract it again at every server start, into a temp folder of its own (python_backend
+    pb_env.cc), which is minutes for a multi-GB CUDA env.
     """
     source = instance.env_source
     if not source:
         return ""
     check_env_python(instance.env_python, source)
-    if not source.startswith("s3://"):
+    local = None
+    if source.startswith("s3://"):
+        key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
+    else:
         local = Path(source[len("file://") :] if source.startswith("file://") else source)
         local = local.expanduser()
-        if local.is_dir() and not (local / "bin" / "activate").is_file():
-            raise BootstrapError(f"serving environment {local} has no bin/activate")
+        if local.is_dir():
+            if not (local / "bin" / "activate").is_file():
+                raise BootstrapError(f"serving environment {local} has no bin/activate")
+            return str(local.resolve())
         if not local.exists():
             raise BootstrapError(f"serving environment {local} does not exist")
-        return str(local.resolve())
-    key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
-    dest = instance.shared_dir / "env" / f"serve-{key}.tar.gz"
-    if not dest.is_file():
-        with file_lock(instance.shared_dir, "env-" + key):
-            if not dest.is_file():  # a peer may have finished meanwhile
-                download(source, dest, sha256=instance.env_sha256 or None)
-    return str(dest)
+        stat = local.stat()  # without a sha256, a rebuilt tarball is a new env (as for Triton)
+        identity = f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = instance.env_sha256[:16] or hashlib.sha256(identity.encode()).hexdigest()[:16]
+    folder = Path(os.path.abspath(instance.shared_dir / "env" / f"serve-{key}"))
+    if (folder / ENV_READY_FILE).is_file():
+        return str(folder)
+    with file_lock(instance.shared_dir, "env-" + key):
+        if not (folder / ENV_READY_FILE).is_file():  # a peer may have finished meanwhile
+            _sweep(folder)
+            tarball = local or folder.with_name(folder.name + ".tar.gz")
+            sha_ok = not instance.env_sha256 or (
+                tarball.is_file() and _file_sha256(tarball) == instance.env_sha256
+            )
+            if local is None and not (tarball.is_file() and sha_ok):
+                # (a tarball already here is a whole download whose extraction did not finish)
+                download(source, tarball, sha256=instance.env_sha256 or None)
+            elif not sha_ok:
+                raise BootstrapError(f"{local}: sha256 is not {instance.env_sha256}")
+            record = {"source": source, "sha256": instance.env_sha256}
+            unpack_env(tarball, folder, record)
+            if local is None:
+                tarball.unlink()  # the folder is what runs; the tarball would double the disk
+    return str(folder)
+
+
+def _sweep(folder: Path) -> None:
+    """Remove what a killed start left of ``folder`` (its lock is held): a half-made folder,
+    its staging folders, a partial download."""
+    import shutil
+
+    if folder.exists():
+        shutil.rmtree(folder)
+    for leftover in folder.parent.glob(f".{folder.name}.*tmp-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def unpack_env(tarball: Path, folder: Path, record: dict) -> None:
+    """Make ``folder`` the serving env in ``tarball`` (the caller holds its lock).
+
+    Extracted beside ``folder`` and renamed into place; then a conda-pack env's own
+    ``bin/conda-unpack`` runs in the final folder (it rewrites the build prefix to the folder
+    it sits in, so not in the staging one); ``ENV_READY_FILE`` is written last, and only a
+    folder that has it is used.
+    """
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = folder.with_name(f".{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        _extract_env(tarball, staging)
+        if not (staging / "bin" / "activate").is_file():
+            # both Triton 2.51 and 2.61 refuse an EXECUTION_ENV_PATH without it
+            raise BootstrapError(f"serving environment {tarball} has no bin/activate")
+        os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        _conda_unpack(folder)
+        (folder / ENV_READY_FILE).write_text(json.dumps(record, sort_keys=True) + "\n")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _extract_env(tarball: Path, dest: Path) -> None:
+    import tarfile
+
+    dest.mkdir()
+    # "tar" filter where this Python has one (3.8.17+, 3.10.12+, 3.12): no setuid bits, nothing
+    # outside dest; links may point anywhere, which a venv needs (bin/python -> /usr/bin/...).
+    options = {"filter": "tar"} if hasattr(tarfile, "tar_filter") else {}
+    try:
+        with tarfile.open(tarball, "r:*") as tar:
+            tar.extractall(dest, members=_env_members(tar, tarball), **options)
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise BootstrapError(f"cannot extract serving environment {tarball}: {exc}") from None
+
+
+def _env_members(tar, tarball: Path):
+    """The tarball's members, each checked before it is written: only files, folders and links,
+    all named inside the folder (no ``..``); nothing written at or below a link the tarball
+    made, so a link cannot carry a later member outside."""
+    links = set()
+
+    def inside(name: str) -> str:
+        parts = [p for p in name.split("/") if p not in ("", ".")]
+        if name.startswith("/") or ".." in parts:
+            raise BootstrapError(f"serving environment {tarball}: {name!r} is outside it")
+        if any("/".join(parts[:i]) in links for i in range(1, len(parts) + 1)):
+            raise BootstrapError(f"serving environment {tarball}: {name!r} is at or below a link")
+        return "/".join(parts)
+
+    for member in tar:
+        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
+            raise BootstrapError(f"serving environment {tarball}: {member.name!r} is no file")
+        name = inside(member.name)
+        if member.islnk():
+            inside(member.linkname)
+        if member.issym():
+            links.add(name)
+        yield member
+
+
+def _conda_unpack(folder: Path) -> None:
+    """Run a conda-pack env's ``bin/conda-unpack`` (a Python script) with the env's own Python.
+
+    conda-pack leaves the build prefix in text files (scripts, sysconfig data, .pc files);
+    conda-unpack rewrites it to where the env now is. Triton never runs it, neither does its
+    ``bin/activate`` (which Triton 25.08+ does not source either)."""
+    import subprocess
+
+    script = folder / "bin" / "conda-unpack"
+    if not script.is_file():
+        return
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONHOME", "PYTHONPATH")}
+    env["PATH"] = os.pathsep.join(p for p in (str(folder / "bin"), env.get("PATH")) if p)
+    try:
+        result = subprocess.run(
+            [str(folder / "bin" / "python"), str(script)],
+            cwd=str(folder),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            timeout=CONDA_UNPACK_TIMEOUT_S,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BootstrapError(f"conda-unpack in {folder} did not run: {exc}") from None
+    if result.returncode != 0:
+        tail = result.stdout.decode("utf-8", "replace")[-1000:]
+        raise BootstrapError(f"conda-unpack in {folder} failed ({result.returncode}): {tail}")
 
 
 def lock_folder(shared_dir: Path) -> Path:
@@ -362,32 +510,47 @@ def model_params(model_config_json: str) -> dict:
 
 # ---------------------------------------------------------------- S3 without boto3
 
+# A whole download, retries included; below LOCK_TIMEOUT_S, so a model waiting for a peer's
+# download hears of its failure instead of timing out on the lock.
+DOWNLOAD_DEADLINE_S = 1200.0
+_READ_TIMEOUT_S = 60.0
 
-def download(uri: str, dest: Path, sha256: str | None = None, retries: int = 4) -> Path:
+
+def download(
+    uri: str,
+    dest: Path,
+    sha256: str | None = None,
+    retries: int = 4,
+    deadline_s: float = DOWNLOAD_DEADLINE_S,
+) -> Path:
     """Download ``s3://bucket/key`` to ``dest`` atomically; checks ``sha256`` when given.
 
     Signed with SigV4 and the instance's credentials (environment, container credentials, or
-    the instance metadata service: the order boto3 uses). Server errors and broken connections
-    are retried with exponential backoff; a missing object or a refused request is not.
+    the instance metadata service: the order boto3 uses). Server errors, broken connections and
+    bodies shorter than their Content-Length are retried with exponential backoff; a missing
+    object, a refused request or a redirect is not. Everything, retries included, ends by
+    ``deadline_s``.
     """
+    import http.client
     import urllib.error
 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    deadline = time.monotonic() + deadline_s
     delay = 1.0
     try:
         for attempt in range(retries + 1):
             try:
-                actual = _get_to_file(uri, tmp)
+                actual = _get_to_file(uri, tmp, deadline, deadline_s)
                 break
             except urllib.error.HTTPError as exc:
                 if exc.code < 500 or attempt == retries:
                     raise BootstrapError(_http_failure(uri, exc)) from None
-            except (urllib.error.URLError, OSError) as exc:
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 if attempt == retries:
                     raise BootstrapError(f"cannot download {uri}: {exc}") from None
-            time.sleep(delay)
+            time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
             delay *= 2
         if sha256 and actual != sha256.lower():
             raise BootstrapError(f"{uri}: sha256 is {actual}, expected {sha256.lower()}")
@@ -403,23 +566,59 @@ def _http_failure(uri: str, exc) -> str:
     with contextlib.suppress(Exception):
         detail = exc.read(2000).decode("utf-8", "replace")
     reason = {403: "access denied (check the instance role's s3:GetObject)", 404: "no such object"}
+    if exc.code in (301, 307):  # S3 names the bucket's region; we never re-send the signed GET
+        where = exc.headers.get("x-amz-bucket-region") if exc.headers else None
+        fix = f"set AWS_REGION={where}" if where else "set AWS_REGION to the bucket's region"
+        reason[exc.code] = f"the bucket is in another region: {fix} (redirect not followed)"
     detail = " ".join(detail.split())[:300]
     return f"cannot download {uri}: HTTP {exc.code}, {reason.get(exc.code, '')} {detail}"
 
 
-def _get_to_file(uri: str, path: Path) -> str:
+def _opener():
+    """urllib without redirects: a 3xx is an HTTPError. urllib would re-send every header,
+    Authorization and the session token included, to whatever host the Location names."""
     import urllib.request
 
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            return None
+
+    return urllib.request.build_opener(NoRedirect)
+
+
+def _get_to_file(uri: str, path: Path, deadline: float, deadline_s: float) -> str:
+    import urllib.request
+
+    def check_deadline():
+        if time.monotonic() > deadline:
+            raise BootstrapError(f"cannot download {uri}: not done after {deadline_s:.0f} s")
+
+    check_deadline()
     url, headers = signed_get(uri, credentials(), region())
     digest = hashlib.sha256()
     request = urllib.request.Request(url, headers=headers, method="GET")
-    with urllib.request.urlopen(request, timeout=60) as response, open(path, "wb") as out:
+    # The timeout bounds each wait for bytes; the deadline, checked after every read, bounds
+    # the whole: a server that sends a byte now and then never trips a per-read timeout.
+    timeout = max(0.1, min(_READ_TIMEOUT_S, deadline - time.monotonic()))
+    received = 0
+    with _opener().open(request, timeout=timeout) as response, open(path, "wb") as out:
+        length = response.headers.get("Content-Length")
+        read = getattr(response, "read1", response.read)  # read1: what one recv brings
         while True:
-            chunk = response.read(_CHUNK)
+            try:
+                chunk = read(_CHUNK)
+            except OSError:
+                check_deadline()
+                raise
+            check_deadline()
             if not chunk:
                 break
+            received += len(chunk)
             digest.update(chunk)
             out.write(chunk)
+    # urllib reports a body cut short as a normal end: only the length can tell
+    if length is None or not length.isdigit() or received != int(length):
+        raise OSError(f"connection closed after {received} of {length or '?'} bytes")
     return digest.hexdigest()
 
 
@@ -508,7 +707,7 @@ def _http_json(url: str, headers: dict | None = None, method: str = "GET", timeo
     import urllib.request
 
     request = urllib.request.Request(url, headers=headers or {}, method=method)
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _opener().open(request, timeout=timeout) as response:  # the token stays with its host
         body = response.read().decode()
     return json.loads(body) if body.lstrip().startswith("{") else body
 

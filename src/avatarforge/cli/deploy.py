@@ -115,6 +115,14 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
         if "built_from" in image:
             line += f"  (FROM {image['built_from']})"
         out.print(line, soft_wrap=True)
+    if ami := facts.get("inference_ami"):
+        out.print(f"instances: InferenceAmiVersion {ami}", soft_wrap=True)
+    if triton := facts.get("triton"):
+        out.print(
+            f"tritonserver: /ping mode {triton['ping_mode']} (user models repair a dead shared "
+            f"base; 'ready' would fail the instance), --log-verbose={triton['log_verbose']}",
+            soft_wrap=True,
+        )
     if cost := facts.get("cost"):
         price = cost["usd_per_instance_hour"]
         if price is None:
@@ -129,8 +137,9 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
             )
     if "invocation_timeout_s" in facts:
         out.print(
-            f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation (sent by "
-            f"the client), service deadline {facts['service_deadline_s']} s",
+            f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation, expire "
+            f"after {facts['request_ttl_s']} s in the queue (both sent by the client), service "
+            f"deadline {facts['service_deadline_s']} s",
             soft_wrap=True,
         )
     for note in plan.notes:

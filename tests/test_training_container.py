@@ -266,15 +266,28 @@ def test_make_training_image_builds_the_wheel_and_says_why_it_stops(tmp_path: Pa
     engine_runs = subprocess.run(["docker", "info"], capture_output=True).returncode == 0
     if engine_runs:
         pytest.skip("a Docker engine runs here: building the image is not a test")
+    config = tmp_path / "deploy.json"
+    config.write_text(json.dumps({"region": "eu-west-1"}))
     done = subprocess.run(
         ["bash", str(CONTAINER / "build.sh")],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin:/usr/local/bin", "AVATARFORGE_BUILD": str(tmp_path)},
+        env={
+            "PATH": "/usr/bin:/bin:/usr/local/bin",
+            "AVATARFORGE_BUILD": str(tmp_path),
+            "CONFIG": str(config),
+        },
         timeout=300,
     )
     assert done.returncode == 2, done.stdout + done.stderr
     assert "no Docker engine runs on this machine" in done.stderr
+    # the deployment region's LMI image, as the sagemaker SDK lists it, and how to log in
+    registry = "763104351884.dkr.ecr.eu-west-1.amazonaws.com"
+    assert f"FROM {registry}/djl-inference:0.36.0-lmi27.0.0-cu130" in done.stdout
+    assert (
+        "aws ecr get-login-password --region eu-west-1 | docker login --username AWS "
+        f"--password-stdin {registry}"
+    ) in done.stderr
     context = tmp_path / "training-image"
     (wheel,) = (context / "wheels").glob("avatarforge-*.whl")
     assert {p.name for p in context.iterdir()} == {
@@ -288,3 +301,45 @@ def test_make_training_image_builds_the_wheel_and_says_why_it_stops(tmp_path: Pa
     with zipfile.ZipFile(wheel) as whl:
         names = whl.namelist()
     assert "avatarforge/jobs/handler.py" in names and "avatarforge/jobs/run.py" in names
+
+
+def test_make_training_image_builds_from_the_regions_lmi_and_says_how_to_log_in(
+    tmp_path: Path,
+) -> None:
+    """With an engine (a stand-in docker CLI here: `info` works, `build` cannot pull the base),
+    the build gets the region's LMI image and a failure ends with the registry's login."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(
+        "#!/bin/sh\n"
+        'case "$1" in\n'
+        "  info) exit 0 ;;\n"
+        f'  build) echo "$@" > {tmp_path}/build-args\n'
+        '    echo "ERROR: failed to solve: unexpected status 401 Unauthorized" >&2; exit 1 ;;\n'
+        "esac\n"
+    )
+    (bin_dir / "docker").chmod(0o755)
+    config = tmp_path / "deploy.json"
+    config.write_text(json.dumps({"region": "ap-southeast-5"}))  # a registry of its own
+    done = subprocess.run(
+        ["bash", str(CONTAINER / "build.sh")],
+        capture_output=True,
+        text=True,
+        env={
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "AVATARFORGE_BUILD": str(tmp_path),
+            "CONFIG": str(config),
+            "IMAGE": "af-training:test",
+        },
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    args = (tmp_path / "build-args").read_text().split()
+    registry = "550225433462.dkr.ecr.ap-southeast-5.amazonaws.com"
+    assert f"LMI_REPOSITORY={registry}/djl-inference" in args
+    assert "LMI_TAG=0.36.0-lmi27.0.0-cu130" in args and "af-training:test" in args
+    assert "401 Unauthorized" in done.stderr  # docker's own error first
+    assert (
+        f"aws ecr get-login-password --region ap-southeast-5 | docker login --username AWS "
+        f"--password-stdin {registry}"
+    ) in done.stderr

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -85,3 +87,39 @@ def test_the_serve_script_alone_leaves_tritonserver_on_ready(
     assert "SAGEMAKER_TRITON_PING_MODE" not in started["env"]  # -> tritonserver's "ready"
     assert "--log-verbose=true" in started["args"]  # the script's default
     assert os.environ.get("SAGEMAKER_TRITON_PING_MODE") is None  # not from this test's process
+
+
+def _status(url: str, body: dict | None = None) -> int:
+    request = urllib.request.Request(
+        url,
+        json.dumps(body).encode() if body is not None else None,
+        {"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+@pytest.mark.integration
+def test_with_the_default_ready_one_users_failed_load_fails_the_instances_ping(
+    deploy_config, mme_source: Path, tmp_path: Path
+) -> None:
+    """The real tritonserver behind its SageMaker front end: under "ready" (what the serve
+    script leaves it on) a single user model whose load fails turns /ping to 400 for the whole
+    instance; under the model environment's "live" /ping stays 200."""
+    from avatarforge.safe_tar import safe_extract
+    from avatarforge.tritonserver.sagemaker import sagemaker_triton
+
+    folder = tmp_path / "opt-ml-models" / "broken-hash" / "model"
+    safe_extract(mme_source / "broken.tar.gz", folder)  # its initialize() raises
+    ours = model_environment(deploy_config)["SAGEMAKER_TRITON_PING_MODE"]
+    pings = {}
+    for mode, env in (("unset", {}), (ours, {"SAGEMAKER_TRITON_PING_MODE": ours})):
+        with sagemaker_triton(tmp_path / f"server-{mode}", extra_env=env) as server:
+            assert _status(f"{server.sagemaker_url}/ping") == 200
+            load = {"model_name": "broken", "url": str(folder)}
+            assert _status(f"{server.sagemaker_url}/models", load) == 400  # the load fails
+            pings[mode] = _status(f"{server.sagemaker_url}/ping")
+    assert pings == {"unset": 400, "live": 200}

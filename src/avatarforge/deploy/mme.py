@@ -39,9 +39,10 @@ MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
 #   mode but does not export it, so "ready" applies, unless the variable comes from the
 #   container's environment (bash keeps an inherited variable exported when it is reassigned).
 #   "ready" is strict readiness: every model READY and, in cores from 2025-12 on, every python
-#   stub alive; a dead shared base would fail the instance's /ping, and SageMaker takes the
-#   instance out and may replace it, with every user loaded on it. Our user models repair a dead
-#   shared base themselves, so "live" (the server runs) is the health that matches. The
+#   stub alive; a dead shared base, or one user's failed load (2.51 too), fails the instance's
+#   /ping, and SageMaker takes the instance out and may replace it, with every user on it.
+#   Our user models repair a dead shared base themselves, so "live" (the server runs) is the
+#   health that matches. The
 #   override is the script's own knob, set too so that its single-model default cannot win.
 # - --log-verbose: the script passes true unless told: lines per request in CloudWatch (paid per
 #   GB ingested), naming the user's model, and load and request errors that may echo inputs.

@@ -42,8 +42,8 @@ MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
 #   stub alive; a dead shared base, or one user's failed load (2.51 too), fails the instance's
 #   /ping, and SageMaker takes the instance out and may replace it, with every user on it.
 #   Our user models repair a dead shared base themselves, so "live" (the server runs) is the
-#   health that matches. The
-#   override is the script's own knob, set too so that its single-model default cannot win.
+#   health that matches. The override is the script's own knob, set too so that its
+#   single-model default cannot win.
 # - --log-verbose: the script passes true unless told: lines per request in CloudWatch (paid per
 #   GB ingested), naming the user's model, and load and request errors that may echo inputs.
 #   0 keeps INFO, WARNING and ERROR.

@@ -352,3 +352,15 @@ def test_real_run_without_credentials_is_a_clear_error(no_aws, monkeypatch):
 def test_deploy_commands_explain_themselves(command):
     result = runner.invoke(app, ["deploy", command, "--help"])
     assert result.exit_code == 0 and "--dry-run" in result.output and "--config" in result.output
+
+
+def test_deploy_images_prints_the_sdks_uris_or_why_not(no_aws):
+    result = runner.invoke(app, ["deploy", "images", "--region", "il-central-1"])
+    assert result.exit_code == 0, result.output
+    registry = "780543022126.dkr.ecr.il-central-1.amazonaws.com"
+    assert result.stdout.splitlines() == [
+        f"triton {registry}/sagemaker-tritonserver:25.09-py3",
+        f"lmi {registry}/djl-inference:0.36.0-lmi27.0.0-cu130",
+    ]
+    result = runner.invoke(app, ["deploy", "images", "--lmi-image-tag", "0.37.0-lmi1-cu130"])
+    assert result.exit_code == 1 and "Unsupported djl-lmi version: 0.37.0" in result.output

@@ -102,5 +102,5 @@ deploy-training: $(STAMP)  ## the async training endpoint (LMI) with SNS topics 
 destroy: $(STAMP)  ## remove exactly what deploy made (tagged), nothing else (DELETE_DATA=1: its S3 data too)
 	$(AF) deploy destroy $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) $(if $(DELETE_DATA),--delete-data)
 
-training-image: $(STAMP)  ## build the LMI training image with docker (where an engine runs)
-	bash training_container/build.sh
+training-image: $(STAMP)  ## build the LMI training image with docker where an engine runs (CONFIG=deploy.json: its region's LMI)
+	$(if $(CONFIG),CONFIG=$(CONFIG)) bash training_container/build.sh

@@ -3,6 +3,7 @@ what they print, the files they write and their exit codes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from pathlib import Path
@@ -13,6 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from avatarforge.cli import app
+from avatarforge.cloud.client import submit
 
 pytestmark = pytest.mark.integration
 runner = CliRunner()
@@ -137,3 +139,29 @@ def test_generate_endpoint_saves_the_servers_jpegs_and_never_overwrites(
     assert result.exit_code == 1 and "submit a training job first" in result.output
     result = runner.invoke(app, [*args, "--prompt", "x", "--gen-args", '{"steps": 0}'])
     assert result.exit_code == 1 and "gen_args.steps" in result.output
+
+
+def test_submit_sends_the_deployments_invocation_timeout_and_queue_ttl(
+    cloud_config, start_runtime
+) -> None:
+    """RequestTTLSeconds is per request: unless the client sends it, a job may wait 6 h in the
+    queue (SageMaker's default) before anyone hears that it could not start."""
+    import boto3
+
+    start_runtime(succeed)
+    session = boto3.session.Session()
+    sent: list[dict[str, str]] = []
+
+    def record(request, **_) -> None:  # botocore's hook: sees the request as it leaves
+        sent.append(
+            {k: v.decode() if isinstance(v, bytes) else v for k, v in request.headers.items()}
+        )
+
+    session.events.register("before-send.sagemaker-runtime.InvokeEndpointAsync", record)
+    submit(
+        cloud_config, "tia", f"s3://{cloud_config.bucket}/up/tia/", job_id="tia-1", session=session
+    )
+    shorter = dataclasses.replace(cloud_config, training_request_ttl_s=900)
+    submit(shorter, "tia", f"s3://{cloud_config.bucket}/up/tia/", job_id="tia-2", session=session)
+    assert [h.get("X-Amzn-SageMaker-RequestTTLSeconds") for h in sent] == ["7200", "900"]
+    assert {h["X-Amzn-SageMaker-InvocationTimeoutSeconds"] for h in sent} == {"3600"}

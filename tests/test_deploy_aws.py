@@ -77,6 +77,8 @@ def test_mme_deploy_creates_everything_then_is_a_no_op_then_updates_in_place(
     (variant,) = ec["ProductionVariants"]
     assert variant["InstanceType"] == "ml.g5.2xlarge"  # the product default, not a moto type
     assert variant["InitialInstanceCount"] == 1
+    # NVIDIA driver 580 / CUDA 13.0: the serving env's CUDA 13 torch needs it (moto keeps it)
+    assert variant["InferenceAmiVersion"] == "al2023-ami-sagemaker-inference-gpu-4-1"
     model = sm.describe_model(ModelName=variant["ModelName"])
     container = model["PrimaryContainer"]
     assert container["Mode"] == "MultiModel"
@@ -92,6 +94,8 @@ def test_mme_deploy_creates_everything_then_is_a_no_op_then_updates_in_place(
     assert env[bootstrap.ENV_ENV_PYTHON] == "3.12"
     assert env[bootstrap.ENV_SHARED_DIR] == cfg.shared_dir
     assert env["AWS_DEFAULT_REGION"] == "us-east-1"
+    assert env["SAGEMAKER_TRITON_PING_MODE"] == "live"  # see test_deploy_serve_script.py
+    assert env["SAGEMAKER_TRITON_LOG_VERBOSE"] == "0"
     assert model["ExecutionRoleArn"] == cfg.role_arn
     for arn in (endpoint["EndpointArn"], ec["EndpointConfigArn"], model["ModelArn"]):
         assert tags_of(sm, arn) == {"avatarforge:deployment": "avatarforge"}
@@ -174,6 +178,7 @@ def test_training_deploy_async_endpoint_scales_to_zero(deploy_aws, deploy_config
     }
     (variant,) = ec["ProductionVariants"]
     assert variant["InstanceType"] == "ml.g5.2xlarge"
+    assert variant["InferenceAmiVersion"] == "al2023-ami-sagemaker-inference-gpu-4-1"  # cu130
     model = sm.describe_model(ModelName=variant["ModelName"])
     assert model["PrimaryContainer"]["Image"] == TRAINING_IMAGE
     env = model["PrimaryContainer"]["Environment"]

@@ -39,13 +39,21 @@ runner = CliRunner()
 # ---------------------------------------------------------------- images
 
 
-def test_triton_image_and_its_stub_python():
+def test_image_uris_come_from_the_sagemaker_sdk():
     assert triton_image_uri("us-east-1", "25.09-py3") == (
         "763104351884.dkr.ecr.us-east-1.amazonaws.com/sagemaker-tritonserver:25.09-py3"
     )
     assert triton_image_uri("af-south-1", "24.09-py3").startswith(
         "626614931356.dkr.ecr.af-south-1.amazonaws.com/"
     )
+    # regions our old table refused, published with registries of their own
+    assert triton_image_uri("mx-central-1", "25.09-py3") == (
+        "637423239942.dkr.ecr.mx-central-1.amazonaws.com/sagemaker-tritonserver:25.09-py3"
+    )
+    assert lmi_image_uri("ap-southeast-5", "0.36.0-lmi27.0.0-cu130").startswith(
+        "550225433462.dkr.ecr.ap-southeast-5.amazonaws.com/djl-inference:"
+    )
+    assert triton_image_uri("us-east-1", "25.09-py3", "ml.m5.xlarge").endswith(":25.09-py3-cpu")
     assert triton_python("24.09-py3") == "3.10"  # Ubuntu 22.04 images
     assert triton_python("25.09-py3") == "3.12"  # 24.11 and later: Ubuntu 24.04
     assert lmi_image_uri("eu-west-1", "0.36.0-lmi27.0.0-cu130") == (
@@ -53,15 +61,47 @@ def test_triton_image_and_its_stub_python():
     )
 
 
-def test_unknown_tag_region_or_image_uri_is_a_config_error_naming_the_field():
-    with pytest.raises(ConfigError, match=r"deploy\.triton_image_tag: '22\.12-py3'"):
-        DeployConfig(triton_image_tag="22.12-py3")
-    with pytest.raises(ConfigError, match=r"deploy\.region: .*'mars-1'"):
+def test_a_tag_that_is_not_published_in_a_region_is_refused_naming_both():
+    # 24.09 exists, but not in eu-central-2 (our old table said it did)
+    with pytest.raises(ConfigError, match=r"triton_image_tag '24\.09-py3' in deploy\.region "
+                       r"'eu-central-2': Unsupported region: eu-central-2"):  # fmt: skip
+        triton_image_uri("eu-central-2", "24.09-py3")
+    with pytest.raises(ConfigError, match=r"Unsupported sagemaker-tritonserver version: 22\.12"):
+        plan_mme(DeployConfig(triton_image_tag="22.12-py3"), MMEAssets(None, None, "no env"))
+    with pytest.raises(ConfigError, match=r"deploy\.region 'mars-1': Unsupported region: mars-1"):
         triton_image_uri("mars-1", "25.09-py3")
+    with pytest.raises(ConfigError, match=r"is '0\.36\.0-lmi27\.0\.0-cu130', not '0\.36\.0-x'"):
+        lmi_image_uri("us-east-1", "0.36.0-x")
+
+
+def test_unknown_tag_shape_region_or_image_uri_is_a_config_error_naming_the_field():
+    with pytest.raises(ConfigError, match=r"deploy\.triton_image_tag: '25\.9' is not"):
+        DeployConfig(triton_image_tag="25.9")
+    with pytest.raises(ConfigError, match=r"deploy\.region: 'cn-north-1' is in the China"):
+        DeployConfig(region="cn-north-1")
     with pytest.raises(ConfigError, match=r"deploy\.training_image_uri: not an ECR image URI"):
         DeployConfig(training_image_uri="docker.io/me/training:1")
     with pytest.raises(ConfigError, match=r"deploy\.training_timeout_s: must be >= 180"):
         DeployConfig(training_timeout_s=120)  # would leave the service no time to finish
+    with pytest.raises(ConfigError, match=r"deploy\.training_request_ttl_s: must be <= 21600"):
+        DeployConfig(training_request_ttl_s=86400)  # the API's maximum is 6 h
+
+
+def test_both_endpoints_run_on_the_ami_with_the_driver_their_cuda_13_needs(deploy_config):
+    from avatarforge.deploy.images import inference_ami_versions
+
+    assets = _assets(deploy_config)
+    for plan in (plan_mme(deploy_config, assets), plan_training(deploy_config, assets.base)):
+        (config,) = [r for r in plan.resources if r.kind == "endpoint_config"]
+        (variant,) = config.attrs["ProductionVariants"]
+        assert variant["InferenceAmiVersion"] == "al2023-ami-sagemaker-inference-gpu-4-1"
+        assert variant["InferenceAmiVersion"] in inference_ami_versions()  # botocore's enum
+        assert plan.facts["inference_ami"] == "al2023-ami-sagemaker-inference-gpu-4-1"
+    default = plan_mme(dataclasses.replace(deploy_config, inference_ami_version=""), assets)
+    (config,) = [r for r in default.resources if r.kind == "endpoint_config"]
+    assert "InferenceAmiVersion" not in config.attrs["ProductionVariants"][0]
+    with pytest.raises(ConfigError, match=r"inference_ami_version: 'al2-gpu-9' .*gpu-4-1"):
+        plan_mme(dataclasses.replace(deploy_config, inference_ami_version="al2-gpu-9"), assets)
 
 
 # ---------------------------------------------------------------- serving env tarball
@@ -250,6 +290,7 @@ def test_dry_run_prints_a_complete_plan_with_no_aws_account(no_aws, deploy_confi
     assert {r["action"] for r in plan["resources"]} == {"create"}
     image = plan["facts"]["image"]
     assert (image["triton_tag"], image["stub_python"]) == ("25.09-py3", "3.12")
+    assert plan["facts"]["triton"] == {"ping_mode": "live", "log_verbose": "0"}
     assert plan["facts"]["cost"]["usd_per_instance_hour"] > 1
     assert plan["facts"]["policies"]["mme"]["permissions"]["Statement"]
 
@@ -263,9 +304,14 @@ def test_dry_run_prints_a_complete_plan_with_no_aws_account(no_aws, deploy_confi
     for expected in (
         "sns_topic", "HasBacklogWithoutCapacity", "ApproximateBacklogSizePerInstance",
         "0..3 instances", "async", "ml.g5.2xlarge", "$1.515/h", "djl-inference",
-        "timeout 3600 s", "other-bkt",
+        "timeout 3600 s", "other-bkt", "expire after 7200 s in the queue",
+        "InferenceAmiVersion al2023-ami-sagemaker-inference-gpu-4-1",
     ):  # fmt: skip
         assert expected in text, expected
+    result = runner.invoke(app, ["deploy", "mme", "--config", str(config_file), "--dry-run"])
+    text = " ".join(result.output.split())
+    assert "tritonserver: /ping mode live" in text and "--log-verbose=0" in text
+    assert "InferenceAmiVersion al2023-ami-sagemaker-inference-gpu-4-1" in text
 
 
 def test_dry_run_with_nothing_configured_lists_what_is_missing(no_aws, fake_base):
@@ -306,3 +352,15 @@ def test_real_run_without_credentials_is_a_clear_error(no_aws, monkeypatch):
 def test_deploy_commands_explain_themselves(command):
     result = runner.invoke(app, ["deploy", command, "--help"])
     assert result.exit_code == 0 and "--dry-run" in result.output and "--config" in result.output
+
+
+def test_deploy_images_prints_the_sdks_uris_or_why_not(no_aws):
+    result = runner.invoke(app, ["deploy", "images", "--region", "il-central-1"])
+    assert result.exit_code == 0, result.output
+    registry = "780543022126.dkr.ecr.il-central-1.amazonaws.com"
+    assert result.stdout.splitlines() == [
+        f"triton {registry}/sagemaker-tritonserver:25.09-py3",
+        f"lmi {registry}/djl-inference:0.36.0-lmi27.0.0-cu130",
+    ]
+    result = runner.invoke(app, ["deploy", "images", "--lmi-image-tag", "0.37.0-lmi1-cu130"])
+    assert result.exit_code == 1 and "Unsupported djl-lmi version: 0.37.0" in result.output

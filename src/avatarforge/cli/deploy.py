@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from ..deploy import DeployConfig, Plan, execute, make_clients, make_plan
+from ..settings import ConfigError
 from .common import config_options, console, fail
 
 deploy_app = typer.Typer(
@@ -115,6 +116,14 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
         if "built_from" in image:
             line += f"  (FROM {image['built_from']})"
         out.print(line, soft_wrap=True)
+    if ami := facts.get("inference_ami"):
+        out.print(f"instances: InferenceAmiVersion {ami}", soft_wrap=True)
+    if triton := facts.get("triton"):
+        out.print(
+            f"tritonserver: /ping mode {triton['ping_mode']} (user models repair a dead shared "
+            f"base; 'ready' would fail the instance), --log-verbose={triton['log_verbose']}",
+            soft_wrap=True,
+        )
     if cost := facts.get("cost"):
         price = cost["usd_per_instance_hour"]
         if price is None:
@@ -129,8 +138,9 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
             )
     if "invocation_timeout_s" in facts:
         out.print(
-            f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation (sent by "
-            f"the client), service deadline {facts['service_deadline_s']} s",
+            f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation, expire "
+            f"after {facts['request_ttl_s']} s in the queue (both sent by the client), service "
+            f"deadline {facts['service_deadline_s']} s",
             soft_wrap=True,
         )
     for note in plan.notes:
@@ -160,9 +170,7 @@ def _run(
 ) -> None:
     config = load_config(ctx, config_file, options)
     out = Console(stderr=True) if as_json else console
-    if logging.getLogger().level > logging.DEBUG:  # boto's INFO lines hide the plan (-v: shown)
-        for name in ("botocore", "boto3", "s3transfer"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_libraries()
     if dry_run and command != "destroy":
         plan = make_plan(command, config, create_role=create_role)
     else:
@@ -182,6 +190,12 @@ def _run(
         return
     execute(plan, clients, config, progress=lambda line: out.print(line, soft_wrap=True))
     _print_next_steps(command, config, plan, out)
+
+
+def _quiet_libraries() -> None:
+    if logging.getLogger().level > logging.DEBUG:  # their INFO lines hide the plan (-v: shown)
+        for name in ("botocore", "boto3", "s3transfer", "sagemaker"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _print_next_steps(command: str, config: DeployConfig, plan: Plan, out: Console) -> None:
@@ -233,6 +247,33 @@ def training(
     failure paths, jobs per instance, and scale to zero (min 0, backlog target tracking, an
     alarm + step policy that wakes it for the first job after idle)."""
     _run("training", ctx, config_file, dry_run, as_json, options, create_role=create_role)
+
+
+_IMAGE_FIELDS = ("region", "triton_image_tag", "mme_instance_type", "lmi_image_tag")
+
+
+@deploy_app.command("images")
+@config_options(
+    DeployConfig,
+    skip=tuple(f for f in DeployConfig.__dataclass_fields__ if f not in _IMAGE_FIELDS),
+)
+def images(
+    ctx: typer.Context,
+    config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    **options: Any,
+) -> None:
+    """The deployment's image URIs, from the sagemaker SDK's table: "triton <uri>" (the MME)
+    and "lmi <uri>" (what `make training-image` builds FROM). No AWS account needed."""
+    from ..deploy import lmi_image_uri, triton_image_uri
+
+    config = load_config(ctx, config_file, options)
+    _quiet_libraries()
+    try:
+        triton = triton_image_uri(config.region, config.triton_image_tag, config.mme_instance_type)
+        lmi = lmi_image_uri(config.region, config.lmi_image_tag)
+    except ConfigError as exc:
+        fail(str(exc))
+    print(f"triton {triton}\nlmi {lmi}")
 
 
 _DESTROY_FIELDS = ("name", "region", "bucket", "prefix")

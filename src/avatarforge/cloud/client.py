@@ -163,6 +163,8 @@ def submit(
             ContentType="application/json",
             Accept="application/json",
             InvocationTimeoutSeconds=config.training_timeout_s,
+            # a job that cannot start within this fails (ErrorTopic) instead of waiting 6 h
+            RequestTTLSeconds=config.training_request_ttl_s,
         )
     except Exception as exc:
         raise _endpoint_error(exc, config.training_endpoint_name, "make deploy-training") from exc

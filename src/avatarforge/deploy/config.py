@@ -50,6 +50,11 @@ class DeployConfig(Settings):
     triton_image_tag: str = setting(
         "25.09-py3", "tag of the SageMaker Triton image (its stub's Python decides the env's)"
     )
+    inference_ami_version: str = setting(
+        "al2023-ami-sagemaker-inference-gpu-4-1",
+        "InferenceAmiVersion of both endpoints (NVIDIA driver 580, CUDA 13.0: the CUDA 13 LMI "
+        "image and serving torch need it); '' leaves SageMaker's default AMI",
+    )
     training_instance_type: str = setting(
         "ml.g5.2xlarge", "GPU instance type of the async training endpoint"
     )
@@ -59,6 +64,13 @@ class DeployConfig(Settings):
     )
     training_timeout_s: int = setting(
         3600, "InvocationTimeoutSeconds of a training job (async maximum: 3600)", ge=60, le=3600
+    )
+    training_request_ttl_s: int = setting(
+        7200,
+        "RequestTTLSeconds of a training job: how long it may wait in the async queue before "
+        "it expires (SageMaker's default: 6 h)",
+        ge=60,
+        le=21600,
     )
     lmi_image_tag: str = setting(
         "0.36.0-lmi27.0.0-cu130", "tag of the LMI (djl-inference) image the training image is FROM"
@@ -82,6 +94,11 @@ class DeployConfig(Settings):
     )
 
     def validate(self) -> None:
+        if self.region.startswith("cn-"):
+            raise ConfigError(
+                f"deploy.region: {self.region!r} is in the China partition (arn:aws-cn), which "
+                "deploy's IAM policies and ARNs do not cover"
+            )
         if not _NAME.match(self.name):
             raise ConfigError(
                 f"deploy.name: letters, digits and '-', 1-41 chars (got {self.name!r})"

@@ -1,106 +1,121 @@
 """Image URIs of the AWS Deep Learning Containers we deploy, and the Python each Triton tag needs.
 
-Our own table, not the ``sagemaker`` SDK's ``image_uris.retrieve``: the SDK (v3) cannot be
-installed beside our pins (sagemaker-core requires rich < 15; we pin rich 15) and would pull
-pandas, scipy and paramiko for one lookup. The registry accounts and tags below are those of the
-AWS Deep Learning Containers image list, as looked up when this was written; a new tag or region
-is one line here.
+The URIs come from the sagemaker SDK (v3: ``sagemaker.core.image_uris.retrieve`` in
+sagemaker-core, the deploy extra): its tables (``sagemaker/core/image_uri_config/``) list, for
+each image version, the regions it is published in and the registry account of each. A tag the
+SDK does not list for a region is refused with the SDK's own list, before anything is deployed.
+The SDK is imported on first use only (a few seconds): the cloud client never needs it.
 
-- SageMaker Triton: ``<account>.dkr.ecr.<region>.amazonaws.com/sagemaker-tritonserver:<ver>-py3``.
-  Its python backend stub embeds the image's Python, and an ``EXECUTION_ENV_PATH`` environment
-  must be built for that same Python ("The version of the Python interpreter in the execution
-  environment must match the version of triton_python_backend_stub"): images up to 24.10 are
-  Ubuntu 22.04 with Python 3.10, 24.11 and later Ubuntu 24.04 with Python 3.12.
-- LMI (DJL Serving): ``.../djl-inference:<tag>``; our training image is built FROM it.
+- SageMaker Triton: ``<account>.dkr.ecr.<region>.amazonaws.com/sagemaker-tritonserver:<ver>-py3``
+  (framework ``sagemaker-tritonserver``). Its python backend stub embeds the image's Python, and
+  an ``EXECUTION_ENV_PATH`` environment must be built for that same Python ("The version of the
+  Python interpreter in the execution environment must match the version of
+  triton_python_backend_stub"): images up to 24.10 are Ubuntu 22.04 with Python 3.10, 24.11 and
+  later Ubuntu 24.04 with Python 3.12. That is not in the SDK's table: :data:`STUB_PYTHON`.
+- LMI (DJL Serving): ``.../djl-inference:<tag>`` (framework ``djl-lmi``, version = the tag's
+  first part); our training image is built FROM it.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 
 from ..settings import ConfigError
 
-TRITON_REPOSITORY = "sagemaker-tritonserver"
-LMI_REPOSITORY = "djl-inference"
+TRITON_FRAMEWORK = "sagemaker-tritonserver"
+LMI_FRAMEWORK = "djl-lmi"
 
-# Most regions pull Deep Learning Containers from one account; opt-in regions have their own.
-_MAIN_ACCOUNT = "763104351884"
-_MAIN_REGIONS = (
-    "us-east-1", "us-east-2", "us-west-1", "us-west-2",
-    "eu-west-1", "eu-west-2", "eu-west-3", "eu-central-1", "eu-north-1",
-    "ap-northeast-1", "ap-northeast-2", "ap-south-1", "ap-southeast-1", "ap-southeast-2",
-    "ca-central-1", "sa-east-1",
-)  # fmt: skip
-DLC_ACCOUNTS: dict[str, str] = {region: _MAIN_ACCOUNT for region in _MAIN_REGIONS} | {
-    "af-south-1": "626614931356",
-    "ap-east-1": "871362719292",
-    "ap-northeast-3": "364406365360",
-    "ap-southeast-3": "907027046896",
-    "eu-south-1": "692866216735",
-    "me-south-1": "217643126080",
-    "il-central-1": "780543022126",
-    "me-central-1": "914824155844",
-    "eu-central-2": "380420809688",
-    "ap-south-2": "772153158452",
-    "eu-south-2": "503227376785",
-    "ap-southeast-4": "457447274322",
-    "ca-west-1": "204538143572",
-}
-
-# Published SageMaker Triton versions (GPU tag "<version>-py3") and their stub's Python.
-TRITON_VERSIONS: dict[str, str] = {
-    "23.12": "3.10",
-    "24.01": "3.10",
-    "24.03": "3.10",
-    "24.05": "3.10",
-    "24.09": "3.10",
-    "25.04": "3.12",
-    "25.09": "3.12",
-    "26.05": "3.12",
-}
+# (first Triton version, its stub's Python), newest first; up to NEWEST_KNOWN_TRITON.
+STUB_PYTHON = (((24, 11), "3.12"), ((0, 0), "3.10"))
+NEWEST_KNOWN_TRITON = (26, 5)
 _TRITON_TAG = re.compile(r"^(\d\d)\.(\d\d)-py3$")
-
-
-def dlc_account(region: str) -> str:
-    """The AWS account that hosts the Deep Learning Containers in ``region``."""
-    try:
-        return DLC_ACCOUNTS[region]
-    except KeyError:
-        raise ConfigError(
-            f"deploy.region: no SageMaker Triton/LMI image registry known for {region!r} "
-            f"(known: {', '.join(sorted(DLC_ACCOUNTS))})"
-        ) from None
-
-
-def _registry(region: str) -> str:
-    return f"{dlc_account(region)}.dkr.ecr.{region}.amazonaws.com"
+_LMI_TAG = re.compile(r"^(\d+\.\d+\.\d+)-\S+$")
+_INSTALL_HINT = (
+    "the image lookup needs sagemaker-core (the deploy extra: `make setup`, or "
+    "`pip install --no-deps sagemaker-core==2.27.0` beside `pip install avatarforge[deploy]`)"
+)
 
 
 def triton_version(tag: str) -> str:
-    """'25.09-py3' -> '25.09'; a clear error for a tag that is not a published GPU tag."""
+    """'25.09-py3' -> '25.09'; a clear error for what is not a GPU tag's shape.
+
+    Whether the tag is published (and where) is the SDK's answer: :func:`triton_image_uri`.
+    """
     match = _TRITON_TAG.match(tag)
-    if not match or f"{match[1]}.{match[2]}" not in TRITON_VERSIONS:
+    if not match:
         raise ConfigError(
-            f"deploy.triton_image_tag: {tag!r} is not a known SageMaker Triton GPU tag "
-            f"(one of {', '.join(v + '-py3' for v in TRITON_VERSIONS)})"
+            f"deploy.triton_image_tag: {tag!r} is not a SageMaker Triton GPU tag "
+            "(<yy>.<mm>-py3, e.g. 25.09-py3)"
         )
     return f"{match[1]}.{match[2]}"
 
 
 def triton_python(tag: str) -> str:
     """The Python version ('3.12') the Triton image's python backend stub is built for."""
-    return TRITON_VERSIONS[triton_version(tag)]
+    version = triton_version(tag)
+    key = tuple(int(part) for part in version.split("."))
+    if key > NEWEST_KNOWN_TRITON:
+        raise ConfigError(
+            f"deploy.triton_image_tag: the python stub's Python of Triton {version} is not "
+            f"known here (known up to {NEWEST_KNOWN_TRITON[0]}.{NEWEST_KNOWN_TRITON[1]:02d}); "
+            "read it in the image (python3 --version) and add it to "
+            "avatarforge.deploy.images.STUB_PYTHON"
+        )
+    return next(python for first, python in STUB_PYTHON if key >= first)
 
 
-def triton_image_uri(region: str, tag: str) -> str:
-    """The SageMaker Triton image of ``tag`` in ``region``'s registry."""
-    triton_version(tag)  # refuse unknown tags here too
-    return f"{_registry(region)}/{TRITON_REPOSITORY}:{tag}"
+@functools.cache
+def _retrieve(framework: str, region: str, version: str, instance_type: str | None) -> str:
+    try:
+        from sagemaker.core import image_uris
+    except ImportError as exc:
+        raise ConfigError(f"no {framework} image URI: {_INSTALL_HINT} ({exc})") from None
+    try:
+        return image_uris.retrieve(
+            framework,
+            region=region,
+            version=version,
+            instance_type=instance_type,
+            image_scope="inference",
+        )
+    except ValueError as exc:  # the SDK's message lists what it knows
+        raise ConfigError(str(exc)) from None
+
+
+def _field_error(field_name: str, tag: str, region: str, exc: ConfigError) -> ConfigError:
+    return ConfigError(f"{field_name} {tag!r} in deploy.region {region!r}: {exc}")
+
+
+def triton_image_uri(region: str, tag: str, instance_type: str = "ml.g5.2xlarge") -> str:
+    """The SageMaker Triton image of ``tag`` in ``region``'s registry, for ``instance_type``
+    (the SDK picks the GPU or CPU image by it)."""
+    version = triton_version(tag)
+    try:
+        return _retrieve(TRITON_FRAMEWORK, region, version, instance_type)
+    except ConfigError as exc:
+        raise _field_error("deploy.triton_image_tag", tag, region, exc) from None
 
 
 def lmi_image_uri(region: str, tag: str) -> str:
-    """The LMI (djl-inference) image our training image is built FROM."""
-    return f"{_registry(region)}/{LMI_REPOSITORY}:{tag}"
+    """The LMI (djl-inference) image our training image is built FROM; ``tag`` must be the one
+    the SDK lists for its version ('0.36.0-lmi27.0.0-cu130' is version 0.36.0)."""
+    match = _LMI_TAG.match(tag)
+    if not match:
+        raise ConfigError(
+            f"deploy.lmi_image_tag: {tag!r} is not an LMI tag (<version>-lmi<n>-cu<n>, "
+            "e.g. 0.36.0-lmi27.0.0-cu130)"
+        )
+    try:
+        uri = _retrieve(LMI_FRAMEWORK, region, match[1], None)
+    except ConfigError as exc:
+        raise _field_error("deploy.lmi_image_tag", tag, region, exc) from None
+    if not uri.endswith(f":{tag}"):
+        raise ConfigError(
+            f"deploy.lmi_image_tag: the sagemaker SDK's LMI {match[1]} image is "
+            f"{uri.rsplit(':', 1)[-1]!r}, not {tag!r}"
+        )
+    return uri
 
 
 _ECR_URI = re.compile(
@@ -109,7 +124,7 @@ _ECR_URI = re.compile(
 )
 
 
-def parse_ecr_uri(uri: str) -> dict[str, str]:
+def parse_ecr_uri(uri: str, field_name: str = "deploy.training_image_uri") -> dict[str, str]:
     """``<account>.dkr.ecr.<region>.amazonaws.com/<repo>:<tag>`` -> its parts (ConfigError else).
 
     SageMaker pulls only from ECR, so the training image must be an ECR URI.
@@ -117,7 +132,7 @@ def parse_ecr_uri(uri: str) -> dict[str, str]:
     match = _ECR_URI.match(uri)
     if not match:
         raise ConfigError(
-            "deploy.training_image_uri: not an ECR image URI "
+            f"{field_name}: not an ECR image URI "
             f"(<account>.dkr.ecr.<region>.amazonaws.com/<repository>:<tag>; got {uri!r})"
         )
     return {k: v or "" for k, v in match.groupdict().items()}
@@ -125,3 +140,32 @@ def parse_ecr_uri(uri: str) -> dict[str, str]:
 
 def ecr_repository_arn(region: str, account: str, repository: str) -> str:
     return f"arn:aws:ecr:{region}:{account}:repository/{repository}"
+
+
+def image_repository_arn(uri: str) -> str:
+    """The ECR repository ARN of an image URI (what a role needs to pull it)."""
+    parts = parse_ecr_uri(uri, "image")
+    return ecr_repository_arn(parts["region"], parts["account"], parts["repository"])
+
+
+@functools.cache
+def inference_ami_versions() -> tuple[str, ...]:
+    """The ``InferenceAmiVersion`` values the SageMaker API accepts, from botocore's model of it
+    (each AMI fixes an NVIDIA driver and CUDA version; botocore's documentation lists them)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("sagemaker")
+    return tuple(model.shape_for("ProductionVariantInferenceAmiVersion").enum)
+
+
+def inference_ami(version: str) -> dict[str, str]:
+    """The production variant's ``InferenceAmiVersion`` field ({} for SageMaker's default)."""
+    if not version:
+        return {}
+    known = inference_ami_versions()
+    if version not in known:
+        raise ConfigError(
+            f"deploy.inference_ami_version: {version!r} is not one the SageMaker API accepts "
+            f"(botocore lists: {', '.join(known)}; '' for SageMaker's default)"
+        )
+    return {"InferenceAmiVersion": version}

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from .config import DeployConfig
-from .images import TRITON_REPOSITORY, dlc_account, ecr_repository_arn, parse_ecr_uri
+from .images import ecr_repository_arn, image_repository_arn, parse_ecr_uri, triton_image_uri
 
 VERSION = "2012-10-17"
 UNSCOPED_ACTIONS = frozenset({"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"})
@@ -106,7 +106,8 @@ def _list_bucket(config: DeployConfig, folders: list[str]) -> Policy:
 
 def mme_policy(config: DeployConfig, account: str = "*") -> Policy:
     """The MME's role: read user models and the shared assets, pull the Triton image, log."""
-    triton_repo = ecr_repository_arn(config.region, dlc_account(config.region), TRITON_REPOSITORY)
+    image = triton_image_uri(config.region, config.triton_image_tag, config.mme_instance_type)
+    triton_repo = image_repository_arn(image)
     return {
         "Version": VERSION,
         "Statement": [

@@ -6,7 +6,7 @@ from typing import Any
 
 from .assets import Asset
 from .config import DeployConfig
-from .images import lmi_image_uri
+from .images import inference_ami, lmi_image_uri
 from .plan import VARIANT, Plan, Resource, State, ref
 from .policies import topic_arn, training_policy, trust_policy
 from .prices import cost_line
@@ -90,6 +90,7 @@ def plan_training(
                     "InstanceType": cfg.training_instance_type,
                     # an async endpoint starts with one instance; autoscaling takes it to zero
                     "InitialInstanceCount": 1,
+                    **inference_ami(cfg.inference_ami_version),
                 }
             ],
             "AsyncInferenceConfig": {
@@ -172,6 +173,7 @@ def plan_training(
             "built_from": lmi_image_uri(cfg.region, cfg.lmi_image_tag),
             "note": "our image, FROM the LMI image; you build and push it (make training-image)",
         },
+        "inference_ami": cfg.inference_ami_version or "SageMaker's default",
         "assets": {"base": base.to_dict()},
         "s3": {
             "photos": cfg.photos_prefix,
@@ -182,8 +184,9 @@ def plan_training(
         "endpoint": endpoint,
         "topics": {"success": topic_arn(cfg, success, acct), "error": topic_arn(cfg, error, acct)},
         # The endpoint config has no timeout field: InvokeEndpointAsync takes
-        # InvocationTimeoutSeconds per request, so the client sends this with every job.
+        # InvocationTimeoutSeconds and RequestTTLSeconds per request: the client sends both.
         "invocation_timeout_s": cfg.training_timeout_s,
+        "request_ttl_s": cfg.training_request_ttl_s,
         "service_deadline_s": cfg.training_deadline_s,
         "cost": cost_line(cfg.training_instance_type, 0, cfg.training_max_instances),
         "execution_role": role(acct),
@@ -194,8 +197,9 @@ def plan_training(
     notes = [
         f"scales to zero when idle: {cfg.training_instance_type} costs nothing while no job "
         "waits; the first job after idle waits for an instance to start (minutes)",
-        f"clients send InvocationTimeoutSeconds={cfg.training_timeout_s} with each job "
-        "(InvokeEndpointAsync takes it per request; the endpoint config has no such field)",
+        f"clients send InvocationTimeoutSeconds={cfg.training_timeout_s} and "
+        f"RequestTTLSeconds={cfg.training_request_ttl_s} with each job (InvokeEndpointAsync "
+        "takes them per request; the endpoint config has no such fields)",
     ]
     plan = Plan("training", cfg.name, cfg.region, account, resources, facts, blockers, notes)
     return finish(plan, cfg, state, "training")

@@ -42,7 +42,7 @@ ALLOWED: dict[str, set[str]] = {
     "serving": MODEL | {"envs", "tritonserver", "train.lora"},
     "mme": {"serving", "generate", "tritonserver"},
     "jobs": MODEL | {"preprocess", "train", "serving"},
-    "deploy": {"base", "serving", "envs"},
+    "deploy": {"base", "serving", "envs", "tritonserver"},  # the MME env tritonserver runs with
     "cloud": {"generate", "serving", "mme", "jobs", "deploy"},
     "testing": set(),  # sample photos, a small dataset, moto: for tests, bench and the demos
     "demos": {"*", "testing"},

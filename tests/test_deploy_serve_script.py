@@ -3,7 +3,7 @@ is started with (its /ping mode and log verbosity), with a stand-in tritonserver
 
 tritonserver's SageMaker front end reads SAGEMAKER_TRITON_PING_MODE from its environment, "ready"
 when unset (src/sagemaker_server.h); the script only assigns the variable. See
-avatarforge.deploy.mme.TRITON_SERVER_ENV for why "live" and no verbose logs.
+avatarforge.tritonserver.sagemaker.MME_ENV for why "live" and no verbose logs.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from .images import inference_ami, triton_image_uri, triton_python
 from .plan import VARIANT, Plan, State
 from .policies import mme_policy, trust_policy
 from .prices import cost_line
+from ..tritonserver.sagemaker import MME_ENV
 from .resources import (
     bucket,
     endpoint_trio,
@@ -33,35 +34,16 @@ from .resources import (
 # every user model it had loaded).
 MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
 
-# How the stock image's serve script (docker/sagemaker/serve) starts tritonserver:
-# - /ping: the SageMaker front end answers it as SAGEMAKER_TRITON_PING_MODE in tritonserver's
-#   environment says, default "ready" (src/sagemaker_server.h). The script assigns "live" in MME
-#   mode but does not export it, so "ready" applies, unless the variable comes from the
-#   container's environment (bash keeps an inherited variable exported when it is reassigned).
-#   "ready" is strict readiness: every model READY and, in cores from 2025-12 on, every python
-#   stub alive; a dead shared base, or one user's failed load (2.51 too), fails the instance's
-#   /ping, and SageMaker takes the instance out and may replace it, with every user on it.
-#   Our user models repair a dead shared base themselves, so "live" (the server runs) is the
-#   health that matches. The override is the script's own knob, set too so that its
-#   single-model default cannot win.
-# - --log-verbose: the script passes true unless told: lines per request in CloudWatch (paid per
-#   GB ingested), naming the user's model, and load and request errors that may echo inputs.
-#   0 keeps INFO, WARNING and ERROR.
-TRITON_SERVER_ENV = {
-    "SAGEMAKER_TRITON_PING_MODE": "live",
-    "SAGEMAKER_TRITON_OVERRIDE_PING_MODE": "live",
-    "SAGEMAKER_TRITON_LOG_VERBOSE": "0",
-}
 
 
 def mme_environment(
     config: DeployConfig, base_uri: str, env_uri: str, env: Asset | None
 ) -> dict[str, str]:
     """The MME container's environment, made here and nowhere else: tritonserver's settings
-    (:data:`TRITON_SERVER_ENV`), where the user models' bootstrap finds the shared base and
+    (:data:`~avatarforge.tritonserver.sagemaker.MME_ENV`: ping mode live, verbose logs off, and why), where the user models' bootstrap finds the shared base and
     serving env (see avatarforge.serving.bootstrap), and the region of their S3 fetches."""
     return {
-        **TRITON_SERVER_ENV,
+        **MME_ENV,
         ENV_SHARED_DIR: config.shared_dir,
         ENV_BASE_SOURCE: base_uri,
         ENV_ENV_SOURCE: env_uri,
@@ -148,8 +130,8 @@ def plan_mme(
         },
         "inference_ami": cfg.inference_ami_version or "SageMaker's default",
         "triton": {
-            "ping_mode": TRITON_SERVER_ENV["SAGEMAKER_TRITON_PING_MODE"],
-            "log_verbose": TRITON_SERVER_ENV["SAGEMAKER_TRITON_LOG_VERBOSE"],
+            "ping_mode": MME_ENV["SAGEMAKER_TRITON_PING_MODE"],
+            "log_verbose": MME_ENV["SAGEMAKER_TRITON_LOG_VERBOSE"],
         },
         "assets": {
             "base": assets.base.to_dict() if assets.base else None,

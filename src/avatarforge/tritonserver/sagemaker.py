@@ -28,13 +28,22 @@ from ..netutil import free_port
 from ..paths import build_dir
 from .launch import check_port_free, start_tritonserver
 
-# What the MME model's environment sets for tritonserver on SageMaker, and so here (the deploy
-# plan sets the same: avatarforge.deploy.mme, keep them equal):
+# What the MME model's environment sets for tritonserver on SageMaker (the deploy plan's
+# avatarforge.deploy.mme.mme_environment takes it from here), and so here:
+# - /ping "live": the SageMaker front end answers /ping as SAGEMAKER_TRITON_PING_MODE in
+#   tritonserver's environment says, default "ready" (src/sagemaker_server.h). The script
+#   assigns "live" in MME mode but does not export it, so "ready" applies, unless the variable
+#   comes from the container's environment (bash keeps an inherited variable exported when it
+#   is reassigned). "ready" is strict readiness: every model READY and, in cores from 2025-12
+#   on, every python stub alive; a dead shared base, or one user's failed load (2.51 too),
+#   fails the instance's /ping, and SageMaker takes the instance out and may replace it, with
+#   every user on it. Our user models repair a dead shared base themselves, so "live" (the
+#   server runs) is the health that matches. The override is the script's own knob, set too so
+#   that its single-model default cannot win.
 # - verbose logs off: the script's default (true) writes ~2 KB per invocation (measured on 2.51
 #   through the SageMaker front end: 2072 bytes against 99 at 0; request states and buffers, no
-#   input values) and buries loads, unloads and errors, which INFO and ERROR keep at 0;
-# - /ping "live": the script assigns it in MME mode without exporting it, so the front end's
-#   default "ready" would apply (a dead python stub would fail the instance's health).
+#   input values), paid per GB in CloudWatch, naming the user's model, and buries loads,
+#   unloads and errors, which INFO, WARNING and ERROR keep at 0.
 # Variables set in this process's environment win, as a model's environment does there.
 MME_ENV = {
     "SAGEMAKER_TRITON_PING_MODE": "live",

@@ -121,9 +121,11 @@ def cpu_notice(est, config: TrainConfig, quick: TrainConfig | None = None, quick
             f"{_duration(quick_est.total_s)} here); options you give override it."
         )
     minutes = f" and every {config.checkpoint_minutes:g} min" if config.checkpoint_minutes else ""
+    # "resume checkpoint", not "checkpoint": the trainer's log also names gradient checkpointing
     lines.append(
-        f"  Checkpoints every {config.checkpoint_every} steps{minutes}; Ctrl-C or SIGTERM saves "
-        "one and stops (exit code 3); run the same command again to resume."
+        f"  Resume checkpoints (the LoRA weights so far) are saved every "
+        f"{config.checkpoint_every} steps{minutes}; Ctrl-C or SIGTERM saves one and stops "
+        "(exit code 3); run the same command again to resume."
     )
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ from .intake import Rejected, load_photo
 from .manifest import FAILED, KEPT, REJECTED, RUNNING, Manifest, ManifestItem
 from .pipeline import process_photo
 from .segment import GrabCutSegmenter, Segmenter
-from .sheet import SheetRow, SheetRows, render, small, thumbnail
+from .sheet import SheetRow, SheetRows, render, small, small_crop, thumbnail
 
 log = logging.getLogger(__name__)
 # The manifest first: a run stopped while clearing never leaves an old manifest beside new files.
@@ -244,10 +244,16 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
     for kind, stem, img in outputs:
         _save_png(img, out_dir / "images" / f"{stem}.png")
         items.append(ManifestItem(image=f"images/{stem}.png", background=kind, **common))
+    padded = done.scores.get("padded", 0.0)
+    fill = f", {padded:.0%} padded ({config.pad_mode}; dashed: the photo's edge)" if padded else ""
     row = SheetRow(
-        f"{rel}: kept, face {done.scores['face_px']}px, {len(outputs)} image(s)",
+        f"{rel}: kept, face {done.scores['face_px']}px, {len(outputs)} image(s){fill}",
         thumbnail(pixels, done.face.box, done.crop_box),
-        [small(done.image), small(done.mask), *(small(img) for _, img in done.composites)],
+        [
+            small_crop(done.image, done.valid),
+            small(done.mask),
+            *(small(img) for _, img in done.composites),
+        ],
     )
     return items, row
 

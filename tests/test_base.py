@@ -66,6 +66,14 @@ def test_two_step_generation_has_requested_shape(tiny_base):
     assert not np.array_equal(np.asarray(images[0]), np.asarray(other[0]))
 
 
+def test_generation_reports_each_denoising_step(tiny_base):
+    pipe = load_pipeline(tiny_base, device="cpu")
+    heard = []
+    args = GenArgs(steps=3, height=64, width=64)
+    generate_images(pipe, "a photo of person", None, args, on_step=lambda *a: heard.append(a))
+    assert heard == [(1, 3), (2, 3), (3, 3)]  # a progress bar for a wait of minutes on a CPU
+
+
 def test_hash_is_cached_and_refreshed_when_weights_change(tmp_path, tiny_base):
     base = build_tiny_base(tmp_path / "b", seed=0)
     recorded = json.loads((base.path / INFO_FILE).read_text())

@@ -17,6 +17,15 @@ import rich.markup
 import typer
 from PIL import Image
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from typer.core import TyperGroup
 
 from ..errors import AvatarforgeError
@@ -138,19 +147,67 @@ class Commands(TyperGroup):
 
 
 def step_printers(
-    total: int,
+    total: int, bar: Bar | None = None
 ) -> tuple[Callable[[int, str], None], Callable[[int, str, float], None]]:
-    """``on_step`` / ``on_done`` for the demos: a rule per step, then what it did and its time."""
+    """``on_step`` / ``on_done`` for the demos: a rule per step, then what it did and its time.
+    ``bar``: the progress bar the steps report to, closed when a step is done."""
 
     def on_step(i: int, title: str) -> None:
         console.rule(f"[bold]{i}/{total}[/] {title}")
 
     def on_done(i: int, what: str, seconds: float) -> None:
+        if bar is not None:
+            bar.close()
         for line in what.splitlines():
             console.print(f"  {line}", soft_wrap=True)
         console.print(f"  [dim]{seconds:.1f} s[/]")
 
     return on_step, on_done
+
+
+class Bar:
+    """A progress bar on the console for work a person waits on: ``bar(done, total, what)``
+    (``total`` 0: a spinner, for work that cannot be counted, e.g. a server starting). Shown
+    only on a terminal, and gone when closed (:meth:`close`, or ``done`` reaching ``total``
+    with ``close_when_done``): what the step made is printed after it."""
+
+    def __init__(self, *, close_when_done: bool = False) -> None:
+        self.close_when_done = close_when_done
+        self._progress = None
+        self._task = None
+
+    def __call__(self, done: int, total: int, what: str = "") -> None:
+        if not console.is_terminal:  # a log or a pipe: the step's own lines say enough
+            return
+        if self._progress is None:
+            self._progress = Progress(
+                SpinnerColumn("line"),
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(what, total=None)
+        self._progress.update(self._task, completed=done, total=total or None, description=what)
+        if self.close_when_done and total and done >= total:
+            self.close()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def denoising_bar(where: str) -> Callable[[int, int], None]:
+    """``on_step`` for :func:`avatarforge.generate.generate_images`: a bar of the denoising
+    steps (on a CPU, a 512 px image of a real base takes minutes)."""
+    bar = Bar(close_when_done=True)
+    return lambda done, total: bar(done, total, f"  denoising on {where}")
 
 
 def save_images(

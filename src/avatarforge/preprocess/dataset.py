@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -123,8 +124,11 @@ def preprocess_dir(
     config: PreprocessConfig | None = None,
     progress: bool = False,
     segmenter: Segmenter | None = None,
+    on_photo: Callable[[int, int, str], None] | None = None,
 ) -> Manifest:
-    """Preprocess every photo in ``in_dir`` into ``out_dir`` (see the module docstring)."""
+    """Preprocess every photo in ``in_dir`` into ``out_dir`` (see the module docstring).
+
+    ``progress``: a tqdm bar; ``on_photo(done, total, source)``: told after each photo."""
     config = config or PreprocessConfig()
     segmenter = segmenter or GrabCutSegmenter(config.segment_side, config.grabcut_iterations)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -145,11 +149,13 @@ def preprocess_dir(
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="preprocess", unit="photo")
-    for path in iterator:
+    for done, path in enumerate(iterator, 1):
         rel = path.relative_to(in_dir).as_posix()
         new_items, row = _one(path, rel, out_dir, config, segmenter, hashes, taken)
         items.extend(new_items)
         rows.add(row, rejected=new_items[0].status == REJECTED)
+        if on_photo is not None:
+            on_photo(done, len(files), rel)
 
     manifest = Manifest(items=items, config=config.to_dict(), not_on_sheet=rows.omitted)
     error = _shortfall(manifest, config, out_dir)

@@ -130,14 +130,12 @@ def test_doctor_prints_paths_whole():
 
 
 def test_the_cpu_notice_names_resume_checkpoints_apart_from_gradient_checkpointing():
-    from types import SimpleNamespace
-
     from avatarforge.cli.train import cpu_notice
     from avatarforge.train.config import TrainConfig
+    from avatarforge.train.estimate import Estimate
 
-    est = SimpleNamespace(resolution=512, class_images=0, encode_images=10, setup_s=5.0,
-                          steps=800, step_s=20.0, training_s=16000.0, total_s=16005.0)  # fmt: skip
-    text = cpu_notice(est, TrainConfig(checkpoint_every=30))
+    est = Estimate("cpu", 512, 0, 25, 0.5, 1.0, 10.0, 89, 0.5, 800, 18.0, 30.0)
+    text = " ".join(cpu_notice(est, TrainConfig(checkpoint_every=30)).split())
     # "checkpointing" alone is also the trainer's log word for gradient checkpointing
     assert "Resume checkpoints (the LoRA weights so far) are saved every 30 steps" in text
     assert "Checkpoints every" not in text

@@ -21,12 +21,20 @@ setup: $(STAMP)  ## create .venv and install everything (idempotent; quick when 
 $(STAMP): pyproject.toml
 	@test -n "$(SYSTEM_PYTHON)" || { echo "error: python3.11 not found (the Triton stub needs the system 3.11)"; exit 1; }
 	test -x $(PY) || $(SYSTEM_PYTHON) -m venv $(VENV)
+	@# pip without -q: a line per package and its download bars. pip then unpacks in silence
+	@# (4 min measured on a loaded machine): a line every 20 s says how much of the venv is written.
+	@echo "== setup 1/3: torch, the CPU build (~750 MB installed)"
 	# torch first: the local CPU build; anything else would pull a multi-GB CUDA build
-	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0
-	$(PY) -m pip install --disable-pip-version-check -q torch==2.13.0 -e ".[all]"
-	$(PY) -m pip install --disable-pip-version-check -q --no-deps \
+	@(while sleep 20; do echo "   ... still installing: $$(du -sm $(VENV) | cut -f1) MB in $(VENV)"; done) & tick=$$!; \
+	  $(PY) -m pip install --disable-pip-version-check torch==2.13.0; status=$$?; kill $$tick; exit $$status
+	@echo "== setup 2/3: avatarforge and its dependencies (~140 packages, ~2.3 GB in $(VENV) at the end)"
+	@(while sleep 20; do echo "   ... still installing: $$(du -sm $(VENV) | cut -f1) MB in $(VENV)"; done) & tick=$$!; \
+	  $(PY) -m pip install --disable-pip-version-check torch==2.13.0 -e ".[all]"; status=$$?; kill $$tick; exit $$status
+	@echo "== setup 3/3: packages installed without their dependencies (pyproject.toml: tool.avatarforge.no-deps)"
+	$(PY) -m pip install --disable-pip-version-check --no-deps \
 	  $$($(PY) -c "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['avatarforge']['no-deps']))")
 	touch $@
+	@echo "== setup done: $$(du -sm $(VENV) | cut -f1) MB in $(VENV)"
 
 base: $(STAMP)  ## build the embedded tiny SD 2.1-shaped base into build/base/tiny-sd21
 	$(AF) base build

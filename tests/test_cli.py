@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 
 import pytest
 from typer.main import get_command
@@ -99,3 +100,42 @@ def test_version():
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output == f"avatarforge {__version__}\n"
     assert __version__ == importlib.metadata.version("avatarforge")
+
+
+def test_config_is_one_line_per_setting_and_json():
+    from avatarforge.cli.config import settings_rows
+
+    rows = settings_rows()
+    result = runner.invoke(app, ["config"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if line]  # blank between sections
+    assert len(lines) == len(rows)  # a pipe gets no table borders or wrapped cells
+    for line, (name, default, help) in zip(lines, rows, strict=True):
+        assert line.startswith(f"{name} = {default!r} ") and line.endswith(f"  # {help}"), line
+    result = runner.invoke(app, ["config", "train", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["train.steps"]["default"] == dict((n, d) for n, d, _ in rows)["train.steps"]
+    assert all(name.startswith("train.") for name in data) and "meaning" in data["train.steps"]
+
+
+def test_doctor_prints_paths_whole():
+    from avatarforge.tritonserver.install import find_tritonserver
+
+    binary = str(find_tritonserver().binary)
+    assert len(binary) > 60  # longer than the cell the old 80-column table gave it
+    result = runner.invoke(app, ["doctor"], env={"COLUMNS": "60"})
+    assert result.exit_code == 0, result.output
+    assert any(line.split() == ["tritonserver", binary] for line in result.output.splitlines())
+
+
+def test_the_cpu_notice_names_resume_checkpoints_apart_from_gradient_checkpointing():
+    from avatarforge.cli.train import cpu_notice
+    from avatarforge.train.config import TrainConfig
+    from avatarforge.train.estimate import Estimate
+
+    est = Estimate("cpu", 512, 0, 25, 0.5, 1.0, 10.0, 89, 0.5, 800, 18.0, 30.0)
+    text = " ".join(cpu_notice(est, TrainConfig(checkpoint_every=30)).split())
+    # "checkpointing" alone is also the trainer's log word for gradient checkpointing
+    assert "Resume checkpoints (the LoRA weights so far) are saved every 30 steps" in text
+    assert "Checkpoints every" not in text

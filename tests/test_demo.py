@@ -45,3 +45,20 @@ def test_the_demo_command_prints_what_each_step_did(monkeypatch, tmp_path):
     for text in ("1/2 first step", "  made one\n  and two\n", "2/2 second", "  three\n", "done in"):
         assert text in result.output, result.output
     assert str(tmp_path / "demo.tar.gz") in result.output.replace("\n", "")
+
+
+def test_generating_in_the_demo_reports_progress(monkeypatch, tmp_path, tiny_base, trained_adapter):
+    # step 4 generated six images in silence (287 s in the report); now each denoising
+    # step is reported, and the CLI draws it as a bar
+    from avatarforge.demos import local
+    from avatarforge.generate import GenArgs
+
+    monkeypatch.setattr(local, "DEMO_ARGS", GenArgs(steps=2, height=64, width=64, seed=7))
+    heard = []
+    state = local.DemoState(out=tmp_path, base=tiny_base, adapter=trained_adapter,
+                            progress=lambda *a: heard.append(a))  # fmt: skip
+    local._step_generate_local(state)
+    total = 2 * len(PROMPTS) * 2  # before and after, denoising steps
+    counted = [(done, of) for done, of, _ in heard if of]
+    assert counted == [(i, total) for i in range(1, total + 1)]
+    assert heard[-1][2] == f"adapter: image {len(PROMPTS)} of {len(PROMPTS)}"

@@ -101,3 +101,120 @@ def test_cli_prints_a_caller_error_without_traceback():
     assert done.returncode == 1
     assert done.stdout.startswith("error: USER: ") and done.stdout.count("\n") == 1, done.stdout
     assert "Traceback" not in done.stdout + done.stderr
+
+
+# --- AWS settings missing or wrong: one line that says what to set, from every AWS command ----
+
+NO_AWS = {  # an environment without any AWS settings (nor a profile or instance role to find)
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+REGION = "set AWS_REGION"
+CREDENTIALS = "AWS_PROFILE"  # ours, or deploy's own "configure them (... AWS_PROFILE ...)"
+UNREACHABLE = "is set: is that server running?"
+# Every command that talks to AWS with the caller's settings, and the hint it must print.
+# Not here: `mme serve --source s3://` (S3 is read when a model is first requested; failures are
+# HTTP answers of the running front), demo-service and demo-cloud (their own moto server and
+# dummy credentials, whatever the caller has set).
+AWS_COMMANDS = [
+    (["generate", "--endpoint", "avatarforge-mme", "--user", "alice", "--prompt", "hi"], REGION),
+    (["avatars", "alice", "--pack", "classic", "--endpoint", "avatarforge-mme"], REGION),
+    (["generate", "--endpoint", "avatarforge-mme", "--user", "alice", "--prompt", "hi",
+      "--region", "eu-west-1"], CREDENTIALS),
+    (["avatars", "alice", "--pack", "classic", "--endpoint", "avatarforge-mme",
+      "--region", "eu-west-1"], CREDENTIALS),
+    (["submit", "--user", "alice", "--photos", "{photos}", "--bucket", "my-bucket"], CREDENTIALS),
+    (["status", "alice-1", "--bucket", "my-bucket"], CREDENTIALS),
+    (["deploy", "mme"], CREDENTIALS),
+    (["deploy", "training"], CREDENTIALS),
+    (["deploy", "destroy"], CREDENTIALS),
+    (["deploy", "destroy", "--dry-run"], CREDENTIALS),
+    (["preprocess", "s3://my-bucket/photos/", "{out}"], CREDENTIALS),
+    (["job", "run", "s3://my-bucket/jobs/request.json"], CREDENTIALS),
+    (["job", "validate", "s3://my-bucket/jobs/request.json"], CREDENTIALS),
+]  # fmt: skip
+# With credentials but an endpoint that does not answer (a closed loopback port).
+UNREACHABLE_COMMANDS = [
+    ["generate", "--endpoint", "avatarforge-mme", "--user", "alice", "--prompt", "hi",
+     "--region", "eu-west-1"],
+    ["deploy", "mme"],
+    ["preprocess", "s3://my-bucket/photos/", "{out}"],
+]  # fmt: skip
+# A header printed before the endpoint is asked (what will be rendered): allowed above the error.
+HEADER = {"avatars"}
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_without_aws(args: list[str], extra: dict[str, str], tmp_path: Path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(NO_AWS, **extra, HOME=str(tmp_path / "home"), COLUMNS="80")
+    args = [a.format(photos=tmp_path / "photos", out=tmp_path / "out") for a in args]
+    done = subprocess.run(
+        [sys.executable, "-m", "avatarforge", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    return args, done
+
+
+def test_every_aws_command_without_aws_settings_prints_one_line_saying_what_to_set(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "me.jpg").write_bytes(b"\xff\xd8 not really")
+    credentials = {"AWS_ACCESS_KEY_ID": "AKIDEXAMPLE", "AWS_SECRET_ACCESS_KEY": "example"}
+    unreachable = {**credentials, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_closed_port()}",
+                   "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
+    runs = [(args, {}, hint) for args, hint in AWS_COMMANDS]
+    runs += [(args, unreachable, UNREACHABLE) for args in UNREACHABLE_COMMANDS]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # each is its own process: ~1 s of CPU
+        results = list(pool.map(lambda run: _run_without_aws(run[0], run[1], tmp_path), runs))
+    for (_, _, hint), (args, done) in zip(runs, results, strict=True):
+        shown = done.stdout + done.stderr
+        lines = [line for line in shown.splitlines() if line.strip()]
+        where = f"avatarforge {' '.join(args)}:\n{shown}"
+        assert done.returncode in (1, 2), where
+        assert "Traceback" not in shown and "╭" not in shown, where  # no (rich) traceback
+        assert lines and lines[-1].startswith("error: ") and hint in lines[-1], where
+        if args[0] not in HEADER:
+            assert len(lines) == 1, where  # botocore's INFO lines are not shown either
+    region = results[0][1].stdout
+    assert "give --region, or set AWS_REGION" in region  # the command has the option: named
+
+
+def test_a_deploy_plan_needs_no_aws_settings(tmp_path):
+    _, done = _run_without_aws(["deploy", "mme", "--dry-run"], {}, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "dry run: planned against nothing" in done.stdout
+
+
+def test_aws_hint_names_what_to_do_for_refused_credentials_and_nothing_else():
+    from botocore.exceptions import ClientError, NoRegionError
+
+    from avatarforge.cli.common import aws_hint
+    from avatarforge.storage import StorageError
+
+    expired = ClientError({"Error": {"Code": "ExpiredToken", "Message": "expired"}}, "GetObject")
+    assert "expired or wrong" in aws_hint(expired)
+    try:  # ours, raised from botocore's: the cause is found
+        try:
+            raise NoRegionError()
+        except NoRegionError as exc:
+            raise StorageError("cannot list") from exc
+    except StorageError as exc:
+        assert "AWS_REGION" in aws_hint(exc)
+    denied = ClientError({"Error": {"Code": "AccessDenied", "Message": "no"}}, "GetObject")
+    assert aws_hint(denied) is None  # the message says what is wrong; no setting cures it
+    assert aws_hint(ValueError("x")) is None and aws_hint(None) is None

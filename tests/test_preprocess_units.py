@@ -160,6 +160,64 @@ def test_crop_pads_with_edge_pixels_instead_of_stretching():
     assert black.shape == (50, 50, 3) and (black[:, :9] == 0).all()
 
 
+def _band_above(image: np.ndarray, valid: np.ndarray) -> tuple[float, float]:
+    """The band padded above the photo, over the columns the photo fills below it: how much
+    more it changes across than down (vertical streaks: far above 1; the photo itself: ~1),
+    and how much detail it holds next to the photo (mean gradient, band / photo)."""
+    grey = np.asarray(Image.fromarray(image).convert("L"), dtype=np.float32)
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    band = grey[: rows[0] - 1, cols[0] : cols[-1] + 1]  # the seam row left out
+    photo = grey[rows[0] :, cols[0] : cols[-1] + 1]
+    across, down = np.abs(np.diff(band, axis=1)).mean(), np.abs(np.diff(band, axis=0)).mean()
+    detail = (np.abs(np.diff(photo, axis=1)).mean() + np.abs(np.diff(photo, axis=0)).mean()) / 2
+    return across / (down + 0.5), (across + down) / 2 / detail
+
+
+# sample photos whose face is near the top: the square crop reaches 11-32 % above the photo
+NEAR_THE_TOP = ("astronaut_cool.webp", "astronaut_grey.png", "astronaut_tilt_right.jpg",
+                "astronaut_two_faces.jpg")  # fmt: skip
+
+
+def test_padding_above_a_face_near_the_edge_draws_no_streaks(sample_photos):
+    from avatarforge.preprocess.pipeline import process_photo
+
+    config = PreprocessConfig()  # the default: what training gets
+    for name in NEAR_THE_TOP:
+        photo = load_photo(sample_photos / name, **LIMITS)
+        done = process_photo(photo.pixels, config, GrabCutSegmenter(), key=name)
+        assert done.valid is not None and done.scores["padded"] > 0.1, name
+        assert np.array_equal(done.valid[: round(0.1 * config.size)].any(axis=1), [False] * 51)
+        streaks, detail = _band_above(done.image, done.valid)
+        assert streaks < 1.2, (name, streaks)  # no direction, like the photo itself
+        assert detail < 0.3, (name, detail)  # out of focus: nothing sharp to learn
+        # the same crop with repeated edge pixels, as before: columns of streaks
+        edge, _, _ = crop_square(photo.pixels, done.crop_box, config.size, pad_mode="edge")
+        assert _band_above(edge, done.valid)[0] > 2.5, name
+
+
+def test_blur_padding_keeps_the_photo_and_fades_to_its_border_colour(portrait):
+    box = (0, -500, 512, 512)  # half of the square above the photo
+    out, valid, _ = crop_square(portrait, box, size=512, pad_mode="blur")
+    photo, _, _ = crop_square(portrait, box, size=512, pad_mode="reflect")
+    top = int(np.flatnonzero(valid.any(axis=1))[0])
+    assert top > 0.4 * 512 and valid[top:].all()
+    assert np.array_equal(out[valid], photo[valid])  # the photo's own pixels untouched
+    border = photo[top : top + 2].reshape(-1, 3).mean(axis=0)  # the rows along the seam
+    assert np.abs(out[:5].reshape(-1, 3).mean(axis=0) - border).max() < 2  # far: their mean
+    step = np.abs(out[top - 1].astype(int) - out[top].astype(int)).mean()
+    assert step < 2 * np.abs(np.diff(photo[top:].astype(int), axis=0)).mean()  # no seam line
+
+
+def test_the_contact_sheet_shows_rejected_photos_first():
+    from avatarforge.preprocess.sheet import SheetRow, SheetRows
+
+    rows = SheetRows(limit=4)
+    for name, rejected in (("a", False), ("b", True), ("c", False), ("d", True), ("e", False)):
+        rows.add(SheetRow(name), rejected=rejected)
+    # at the top, where the user looks for why; then the earliest kept ones (one left off)
+    assert [row.label for row in rows.shown()] == ["b", "d", "a", "c"] and rows.omitted == 1
+
+
 # --- segmentation and backgrounds ---------------------------------------------------------
 
 

@@ -11,7 +11,10 @@ every adapter and checked when the adapter is loaded.
 - :mod:`.build`     a diffusers base folder from components, with SD 2.x's tokenizer (the real
   CLIP vocabulary) and noise schedule
 - :mod:`.tiny`      the embedded tiny base, built from configs with seeded random weights
-- :mod:`.hub`       fetching a real base from the model hub (only when allowed)
+- :mod:`.hub`       fetching a real base from the model hub (only when allowed), or finding
+  one in the local hub cache
+- :mod:`.importer` a real SD 2.x base checked (architecture, prediction type for its size,
+  the download's hashes) and written as the fp16 folder every step loads
 - :mod:`.pipeline`  a StableDiffusionPipeline of a base, on the best device
 - :mod:`.logs`      silencing the hub libraries' chatter
 """

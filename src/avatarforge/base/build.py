@@ -100,15 +100,16 @@ def build_base_folder(
     An existing folder is reused when it holds ``base_id`` and refused when it holds another
     base (``force`` rebuilds it). ``bpe``: see :func:`clip_vocab_and_merges`.
     """
-    from diffusers import StableDiffusionPipeline
-
-    quiet_hf()
     out = Path(out).resolve()
     if out.exists() and not force:
         info = read_base_info(out)
         if info.base_id != base_id:
             raise BaseError(f"{out} holds {info.base_id}, not {base_id}; use --force to rebuild")
         return info
+    # imported only to build: diffusers takes seconds to import, a built base needs none of it
+    from diffusers import StableDiffusionPipeline
+
+    quiet_hf()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=out.parent))
     try:

@@ -83,6 +83,14 @@ def read_base_info(folder: Path, base_id: str | None = None, *, verify: bool = F
     return BaseInfo(base_id or recorded["base_id"], recorded["content_hash"], folder)
 
 
+def record_base_info(folder: Path, base_id: str, digest: str, **extra: Any) -> None:
+    """Record ``digest`` (the :func:`content_hash` just computed) as the folder's hash, with
+    the stamp that lets :func:`read_base_info` trust it, and ``extra`` facts beside it."""
+    folder = Path(folder)
+    record = {**extra, "base_id": base_id, "content_hash": digest, "stamp": _stamp(folder)}
+    (folder / INFO_FILE).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+
+
 def check_same_base(expected: dict[str, Any], actual: BaseInfo) -> None:
     """Refuse an adapter trained on another base (the reference implementation's fault)."""
     if expected.get("base_hash") != actual.content_hash:

@@ -58,6 +58,9 @@ def _root(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    if not verbose:  # "Found credentials in environment variables." once per client made
+        for name in ("botocore", "boto3", "s3transfer"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 for _module in (

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from .common import console, step_printers
+from .common import Bar, console, step_printers
 
 
 def demo(
@@ -22,10 +22,12 @@ def demo(
     from ..demos.local import STEPS, run_demo
 
     began = time.perf_counter()
-
-    on_step, on_done = step_printers(len(STEPS))
-
-    state = run_demo(out, on_step=on_step, on_done=on_done)
+    bar = Bar()  # within a step: images, denoising steps, photos (training shows its own)
+    on_step, on_done = step_printers(len(STEPS), bar)
+    try:
+        state = run_demo(out, on_step=on_step, on_done=on_done, on_progress=bar)
+    finally:
+        bar.close()
     console.rule(f"[bold green]done[/] in {time.perf_counter() - began:.0f} s")
     console.print(f"  photos before/after   {state.dataset / 'contact_sheet.png'}")
     console.print(f"  generated images      {state.out / 'contact_sheet.png'}")

@@ -19,7 +19,7 @@ import typer
 
 from ..names import check_user_id
 from ..train.config import PRESETS, TrainConfig
-from .common import config_options, console, fail, save_images
+from .common import config_options, console, denoising_bar, fail, save_images
 
 QUICK = "cpu-quick"
 STOPPED = 3  # exit code of a run that stopped resumably (time box, signal)
@@ -121,9 +121,11 @@ def cpu_notice(est, config: TrainConfig, quick: TrainConfig | None = None, quick
             f"{_duration(quick_est.total_s)} here); options you give override it."
         )
     minutes = f" and every {config.checkpoint_minutes:g} min" if config.checkpoint_minutes else ""
+    # "resume checkpoint", not "checkpoint": the trainer's log also names gradient checkpointing
     lines.append(
-        f"  Checkpoints every {config.checkpoint_every} steps{minutes}; Ctrl-C or SIGTERM saves "
-        "one and stops (exit code 3); run the same command again to resume."
+        f"  Resume checkpoints (the LoRA weights so far) are saved every "
+        f"{config.checkpoint_every} steps{minutes}; Ctrl-C or SIGTERM saves one and stops "
+        "(exit code 3); run the same command again to resume."
     )
     return "\n".join(lines)
 
@@ -275,9 +277,13 @@ def generate_local(
     args = GenArgs.parse(gen_args)
     meta = read_adapter(adapter)
     info = resolve_base(BaseConfig(base=base) if base else base_config_for(meta))
-    pipe = load_pipeline(info, device=device or None)
-    load_adapter(pipe, adapter, info, "user")
-    images = generate_images(pipe, prompt, negative_prompt or None, args)
+    # on a CPU a real base loads for tens of seconds and denoises for minutes: say each phase
+    with console.status(f"loading base {info.base_id} and the adapter", spinner="line"):
+        pipe = load_pipeline(info, device=device or None)
+        load_adapter(pipe, adapter, info, "user")
+    images = generate_images(
+        pipe, prompt, negative_prompt or None, args, on_step=denoising_bar(str(pipe.device))
+    )
     folder = out or build_dir() / "generate-local" / Path(adapter).resolve().parent.name
     save_images(images, folder, suffix=f"-seed{args.seed}", image_format=image_format)
 

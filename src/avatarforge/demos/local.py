@@ -2,7 +2,9 @@
 
 Each step calls the same library functions the CLI calls; what it makes lands in build/demo/
 and the last step draws a contact sheet of it. Nothing here prints: each step returns a line on
-what it made, and :func:`run_demo` hands it to its caller (``avatarforge demo`` prints it).
+what it made, and :func:`run_demo` hands it to its caller (``avatarforge demo`` prints it), as
+it hands on each step's progress (``on_progress``: a step can take minutes on a CPU). Training
+shows its own progress bars (its ``progress`` setting).
 """
 
 from __future__ import annotations
@@ -49,9 +51,17 @@ DEMO_PACK = "classic"
 DEMO_PACK_ARGS = {"steps": 4, "height": 128, "width": 128}
 
 
+Progress = Callable[[int, int, str], None]  # (done, total, what); total 0: not countable
+
+
+def _silent(done: int, total: int, what: str) -> None:
+    pass
+
+
 @dataclass
 class DemoState:
     out: Path
+    progress: Progress = _silent
     base: BaseInfo | None = None
     dataset: Path | None = None
     adapter: Path | None = None
@@ -67,6 +77,7 @@ class DemoState:
 
 
 def _step_base(state: DemoState) -> str:
+    state.progress(0, 0, "building the tiny base (the first run only)")
     base = state.base = resolve_base(BaseConfig())
     return f"base {base.base_id} ({base.content_hash[:12]}) at {base.path}"
 
@@ -78,7 +89,9 @@ def _step_preprocess(state: DemoState) -> str:
     photos = state.out / "photos"
     write_samples(photos)
     state.dataset = state.out / "dataset"
-    manifest = preprocess_dir(photos, state.dataset)
+    manifest = preprocess_dir(
+        photos, state.dataset, on_photo=lambda done, total, _: state.progress(done, total, "photos")
+    )
     return (
         f"{len(manifest.kept_sources)} photos kept, {len(manifest.rejected)} rejected, "
         f"{len(manifest.kept)} training images\n"
@@ -114,10 +127,25 @@ def _step_generate_local(state: DemoState) -> str:
     from ..adapter import load_adapter
 
     assert state.base is not None and state.adapter is not None
+    state.progress(0, 0, "loading the base")
     pipe = load_pipeline(state.base)
-    before = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
+    total = 2 * len(PROMPTS) * DEMO_ARGS.steps  # denoising steps, before and after
+
+    def images(kind: str, first: int) -> list[Image.Image]:
+        out = []
+        for i, prompt in enumerate(PROMPTS):
+            done = (first + i) * DEMO_ARGS.steps
+            what = f"{kind}: image {i + 1} of {len(PROMPTS)}"
+
+            def report(step: int, _: int, done: int = done, what: str = what) -> None:
+                state.progress(done + step, total, what)
+
+            out.append(generate_images(pipe, prompt, None, DEMO_ARGS, on_step=report)[0])
+        return out
+
+    before = images("base", 0)
     load_adapter(pipe, state.adapter, state.base, DEMO_USER)
-    after = [generate_images(pipe, p, None, DEMO_ARGS)[0] for p in PROMPTS]
+    after = images("adapter", len(PROMPTS))
     _save_column(state, "base", before)
     _save_column(state, "local", after)
     state.local_images = after
@@ -138,8 +166,11 @@ def _step_eval(state: DemoState) -> str:
 
     assert state.base is not None and state.adapter is not None and state.dataset is not None
     config = EvalConfig(**DEMO_EVAL)
-    result = evaluate(DEMO_USER, state.adapter, state.dataset, state.out / "eval", config,
-                      base=state.base)  # fmt: skip
+    result = evaluate(
+        DEMO_USER, state.adapter, state.dataset, state.out / "eval", config, base=state.base,
+        on_image=lambda done, total: state.progress(done, total, "generate"),
+        on_score=lambda done, total, _: state.progress(done, total, "score"),
+    )  # fmt: skip
     state.eval_report, state.eval_grid = result.report_path, result.grid_path
     s = result.report.scores
     lines = [
@@ -163,6 +194,7 @@ def _render_pack(state: DemoState, url: str, user: str) -> str:
         state.out / "avatars" / DEMO_PACK,
         target=f"tritonserver {url}, model {user}",
         override=DEMO_PACK_ARGS,
+        on_item=lambda done, total, _: state.progress(done, total, f"{DEMO_PACK} pack avatars"),
     )
     state.gallery, state.gallery_sheet = files.html, files.sheet
     seconds = time.perf_counter() - started
@@ -191,10 +223,14 @@ def _step_serve(state: DemoState) -> str:
     (user,) = build_repository(repo, [state.package])
     env = local_instance_env(state.base.path, state.out / "triton" / "shared")
     log_path = state.out / "triton" / "tritonserver.log"
+    state.progress(0, 0, "starting tritonserver and loading the user's model")
     with tritonserver([repo], load=["model_setup", user], env=env, log_path=log_path) as server:
         ready = f"tritonserver at http://{server.url} ready in {server.started_s:.1f} s"
         args = DEMO_ARGS.to_dict()
-        images = [generate(server.url, user, prompt, None, args)[0] for prompt in PROMPTS]
+        images = []
+        for i, prompt in enumerate(PROMPTS):
+            state.progress(i, len(PROMPTS), "images through tritonserver")
+            images.append(generate(server.url, user, prompt, None, args)[0])
         avatars = _render_pack(state, server.url, user)
     _save_column(state, "triton", images)
     # the server sends JPEGs: compare with the diffusers images through the same encoder
@@ -241,12 +277,14 @@ def run_demo(
     *,
     on_step: Callable[[int, str], None] | None = None,
     on_done: Callable[[int, str, float], None] | None = None,
+    on_progress: Progress | None = None,
 ) -> DemoState:
     """Run every step into ``out`` (default build/demo); the state says what was made.
 
-    ``on_step(i, title)`` before each step, ``on_done(i, what it made, seconds)`` after it.
+    ``on_step(i, title)`` before each step, ``on_done(i, what it made, seconds)`` after it,
+    ``on_progress(done, total, what)`` within a step (``total`` 0: not countable).
     """
-    state = DemoState(out=(out or build_dir() / "demo").resolve())
+    state = DemoState(out=(out or build_dir() / "demo").resolve(), progress=on_progress or _silent)
     state.out.mkdir(parents=True, exist_ok=True)
     run_steps(STEPS, state, on_step, on_done)
     return state

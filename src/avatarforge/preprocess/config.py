@@ -37,9 +37,11 @@ class PreprocessConfig(Settings):
         le=3.0,
     )
     pad_mode: str = setting(
-        "edge",
-        "how to fill where the square crop leaves the photo (never stretched)",
-        choices=("edge", "reflect", "constant"),
+        "blur",
+        "how to fill where the square crop leaves the photo (never stretched): blur continues "
+        "the photo's border out of focus; edge (repeated edge pixels) draws streaks a model "
+        "learns, reflect a mirrored face",
+        choices=("blur", "edge", "reflect", "constant"),
     )
     min_side: int = setting(256, "reject photos whose shorter side is below this", ge=16, le=8192)
     max_pixels: int = setting(

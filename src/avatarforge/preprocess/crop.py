@@ -2,9 +2,16 @@
 
 The square is centred on the face box, raised by a tenth of the face so hair fits above as
 shoulders fit below, and has side ``face * (1 + 2 * margin)``. Where it reaches past the photo
-the missing part is filled (edge pixels, a mirror image or black), then the square is resized to
-``size``. :class:`CropTransform` maps photo coordinates into the output so boxes and landmarks
-follow the pixels.
+the missing part is filled, then the square is resized to ``size``. :class:`CropTransform` maps
+photo coordinates into the output so boxes and landmarks follow the pixels.
+
+The fill is something a model trained on the crops learns too. Repeated edge pixels ("edge")
+draw sharp vertical streaks above a face near the top of the photo (hair stretched into a
+column); a mirror ("reflect") draws a second, upside-down forehead and eyes. "blur" (the
+default) continues the photo's border out of focus: the mirror image, blurred more the farther
+it lies from the photo (sharp at the seam, so no line is drawn there), fading into the border's
+mean colour — no edges, no texture, nothing with a direction. The composites replace the fill
+above the chin with their generated background anyway (:mod:`.pipeline`).
 """
 
 from __future__ import annotations
@@ -16,8 +23,14 @@ import numpy as np
 
 from .faces import Box
 
-_PAD = {"edge": "edge", "reflect": "symmetric", "constant": "constant"}
+_PAD = {"edge": "edge", "reflect": "symmetric", "constant": "constant", "blur": "symmetric"}
+PAD_MODES = tuple(_PAD)
 RAISE = 0.1  # the face box is centred on eyes-nose-mouth; the head extends further up
+# "blur": (distance from the photo, Gaussian sigma), both as fractions of the output side;
+# between two stops the two blurs are mixed. Past FADE_FROM the fill fades into the border's
+# mean colour, fully at FADE_TO.
+BLUR_STOPS = ((0.0, 0.0), (0.02, 0.01), (0.06, 0.03), (0.15, 0.08))
+FADE_FROM, FADE_TO = 0.05, 0.4
 
 
 @dataclass(frozen=True)
@@ -48,7 +61,7 @@ def square_box(face: Box, margin: float) -> Box:
 
 
 def crop_square(
-    pixels: np.ndarray, box: Box, size: int, pad_mode: str = "edge"
+    pixels: np.ndarray, box: Box, size: int, pad_mode: str = "blur"
 ) -> tuple[np.ndarray, np.ndarray, CropTransform]:
     """Cut ``box`` out of ``pixels``, pad what lies outside, resize to ``size`` x ``size``.
 
@@ -70,4 +83,33 @@ def crop_square(
     interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
     out = cv2.resize(square, (size, size), interpolation=interp)
     valid = cv2.resize(valid, (size, size), interpolation=cv2.INTER_NEAREST).astype(bool)
+    if pad_mode == "blur" and not valid.all():
+        out = blur_padding(out, valid)  # at the output size: the blurs cost the same per photo
     return out, valid, CropTransform(x0=x0, y0=y0, scale=size / side)
+
+
+def blur_padding(image: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """``image`` (mirror-padded) with its padding (``~valid``) out of focus: blurred more with
+    the distance from the photo (:data:`BLUR_STOPS`), then faded into the mean colour of the
+    photo's pixels along the seam. The photo's own pixels are returned unchanged."""
+    side = image.shape[0]
+    pixels = image.astype(np.float32)
+    far = cv2.distanceTransform((~valid).astype(np.uint8), cv2.DIST_L2, 5) / side
+    levels = [
+        cv2.GaussianBlur(pixels, (0, 0), sigma * side, borderType=cv2.BORDER_REFLECT)
+        if sigma else pixels
+        for _, sigma in BLUR_STOPS
+    ]  # fmt: skip
+    fill = levels[-1]  # past the last stop
+    for i in range(len(BLUR_STOPS) - 1):
+        (near, _), (to, _) = BLUR_STOPS[i], BLUR_STOPS[i + 1]
+        t = np.clip((far - near) / (to - near), 0.0, 1.0)[..., None]
+        between = ((far >= near) & (far < to))[..., None]
+        fill = np.where(between, levels[i] * (1 - t) + levels[i + 1] * t, fill)
+    seam = cv2.dilate((~valid).astype(np.uint8), np.ones((3, 3), np.uint8), iterations=2)
+    border = pixels[(seam > 0) & valid]
+    mean = border.mean(axis=0) if len(border) else pixels[valid].mean(axis=0)
+    fade = np.clip((far - FADE_FROM) / (FADE_TO - FADE_FROM), 0.0, 1.0)[..., None]
+    fill = fill * (1 - fade) + mean * fade
+    out = np.where(valid[..., None], pixels, fill)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)

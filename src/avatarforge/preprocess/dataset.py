@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ from .intake import Rejected, load_photo
 from .manifest import FAILED, KEPT, REJECTED, RUNNING, Manifest, ManifestItem
 from .pipeline import process_photo
 from .segment import GrabCutSegmenter, Segmenter
-from .sheet import SheetRow, SheetRows, render, small, thumbnail
+from .sheet import SheetRow, SheetRows, render, small, small_crop, thumbnail
 
 log = logging.getLogger(__name__)
 # The manifest first: a run stopped while clearing never leaves an old manifest beside new files.
@@ -123,8 +124,11 @@ def preprocess_dir(
     config: PreprocessConfig | None = None,
     progress: bool = False,
     segmenter: Segmenter | None = None,
+    on_photo: Callable[[int, int, str], None] | None = None,
 ) -> Manifest:
-    """Preprocess every photo in ``in_dir`` into ``out_dir`` (see the module docstring)."""
+    """Preprocess every photo in ``in_dir`` into ``out_dir`` (see the module docstring).
+
+    ``progress``: a tqdm bar; ``on_photo(done, total, source)``: told after each photo."""
     config = config or PreprocessConfig()
     segmenter = segmenter or GrabCutSegmenter(config.segment_side, config.grabcut_iterations)
     in_dir, out_dir = Path(in_dir), Path(out_dir)
@@ -145,11 +149,13 @@ def preprocess_dir(
         from tqdm import tqdm
 
         iterator = tqdm(files, desc="preprocess", unit="photo")
-    for path in iterator:
+    for done, path in enumerate(iterator, 1):
         rel = path.relative_to(in_dir).as_posix()
         new_items, row = _one(path, rel, out_dir, config, segmenter, hashes, taken)
         items.extend(new_items)
         rows.add(row, rejected=new_items[0].status == REJECTED)
+        if on_photo is not None:
+            on_photo(done, len(files), rel)
 
     manifest = Manifest(items=items, config=config.to_dict(), not_on_sheet=rows.omitted)
     error = _shortfall(manifest, config, out_dir)
@@ -244,10 +250,16 @@ def _one(path, rel, out_dir, config, segmenter, hashes, taken) -> tuple[list, Sh
     for kind, stem, img in outputs:
         _save_png(img, out_dir / "images" / f"{stem}.png")
         items.append(ManifestItem(image=f"images/{stem}.png", background=kind, **common))
+    padded = done.scores.get("padded", 0.0)
+    fill = f", {padded:.0%} padded ({config.pad_mode}; dashed: the photo's edge)" if padded else ""
     row = SheetRow(
-        f"{rel}: kept, face {done.scores['face_px']}px, {len(outputs)} image(s)",
+        f"{rel}: kept, face {done.scores['face_px']}px, {len(outputs)} image(s){fill}",
         thumbnail(pixels, done.face.box, done.crop_box),
-        [small(done.image), small(done.mask), *(small(img) for _, img in done.composites)],
+        [
+            small_crop(done.image, done.valid),
+            small(done.mask),
+            *(small(img) for _, img in done.composites),
+        ],
     )
     return items, row
 

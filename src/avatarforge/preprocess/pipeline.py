@@ -29,6 +29,7 @@ class Processed:
     mask: np.ndarray  # (size, size) uint8, 255 = person
     composites: list[tuple[str, np.ndarray]] = field(default_factory=list)  # (kind, image)
     scores: dict[str, float] = field(default_factory=dict)
+    valid: np.ndarray | None = None  # (size, size) bool: the pixels from the photo, not padding
 
 
 def sharpness(image: np.ndarray, box: Box) -> float:
@@ -77,8 +78,8 @@ def process_photo(
     assert face.landmarks is not None
     local = Face(box=tf.box(face.box), score=face.score, landmarks=tf.points(face.landmarks))
     mask = segmenter.mask(image, local)
-    # Padding above the chin repeats edge pixels (streaks of hair or wall): never the person, so
-    # composites replace it. Below the chin it continues the shoulders and is left as segmented.
+    # Padding above the chin continues hair or wall (out of focus, see .crop): never the person,
+    # so composites replace it. Below the chin it continues the shoulders, left as segmented.
     above_chin = np.arange(config.size)[:, None] < local.box[3]
     mask = np.where(~valid & above_chin, 0, mask).astype(np.uint8)
     composites = [
@@ -94,4 +95,4 @@ def process_photo(
         "mask_coverage": round(float(mask.mean()) / 255.0, 4),
         "padded": round(1.0 - float(valid.mean()), 4),
     }
-    return Processed(face, box, image, mask, composites, scores)
+    return Processed(face, box, image, mask, composites, scores, valid)

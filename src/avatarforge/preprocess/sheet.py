@@ -21,8 +21,9 @@ class SheetRow:
 
 class SheetRows:
     """The rows the contact sheet shows: at most ``limit`` (its height, and the thumbnails held
-    in memory, stay bounded however many photos there are), rejected photos first since the
-    sheet is where the user sees why, then the earliest kept ones; shown in their own order."""
+    in memory, stay bounded however many photos there are). Rejected photos come first, at the
+    top, since the sheet is where the user sees why; then the earliest kept ones. Each group
+    is in the photos' order."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
@@ -39,7 +40,7 @@ class SheetRows:
             self.omitted += 1
 
     def shown(self) -> list[SheetRow]:
-        return [row for _, row in sorted(self._rejected + self._kept, key=lambda pair: pair[0])]
+        return [row for _, row in self._rejected + self._kept]
 
 
 def thumbnail(pixels: np.ndarray, box=None, crop=None, side: int = THUMB) -> Image.Image:
@@ -57,6 +58,39 @@ def thumbnail(pixels: np.ndarray, box=None, crop=None, side: int = THUMB) -> Ima
 def small(pixels: np.ndarray, side: int = THUMB) -> Image.Image:
     img = Image.fromarray(pixels)
     img.thumbnail((side, side))
+    return img
+
+
+PADDING_LINE = (255, 200, 0)  # where the photo ends in a crop: beyond it is fill, not photo
+
+
+def small_crop(pixels: np.ndarray, valid: np.ndarray | None, side: int = THUMB) -> Image.Image:
+    """A crop's thumbnail with a dashed line where the photo ends (``valid``: the crop's pixels
+    that came from the photo), so the sheet shows what was filled in and how it looks."""
+    img = small(pixels, side)
+    if valid is None or valid.all():
+        return img
+    rows, cols = np.flatnonzero(valid.any(axis=1)), np.flatnonzero(valid.any(axis=0))
+    scale = img.width / pixels.shape[1]
+    top, bottom = rows[0] * scale, (rows[-1] + 1) * scale - 1
+    left, right = cols[0] * scale, (cols[-1] + 1) * scale - 1
+    draw = ImageDraw.Draw(img)
+    edges = [
+        (rows[0] > 0, (left, top, right, top)),
+        (rows[-1] < valid.shape[0] - 1, (left, bottom, right, bottom)),
+        (cols[0] > 0, (left, top, left, bottom)),
+        (cols[-1] < valid.shape[1] - 1, (right, top, right, bottom)),
+    ]
+    for padded, (x0, y0, x1, y1) in edges:
+        if not padded:
+            continue
+        length = max(x1 - x0, y1 - y0)
+        for start in np.arange(0, length, 6):  # dashes: a line the photo does not have
+            end = min(start + 3, length)
+            if y0 == y1:
+                draw.line([(x0 + start, y0), (x0 + end, y0)], fill=PADDING_LINE, width=1)
+            else:
+                draw.line([(x0, y0 + start), (x0, y0 + end)], fill=PADDING_LINE, width=1)
     return img
 
 

@@ -116,10 +116,12 @@ def test_with_the_default_ready_one_users_failed_load_fails_the_instances_ping(
     safe_extract(mme_source / "broken.tar.gz", folder)  # its initialize() raises
     ours = model_environment(deploy_config)["SAGEMAKER_TRITON_PING_MODE"]
     pings = {}
-    for mode, env in (("unset", {}), (ours, {"SAGEMAKER_TRITON_PING_MODE": ours})):
+    # the launcher starts from the model environment's MME_ENV: "ready" is the image's default
+    ready = {"SAGEMAKER_TRITON_PING_MODE": "ready", "SAGEMAKER_TRITON_OVERRIDE_PING_MODE": ""}
+    for mode, env in (("ready", ready), (ours, {"SAGEMAKER_TRITON_PING_MODE": ours})):
         with sagemaker_triton(tmp_path / f"server-{mode}", extra_env=env) as server:
             assert _status(f"{server.sagemaker_url}/ping") == 200
             load = {"model_name": "broken", "url": str(folder)}
             assert _status(f"{server.sagemaker_url}/models", load) == 400  # the load fails
             pings[mode] = _status(f"{server.sagemaker_url}/ping")
-    assert pings == {"unset": 400, "live": 200}
+    assert pings == {"ready": 400, "live": 200}

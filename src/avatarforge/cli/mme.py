@@ -31,7 +31,11 @@ def serve(
     source: str = typer.Option(
         None, help="folder or s3:// prefix holding <user>.tar.gz (default: build/package)"
     ),
-    root: Path = typer.Option(None, help="where models are untarred (default: build/mme/models)"),
+    root: Path = typer.Option(
+        None,
+        help="where models are untarred, SageMaker's /opt/ml/models; each load url must be "
+        "<root>/<name>/model (default: mme.models_root, else build/mme/models)",
+    ),
     max_loaded: int = typer.Option(8, min=1, help="models kept loaded (LRU eviction past it)"),
     port: int = typer.Option(
         FRONT_PORT,
@@ -49,9 +53,12 @@ def serve(
     shared_dir: Path = typer.Option(None, help="shared files (default: build/triton/shared)"),
     base: str = typer.Option("tiny", help="base source for the shared base: 'tiny' or a path"),
 ) -> None:
-    """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything."""
+    """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything.
+
+    If tritonserver dies, /ping answers 503 and the command exits 1, as a SageMaker container
+    whose server died (SageMaker replaces the instance): run it again."""
     from ..mme import MMEConfig, MultiModelLoader
-    from ..mme.front import mme_front
+    from ..mme.front import mme_front, process_alive
     from ..tritonserver.launch import PortInUseError
     from ..tritonserver.sagemaker import sagemaker_triton
 
@@ -72,6 +79,7 @@ def serve(
     stop_on_sigterm()  # models unloaded, tritonserver stopped
     source = source or str(build_dir() / "package")
     env = instance_env(base, shared_dir)  # the user models' ensure-step reads these
+    died = ""
     try:
         with sagemaker_triton(
             sagemaker_port=sagemaker_port,
@@ -80,19 +88,21 @@ def serve(
             grpc_port=grpc_port,
             metrics_port=metrics_port,
         ) as server:
-            loader = MultiModelLoader(
-                server.sagemaker_url,
-                source,
-                root or build_dir() / "mme" / "models",
-                MMEConfig(max_loaded=max_loaded),
-            )
+            config = MMEConfig(max_loaded=max_loaded, models_root=str(root or ""))
+            loader = MultiModelLoader(server.sagemaker_url, source, config=config)
+
+            def alive() -> bool:
+                return process_alive(server.pid)
+
             try:
-                with mme_front(loader, port=port) as url:
+                with mme_front(loader, port=port, healthy=alive) as url:
                     _print_usage(url, server, source)
-                    while True:
-                        time.sleep(1)
+                    while alive():
+                        time.sleep(0.5)
+                # tritonserver died (the OOM killer, a crash): nothing here can serve any more
+                died = f"tritonserver died (pid {server.pid}); its log: {server.log_path}"
             finally:
-                loader.unload_all()
+                loader.unload_all(in_triton=alive())
     except KeyboardInterrupt:
         console.print("stopped")
     except PortInUseError as exc:
@@ -103,6 +113,8 @@ def serve(
         fail(str(exc))
     except RuntimeError as exc:
         fail(str(exc))
+    if died:
+        fail(died)
 
 
 def _print_usage(url: str, server, source: str) -> None:
@@ -111,9 +123,13 @@ def _print_usage(url: str, server, source: str) -> None:
     say(f"local MME ready in {server.start_seconds:.1f} s; log {server.log_path}")
     say(f"  MME front        {url}  (POST /endpoints/<name>/invocations)")
     say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver; all interfaces)")
-    say(f"  HTTP             {server.http_url}  (tritonserver, KServe v2)")
-    say(f"  gRPC             {server.grpc_url}")
-    say(f"  metrics          {server.metrics_url}  (Prometheus)")
+    for name, value, what in (
+        ("HTTP", server.http_url, "  (tritonserver, KServe v2)"),
+        ("gRPC", server.grpc_url, ""),
+        ("metrics", server.metrics_url, "  (Prometheus)"),
+    ):
+        if value:  # None: off, as on SageMaker
+            say(f"  {name:<16} {value}{what}")
     say(f"TargetModels from {source}: {', '.join(examples) or '(none yet)'}")
     say(
         f"try: avatarforge generate --mme {url} --target-model {target} "

@@ -9,6 +9,7 @@ as the SageMaker container whose server died (SageMaker then replaces the instan
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 from fixtures.mme import output_of, scale_request
 
-from avatarforge.mme import MMEConfig, MultiModelLoader
+from avatarforge.mme import MMEConfig, MultiModelLoader, model_hash
 from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
 from avatarforge.netutil import free_port
 from avatarforge.tritonserver.sagemaker import sagemaker_triton
@@ -136,3 +137,32 @@ def test_mme_serve_fails_ping_and_exits_when_its_tritonserver_dies(mme_source, t
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_stopping_with_an_older_model_busy_unloads_the_idle_ones_first(mme_source, tmp_path):
+    # Triton 2.51's SageMaker unload lists every registered repository and crashes (SIGSEGV)
+    # when one is gone; a busy model is left registered to the server's stop with its files
+    # removed, so every idle model must be unloaded before (alice, older, is the busy one here)
+    import threading
+
+    from avatarforge.mme.front import process_alive
+
+    with sagemaker_triton(tmp_path / "triton") as server:
+        loader = MultiModelLoader(server.sagemaker_url, str(mme_source), tmp_path / "models",
+                                  MMEConfig(), check_model=None)  # fmt: skip
+        loader.invoke("bob.tar.gz", scale_request([1]))
+
+        def slow_alice() -> None:  # ends when the server stops under it
+            with contextlib.suppress(Exception):
+                loader.invoke("alice.tar.gz", scale_request([-3, 30]))
+
+        busy = threading.Thread(target=slow_alice, daemon=True)
+        busy.start()
+        while not loader.in_flight("alice.tar.gz"):
+            time.sleep(0.05)
+        loader.invoke("bob.tar.gz", scale_request([1]))  # bob is now the most recently used
+        assert loader.loaded() == ["alice.tar.gz", "bob.tar.gz"]
+        assert loader.unload_all(wait_s=0.2) == ["alice.tar.gz"]
+        assert loader.client.get(model_hash("bob.tar.gz")) is None  # unloaded in Triton
+        assert process_alive(server.pid), server.log_path.read_text()[-2000:]
+    assert not any((tmp_path / "models").iterdir())

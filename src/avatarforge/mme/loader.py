@@ -412,11 +412,17 @@ class MultiModelLoader:
                 if left <= 0:
                     break
                 self._idle.wait(left)
+        with self._lru_lock:
+            busy = [t for t in self._loaded if self._in_flight.get(t)]
+            idle = [t for t in self._loaded if t not in busy]
+        # One at a time: Triton's front end holds its model-list lock through each unload. The
+        # idle first: each unload lists every registered repository and tritonserver 2.51 dies
+        # (SIGSEGV) if one is gone, as the folder of a busy model left registered is.
+        for target in idle:
+            self.unload(target)
         left_busy = []
-        # One at a time: Triton's front end holds its model-list lock through each unload.
-        for target in self.loaded():
-            busy = bool(self._in_flight.get(target))
-            if self.unload(target, in_triton=not busy) and busy:
+        for target in busy:
+            if self.unload(target, in_triton=False):
                 left_busy.append(target)
                 log.warning("%s has a request in flight: left to the server's stop", target)
         return left_busy

@@ -14,19 +14,28 @@ happen, our front on a loopback port), then:
 2. memory: tritonserver's resident memory (VmRSS) before and after ``--cycles`` load/unload
    cycles of the users in turn (target: growth under 5%).
 
+Clients retry as ours do (503 and 429, with backoff: :func:`avatarforge.mme.front.
+invoke_endpoint`); the retries are counted by kind, and an answer that is still an error after
+them counts as an error, by kind ("HTTP 400 ModelError", "OSError", ...). When any request
+failed, tritonserver's log and the loader's are kept under build/bench/reliability-logs/<time>/.
+
 Prints the table the README shows and writes build/bench/reliability.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import random
+import shutil
 import statistics
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +59,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def error_kind(exc: BaseException) -> str:
+    """What kind of failure: "HTTP <status> <SageMaker code>" for an error answer, else the
+    exception's type (a refused or reset connection, an unreadable answer)."""
+    status, code = getattr(exc, "status", None), getattr(exc, "code", "")
+    if isinstance(status, int):
+        return f"HTTP {status} {code}".strip()
+    return type(exc).__name__
+
+
 def load_test(url: str, users: list[str], a: argparse.Namespace) -> dict[str, Any]:
     from avatarforge.mme.front import EndpointError, invoke_endpoint
     from avatarforge.mme.generate import generate_request, images_from_response
@@ -58,24 +76,36 @@ def load_test(url: str, users: list[str], a: argparse.Namespace) -> dict[str, An
     plan = [[rng.choice(users) for _ in range(a.requests)] for _ in range(a.clients)]
     latencies: list[float] = []
     errors: list[str] = []
+    kinds: Counter[str] = Counter()
+    retries: Counter[str] = Counter()
     lock = threading.Lock()
+
+    def retried(reason: str, _seconds: float) -> None:
+        with lock:  # "alice.tar.gz: HTTP 503: unavailable: ..." -> "HTTP 503"
+            retries[" ".join(reason.split(": ", 2)[1:2]) or reason] += 1
 
     def client(index: int) -> None:
         for i, target in enumerate(plan[index]):
             request = generate_request(PROMPT, gen_args={**SMALL, "seed": index * 1000 + i})
             started = time.perf_counter()
+            kind = ""
             try:
-                response = invoke_endpoint(url, target, request, timeout=a.timeout)
+                response = invoke_endpoint(
+                    url, target, request, timeout=a.timeout, retry_s=a.timeout, on_retry=retried
+                )
                 sizes = [image.size for image in images_from_response(response)]
                 ok = sizes == [(SMALL["width"], SMALL["height"])]
                 problem = "" if ok else f"{target}: images of sizes {sizes}"
+                kind = "" if ok else "wrong images"
             except (EndpointError, OSError, ValueError, KeyError, TypeError) as exc:
                 problem = f"{target}: {type(exc).__name__}: {exc}"
+                kind = error_kind(exc)
             took = time.perf_counter() - started
             with lock:
                 latencies.append(took)
                 if problem:
                     errors.append(problem)
+                    kinds[kind] += 1
 
     started = time.perf_counter()
     with ThreadPoolExecutor(a.clients) as pool:
@@ -84,7 +114,9 @@ def load_test(url: str, users: list[str], a: argparse.Namespace) -> dict[str, An
     return {
         "requests": len(latencies),
         "errors": len(errors),
+        "error_kinds": dict(kinds.most_common()),
         "error_examples": errors[:5],
+        "retries": dict(retries.most_common()),
         "p50_s": round(percentile(latencies, 0.50), 2),
         "p95_s": round(percentile(latencies, 0.95), 2),
         "max_s": round(max(latencies), 2),
@@ -92,6 +124,16 @@ def load_test(url: str, users: list[str], a: argparse.Namespace) -> dict[str, An
         "wall_s": round(wall, 1),
         "distinct_users": len({t for p in plan for t in p}),
     }
+
+
+def keep_logs(logs: list[Path], dest_root: Path) -> Path:
+    """Copy ``logs`` (those that exist) into a new folder under ``dest_root``; its path."""
+    dest = dest_root / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in logs:
+        if log.is_file():
+            shutil.copy2(log, dest / log.name)
+    return dest
 
 
 def memory_cycles(loader, server_pid: int, users: list[str], cycles: int) -> dict[str, Any]:
@@ -132,28 +174,46 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         work = Path(tmp)
         source = work / "source"
         source.mkdir()
+        # the loader's log (loads, evictions, restarts, errors with their references)
+        loader_log = logging.FileHandler(work / "loader.log")
+        loader_log.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        avatarforge_log = logging.getLogger("avatarforge")
+        avatarforge_log.addHandler(loader_log)
+        avatarforge_log.setLevel(logging.INFO)
         t0 = time.perf_counter()
         users = package_users(base, source, work, a.users)
         results["package_s"] = round(time.perf_counter() - t0, 1)
         env = local_instance_env(base.path, work / "shared")
-        with sagemaker_triton(work / "triton", extra_env=env, start_timeout=120) as server:
-            config = MMEConfig(max_loaded=a.max_loaded, invoke_timeout_s=a.timeout)
-            loader = MultiModelLoader(server.sagemaker_url, str(source), work / "models", config)
-            try:
-                with mme_front(loader) as url:
-                    t0 = time.perf_counter()  # the first request starts the shared base
-                    loader.invoke(users[0], generate_request(PROMPT, gen_args=SMALL))
-                    results["first_request_s"] = round(time.perf_counter() - t0, 1)
-                    print(f"shared base up in {results['first_request_s']} s", flush=True)
-                    loads, evictions = loader.loads, loader.evictions
-                    results["load"] = load_test(url, users, a)
-                    results["load"]["loads"] = loader.loads - loads
-                    results["load"]["evictions"] = loader.evictions - evictions
-                    print(f"load test: {results['load']}", flush=True)
-                results["memory"] = memory_cycles(loader, server.pid, users, a.cycles)
-                print(f"memory: {results['memory']}", flush=True)
-            finally:
-                loader.unload_all()
+        triton_log = work / "triton" / "tritonserver.log"
+        try:
+            with sagemaker_triton(work / "triton", extra_env=env, start_timeout=120) as server:
+                triton_log = server.log_path
+                config = MMEConfig(max_loaded=a.max_loaded, invoke_timeout_s=a.timeout)
+                loader = MultiModelLoader(
+                    server.sagemaker_url, str(source), work / "models", config
+                )
+                try:
+                    with mme_front(loader) as url:
+                        t0 = time.perf_counter()  # the first request starts the shared base
+                        loader.invoke(users[0], generate_request(PROMPT, gen_args=SMALL))
+                        results["first_request_s"] = round(time.perf_counter() - t0, 1)
+                        print(f"shared base up in {results['first_request_s']} s", flush=True)
+                        loads, evictions = loader.loads, loader.evictions
+                        results["load"] = load_test(url, users, a)
+                        results["load"]["loads"] = loader.loads - loads
+                        results["load"]["evictions"] = loader.evictions - evictions
+                        print(f"load test: {results['load']}", flush=True)
+                    results["memory"] = memory_cycles(loader, server.pid, users, a.cycles)
+                    print(f"memory: {results['memory']}", flush=True)
+                finally:
+                    loader.unload_all()
+        finally:
+            avatarforge_log.removeHandler(loader_log)
+            loader_log.close()
+            if results.get("load", {}).get("errors", 1):  # failed: keep what the servers said
+                dest = keep_logs([triton_log, work / "loader.log"], root / "reliability-logs")
+                results["logs"] = str(dest)
+                print(f"requests failed: logs kept in {dest}", flush=True)
     results["total_s"] = round(time.perf_counter() - started, 1)
     results["held"] = {
         "errors": results["load"]["errors"] <= MAX_ERRORS,
@@ -166,10 +226,13 @@ def print_table(results: dict[str, Any], a: argparse.Namespace) -> None:
     load, memory = results["load"], results["memory"]
     print("\n| what was tried | how many | what held |")
     print("|---|---|---|")
+    kinds = ", ".join(f"{n} {kind}" for kind, n in load["error_kinds"].items())
+    retries = ", ".join(f"{n} {kind}" for kind, n in load["retries"].items()) or "none"
     print(
         f"| {a.clients} concurrent clients, {a.users} users, max_loaded {a.max_loaded} "
         f"({load['loads']} loads, {load['evictions']} evictions) | {load['requests']} requests | "
-        f"{load['errors']} errors (target 0); p50 {load['p50_s']} s, p95 {load['p95_s']} s |"
+        f"{load['errors']} errors (target 0){f': {kinds}' if kinds else ''}; retries: "
+        f"{retries}; p50 {load['p50_s']} s, p95 {load['p95_s']} s |"
     )
     print(
         f"| load + unload cycles | {memory['cycles']} | tritonserver RSS "
@@ -178,6 +241,8 @@ def print_table(results: dict[str, Any], a: argparse.Namespace) -> None:
     )
     verdict = "held" if all(results["held"].values()) else "FAILED"
     print(f"\n{verdict}; total {results['total_s']} s (packaging {results['package_s']} s)")
+    if "logs" in results:
+        print(f"tritonserver's and the loader's logs: {results['logs']}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -173,3 +173,62 @@ def test_loaded_model_answers_while_another_loads(make_loader, mme_source: Path)
     assert still_loading, "bob loaded too fast for this test to mean anything"
     assert waited < 0.5
     assert loader.loaded() == ["alice.tar.gz", "bob.tar.gz"]
+
+
+# tritonserver from 2.70 FullMatches a load's url against this (server repository, HEAD,
+# src/sagemaker_server.h:86); the loader checks each url with its root in /opt/ml/models' place
+UPSTREAM_LOAD_URL = r"(\/opt\/ml\/models\/[0-9A-Za-z._]+)\/(model)\/?([0-9A-Za-z._]+)?"
+
+
+def test_load_urls_have_the_shape_the_sagemaker_front_end_accepts(tmp_path) -> None:
+    from avatarforge.mme import MMEConfig, MMEError, MultiModelLoader
+    from avatarforge.mme.loader import load_url_pattern
+    from avatarforge.paths import build_dir
+
+    pattern = load_url_pattern(Path("/opt/ml/models"))
+    good = ["/opt/ml/models/0a1b/model", "/opt/ml/models/a.b_C/model/", "/opt/ml/models/x/model/y"]
+    bad = ["/opt/ml/models/a-b/model", "/opt/ml/models/x/y/model", "/opt/ml/other/x/model"]
+    bad += ["/opt/ml/models/x/model/a/b", "/opt/ml/models/x/modelz/y", "/opt/ml/models//model"]
+    for url in good:
+        assert re.fullmatch(UPSTREAM_LOAD_URL, url) and pattern.fullmatch(url), url
+    for url in bad:
+        assert not re.fullmatch(UPSTREAM_LOAD_URL, url) and not pattern.fullmatch(url), url
+    # the default root, and one of the user's choosing: each url the loader would POST passes
+    assert MMEConfig().models_root == ""  # build/mme/models
+    for config in (MMEConfig(), MMEConfig(models_root=str(tmp_path / "my root-1"))):
+        loader = MultiModelLoader("http://127.0.0.1:9", str(tmp_path), config=config)
+        expected = Path(config.models_root or build_dir() / "mme" / "models")
+        assert loader.root == expected.resolve()
+        loader.check_load_url(loader.root / model_hash("team/alice.tar.gz") / "model")
+        with pytest.raises(MMEError, match="does not match"):
+            loader.check_load_url(loader.root / "a-b" / "model")
+
+
+@pytest.mark.integration
+def test_a_root_of_opt_ml_models_loads_as_on_sagemaker(sagemaker_server, mme_source, tmp_path):
+    import fcntl
+    import shutil
+    import uuid
+
+    from avatarforge.mme import MMEConfig, MultiModelLoader
+    from avatarforge.serving.package_check import write_checksum
+
+    root = Path("/opt/ml/models")
+    created = next(p for p in (root, *root.parents) if p.exists()) != root
+    target = f"opt-{uuid.uuid4().hex[:12]}.tar.gz"  # its own hash: runs cannot collide
+    write_checksum(shutil.copy(mme_source / "alice.tar.gz", tmp_path / target))
+    # one run at a time on this machine: a loader clears stale model folders under its root
+    with open("/tmp/avatarforge-test-opt-ml-models.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        loader = MultiModelLoader(sagemaker_server.sagemaker_url, str(tmp_path), None,
+                                  MMEConfig(models_root=str(root)), check_model=None)  # fmt: skip
+        try:
+            assert output_of(loader.invoke(target, scale_request([1]))) == [2.0]
+            url = loader.client.get(model_hash(target))["modelUrl"]
+            assert url == f"/opt/ml/models/{model_hash(target)}/model"
+            assert re.fullmatch(UPSTREAM_LOAD_URL, url)
+        finally:
+            loader.unload_all()
+            if created:
+                shutil.rmtree("/opt/ml", ignore_errors=True)
+    assert not (root / model_hash(target)).exists()

@@ -171,3 +171,20 @@ def test_users_alternating_in_parallel_past_max_loaded_are_all_answered(
         answers = list(pool.map(ask, plan))
     assert answers == [(user, [USERS[user]]) for user in plan]  # each its own user's model
     assert loader.evictions >= 2 and len(loader.loaded()) == 1
+
+
+def test_a_response_over_six_megabytes_is_refused_as_sagemaker_refuses_it(make_loader, mme_source):
+    # InvokeEndpoint's request and response Body are each at most 6291456 bytes (botocore's
+    # sagemaker-runtime model: BodyBlob max); a model that answers more is the model's fault
+    from avatarforge.mme.front import MAX_BODY_BYTES
+
+    assert MAX_BODY_BYTES == 6291456
+    loader = make_loader(str(mme_source))
+    with mme_front(loader) as url:
+        # 2,000,000 values of "2.0": about 8 MB of KServe JSON
+        with pytest.raises(EndpointError) as info:
+            invoke_endpoint(url, "alice.tar.gz", scale_request([-5, 2_000_000]))
+        assert (info.value.status, info.value.code) == (424, "ModelError")
+        assert "6291456" in info.value.message
+        out = invoke_endpoint(url, "alice.tar.gz", scale_request([-5, 1000]))
+        assert output_of(out) == [2.0] * 1000

@@ -31,7 +31,11 @@ def serve(
     source: str = typer.Option(
         None, help="folder or s3:// prefix holding <user>.tar.gz (default: build/package)"
     ),
-    root: Path = typer.Option(None, help="where models are untarred (default: build/mme/models)"),
+    root: Path = typer.Option(
+        None,
+        help="where models are untarred, SageMaker's /opt/ml/models; each load url must be "
+        "<root>/<name>/model (default: mme.models_root, else build/mme/models)",
+    ),
     max_loaded: int = typer.Option(8, min=1, help="models kept loaded (LRU eviction past it)"),
     port: int = typer.Option(
         FRONT_PORT,
@@ -46,9 +50,11 @@ def serve(
     """Start tritonserver (SageMaker front end) + loader + front; Ctrl-C stops everything.
 
     tritonserver runs with the SageMaker image's flags: its HTTP, gRPC and metrics are off
-    (SAGEMAKER_TRITON_ALLOW_GRPC / _ALLOW_METRICS turn the last two on, as there)."""
+    (SAGEMAKER_TRITON_ALLOW_GRPC / _ALLOW_METRICS turn the last two on, as there). If
+    tritonserver dies, /ping answers 503 and the command exits 1, as a SageMaker container
+    whose server died (SageMaker replaces the instance): run it again."""
     from ..mme import MMEConfig, MultiModelLoader
-    from ..mme.front import mme_front
+    from ..mme.front import mme_front, process_alive
     from ..tritonserver.launch import PortInUseError
     from ..tritonserver.sagemaker import sagemaker_triton
 
@@ -63,21 +69,24 @@ def serve(
     stop_on_sigterm()  # models unloaded, tritonserver stopped
     source = source or str(build_dir() / "package")
     env = instance_env(base, shared_dir)  # the user models' ensure-step reads these
+    died = ""
     try:
         with sagemaker_triton(sagemaker_port=sagemaker_port, extra_env=env) as server:
-            loader = MultiModelLoader(
-                server.sagemaker_url,
-                source,
-                root or build_dir() / "mme" / "models",
-                MMEConfig(max_loaded=max_loaded),
-            )
+            config = MMEConfig(max_loaded=max_loaded, models_root=str(root or ""))
+            loader = MultiModelLoader(server.sagemaker_url, source, config=config)
+
+            def alive() -> bool:
+                return process_alive(server.pid)
+
             try:
-                with mme_front(loader, port=port) as url:
+                with mme_front(loader, port=port, healthy=alive) as url:
                     _print_usage(url, server, source)
-                    while True:
-                        time.sleep(1)
+                    while alive():
+                        time.sleep(0.5)
+                # tritonserver died (the OOM killer, a crash): nothing here can serve any more
+                died = f"tritonserver died (pid {server.pid}); its log: {server.log_path}"
             finally:
-                loader.unload_all()
+                loader.unload_all(in_triton=alive())
     except KeyboardInterrupt:
         console.print("stopped")
     except PortInUseError as exc:
@@ -88,6 +97,8 @@ def serve(
         fail(str(exc))
     except RuntimeError as exc:
         fail(str(exc))
+    if died:
+        fail(died)
 
 
 def _print_usage(url: str, server, source: str) -> None:
@@ -95,7 +106,7 @@ def _print_usage(url: str, server, source: str) -> None:
     target = examples[0] if examples else "USER.tar.gz"
     say(f"local MME ready in {server.start_seconds:.1f} s; log {server.log_path}")
     say(f"  MME front        {url}  (POST /endpoints/<name>/invocations)")
-    say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver)")
+    say(f"  SageMaker front  {server.sagemaker_url}  (tritonserver, on 127.0.0.1)")
     if server.grpc_url:
         say(f"  gRPC             {server.grpc_url}")
     if server.metrics_url:

@@ -346,7 +346,8 @@ class RetryPolicy:
 
     Throttling and 5xx answers are retried by botocore (``mode``, ``max_attempts``);
     ModelNotReadyException — SageMaker's answer while a TargetModel loads on its first request
-    — is retried here with exponential backoff and jitter for up to ``model_loading_s``.
+    — and a model's "send it again" (``_retry_reason``) are retried here with exponential backoff
+    and jitter for up to ``model_loading_s``.
     """
 
     mode: str = "adaptive"  # botocore retry mode: standard or adaptive (client-side rate limit)
@@ -426,10 +427,10 @@ def generate(
         except Exception as exc:
             code = _error_code(exc)
             left = deadline - time.monotonic()
-            if code == "ModelNotReadyException" and left > 0:
+            if (reason := _retry_reason(exc, code)) and left > 0:
                 pause = min(left, _backoff(attempt, retry))
                 if on_retry:
-                    on_retry(f"{target_model} is loading on {endpoint}", pause)
+                    on_retry(f"{target_model} on {endpoint}: {reason}", pause)
                 time.sleep(pause)
                 attempt += 1
                 continue
@@ -437,6 +438,32 @@ def generate(
                 _raise_if_no_model(session, region, models_prefix, user, exc)
             raise _endpoint_error(exc, endpoint, "make deploy-mme") from exc
     return jpegs_from_response(answer["Body"].read())
+
+
+def _retry_reason(exc: BaseException, code: str) -> str:
+    """Why the same request may succeed later ("" if it will not): the TargetModel is loading
+    (429 ModelNotReadyException), the endpoint asks for a retry (503 ServiceUnavailable, after
+    botocore's own attempts), or the model answered an error starting ``RETRY_PREFIX`` — which
+    SageMaker hands over inside a 424 ModelError: Triton's SageMaker front end answers every
+    model error 400, and OriginalMessage is its body, ``{"error": "unavailable: ..."}``. Never
+    another error: a 400 means the request must change."""
+    from ..serving.bootstrap import RETRY_PREFIX
+
+    if code == "ModelNotReadyException":
+        return "the model is loading"
+    if code == "ServiceUnavailable":
+        return "the endpoint is busy"
+    if code != "ModelError":
+        return ""
+    response = getattr(exc, "response", None)
+    original = str(response.get("OriginalMessage") or "") if isinstance(response, dict) else ""
+    try:
+        parsed = json.loads(original)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), str):
+        original = parsed["error"]
+    return original if original.startswith(RETRY_PREFIX) else ""
 
 
 def _backoff(attempt: int, retry: RetryPolicy) -> float:

@@ -6,6 +6,7 @@ outputs): one row, BYTES tensors of shape [1, 1]; an optional input is sent only
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -65,12 +66,17 @@ def generate_jpegs(
     gen_args: str | dict[str, Any] | None = None,
     *,
     timeout: float = 600.0,
+    retry_s: float = 180.0,
+    on_retry: Callable[[str, float], None] | None = None,
 ) -> list[bytes]:
     """JPEG files for one prompt from TargetModel ``target_model`` behind the MME front at
     ``url``, exactly as the model sent them; EndpointError for an error answer or a response
-    that holds no JPEGs."""
+    that holds no JPEGs. A 503 or 429 is sent again for up to ``retry_s``
+    (:func:`~avatarforge.mme.front.invoke_endpoint`)."""
     request = generate_request(prompt, negative_prompt, gen_args)
-    response = invoke_endpoint(url, target_model, request, timeout=timeout)
+    response = invoke_endpoint(
+        url, target_model, request, timeout=timeout, retry_s=retry_s, on_retry=on_retry
+    )
     try:
         return jpegs_from_response(response)
     except (ValueError, ServingError) as exc:
@@ -85,7 +91,9 @@ def generate(
     gen_args: str | dict[str, Any] | None = None,
     *,
     timeout: float = 600.0,
+    retry_s: float = 180.0,
 ) -> list[Image.Image]:
     """Images for one prompt from TargetModel ``target_model`` behind the MME front at ``url``."""
     request = generate_request(prompt, negative_prompt, gen_args)
-    return images_from_response(invoke_endpoint(url, target_model, request, timeout=timeout))
+    response = invoke_endpoint(url, target_model, request, timeout=timeout, retry_s=retry_s)
+    return images_from_response(response)

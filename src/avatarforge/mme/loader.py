@@ -18,10 +18,23 @@ its place, and a slow or large download does not stall other loads. A model with
 flight is never chosen for eviction (Triton's unload would wait for that request, up to 350 s,
 holding every other load): eviction takes the least recently used idle model, and waits for
 one to become idle when all are busy.
+
+A model that answers an invocation with an error starting ``serving.bootstrap.RETRY_PREFIX``
+(Triton error UNAVAILABLE: the shared base restarting, a deadline) is a 503 to the caller: send
+it again. Triton's SageMaker front end answers it 400, as every model error (2.51,
+sagemaker_server.cc), so the loader reads the message. A model whose python stub died (the OOM
+killer) answers "Stub process ... is not healthy" for good, and Triton's unload of it never
+completes: a request that met the dead stub holds a reference to the model (python_backend
+r24.10: the response factory made in ``SaveRequestsToSharedMemory`` is not released when
+``ReceiveMessageFromStub`` fails, and Triton core's response factory holds the model), so the
+SageMaker front end's DELETE waits its 350 s. The loader leaves that model registered, loads
+the TargetModel again under a new Triton name and hash (``<target>.r<n>``), and answers 503;
+stopping tritonserver ends the dead one (``--exit-timeout-secs``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,13 +44,15 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import AvatarforgeError
+from ..paths import build_dir
 from ..safe_tar import safe_extract
+from ..serving.bootstrap import RETRY_PREFIX
 from ..serving.package_check import (
     CHECKSUM_SUFFIX,
     PackageRefusedError,
@@ -117,6 +132,17 @@ class AllModelsBusyError(MMEError):
     status = 503
 
 
+class ModelUnavailableError(MMEError):
+    """The model cannot answer now and the same request will succeed later: a 503 to retry
+    (its message starts with ``RETRY_PREFIX``, or says the model's process was restarted)."""
+
+    status = 503
+
+
+class LoadPathError(MMEError):
+    """A load url that Triton's SageMaker front end (2.70+) would refuse."""
+
+
 @dataclass
 class MMEConfig(Settings):
     section = "mme"
@@ -126,13 +152,27 @@ class MMEConfig(Settings):
     # a user package is an adapter (MBs) and a few small files: a GiB is ample, 8 GiB a bomb
     max_member_bytes: int = setting(1024**3, "largest file in a model archive", ge=1)
     max_total_bytes: int = setting(1024**3, "largest unpacked model archive", ge=1)
-    load_timeout_s: float = setting(600.0, "wait for one load/unload (SageMaker: 360 s)", ge=1)
+    load_timeout_s: float = setting(
+        600.0,
+        "wait for one load or unload (SageMaker lets a TargetModel load for 360 s, its MME "
+        "guide; Triton's SageMaker unload waits up to 350 s)",
+        ge=1,
+    )
     invoke_timeout_s: float = setting(60.0, "wait for one invocation (SageMaker: 60 s)", ge=1)
     max_connections: int = setting(
         64, "connections the front serves at once; one more is answered 503 at once", ge=1
     )
     socket_timeout_s: float = setting(
         30.0, "the front closes a client's connection after this long without a byte", ge=0.1
+    )
+    read_deadline_s: float = setting(
+        60.0,
+        "a client's whole request (head and body) must arrive within this, however slowly it "
+        "trickles in; else 408 and the connection is closed",
+        ge=0.1,
+    )
+    models_root: str = setting(
+        "", "where models are untarred, as SageMaker's /opt/ml/models; empty: build/mme/models"
     )
 
 
@@ -142,11 +182,37 @@ class LoadedModel:
     model_hash: str
     repo_dir: Path  # <root>/<hash>/model: the folder holding the model folder (Triton's "url")
     load_seconds: float  # fetch + extract + Triton load
+    triton_name: str = ""  # Triton's model name: the TargetModel, "<target>.r<n>" once restarted
+
+    def __post_init__(self) -> None:
+        if not self.triton_name:
+            object.__setattr__(self, "triton_name", self.target_model)
 
 
 def model_hash(target_model: str) -> str:
     """The name SageMaker gives a TargetModel on the instance (a hash, path- and name-safe)."""
     return hashlib.sha256(target_model.encode()).hexdigest()[:32]
+
+
+def load_url_pattern(root: Path) -> re.Pattern[str]:
+    """The url Triton's SageMaker front end (2.70+) accepts for a load, with ``root`` in place
+    of /opt/ml/models: ``(/opt/ml/models/[0-9A-Za-z._]+)/(model)/?([0-9A-Za-z._]+)?``, full
+    match (server repository, src/sagemaker_server.h:86 at HEAD)."""
+    return re.compile(rf"({re.escape(str(root))}/[0-9A-Za-z._]+)/(model)/?([0-9A-Za-z._]+)?")
+
+
+# What python_backend answers for a model whose stub process is gone (r24.10 stub_launcher.cc
+# and python_be.cc); the quoted name is the model instance's, "<Triton model name>_<n>_<n>".
+_STUB_DIED_RE = re.compile(r"Stub process (?:'(?P<instance>[^']*)' )?is not healthy\.?")
+
+
+def stub_died(message: str, triton_name: str) -> bool:
+    """Whether an invocation error says the process of the model ``triton_name`` itself died
+    (not that of a model it calls: the shared base's death is the user model's to handle)."""
+    found = _STUB_DIED_RE.fullmatch(message.strip())
+    return found is not None and (
+        found["instance"] is None or found["instance"].startswith(f"{triton_name}_")
+    )
 
 
 def check_target_model(target_model: str) -> str:
@@ -161,7 +227,8 @@ def check_target_model(target_model: str) -> str:
 class MultiModelLoader:
     """Loads TargetModels from ``source`` into Triton's SageMaker front end at ``sagemaker_url``.
 
-    ``root`` plays /opt/ml/models: one ``<hash>/model`` folder per loaded model. Thread-safe:
+    ``root`` plays /opt/ml/models (default: ``config.models_root``, else build/mme/models):
+    one ``<hash>/model`` folder per loaded model. Thread-safe:
     loads and evictions are serialised; invocations of loaded models run in parallel, also
     while another model loads.
     """
@@ -170,7 +237,7 @@ class MultiModelLoader:
         self,
         sagemaker_url: str,
         source: str,
-        root: Path,
+        root: Path | None = None,
         config: MMEConfig | None = None,
         *,
         check_model: Callable[[Path, str], None] | None = check_package,
@@ -180,7 +247,10 @@ class MultiModelLoader:
         # None: any Triton model (the loader plays SageMaker, which loads what it is given)
         self.check_model = check_model
         self.source = source
-        self.root = Path(root).resolve()
+        self.root = Path(
+            root or self.config.models_root or build_dir() / "mme" / "models"
+        ).resolve()
+        self._load_url = load_url_pattern(self.root)
         self.client = SageMakerTritonClient(
             sagemaker_url, self.config.load_timeout_s, self.config.invoke_timeout_s
         )
@@ -191,7 +261,11 @@ class MultiModelLoader:
         self._lru_lock = threading.Lock()
         self._idle = threading.Condition(self._lru_lock)  # notified when a request finishes
         self._in_flight: dict[str, int] = {}
-        self._staging: dict[str, threading.Lock] = {}  # one fetch + extract per TargetModel
+        # one fetch + extract per TargetModel at a time: [lock, users], kept while in use only
+        self._staging: dict[str, list] = {}
+        # TargetModels loaded again under a new name after their process died: how often
+        self._generation: dict[str, int] = {}
+        self._dead: list[LoadedModel] = []  # those dead copies, still registered in Triton
         self.loads = self.evictions = 0  # since start: what a load test reports
         self.root.mkdir(parents=True, exist_ok=True)
         self._sweep()
@@ -223,7 +297,7 @@ class MultiModelLoader:
             if (found := self._touch(target_model)) is not None:
                 return found  # loaded by another thread meanwhile
             started = time.perf_counter()
-            name_hash = model_hash(target_model)
+            name_hash, triton_name = self._names(target_model)
             work = self.root / name_hash
             # staged in a folder of its own: an eviction of this same TargetModel may still be
             # deleting <root>/<hash> (it runs under the Triton lock, this fetch does not)
@@ -239,10 +313,9 @@ class MultiModelLoader:
                     staging.rename(work)
                     moved = True
                     repo_dir = work / "model"
-                    self._triton_load(target_model, name_hash, repo_dir)
-                    model = LoadedModel(
-                        target_model, name_hash, repo_dir, time.perf_counter() - started
-                    )
+                    self._triton_load(target_model, name_hash, repo_dir, triton_name)
+                    took = time.perf_counter() - started
+                    model = LoadedModel(target_model, name_hash, repo_dir, took, triton_name)
                     with self._lru_lock:
                         self._loaded[target_model] = model
                         self.loads += 1
@@ -252,9 +325,39 @@ class MultiModelLoader:
             log.info("loaded %s in %.2f s", target_model, model.load_seconds)
             return model
 
-    def _staging_lock(self, target_model: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _staging_lock(self, target_model: str) -> Iterator[None]:
+        """Held while ``target_model`` is fetched and loaded; its entry lives only while some
+        thread holds or waits for it (a name asked for once, 404s included, keeps nothing)."""
         with self._lru_lock:
-            return self._staging.setdefault(target_model, threading.Lock())
+            entry = self._staging.setdefault(target_model, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._lru_lock:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._staging[target_model]
+
+    def _names(self, target_model: str) -> tuple[str, str]:
+        """(hash, Triton model name) of the TargetModel's next load: SageMaker's, until its
+        process died and a dead copy holds those names in Triton."""
+        generation = self._generation.get(target_model, 0)
+        if not generation:
+            return model_hash(target_model), target_model
+        return model_hash(f"{target_model}\0{generation}"), f"{target_model}.r{generation}"
+
+    def check_load_url(self, repo_dir: Path) -> str:
+        """``repo_dir`` as the load's url, if Triton's SageMaker front end would accept it."""
+        url = str(repo_dir)
+        if not self._load_url.fullmatch(url):
+            raise LoadPathError(
+                f"load url {url} does not match {self._load_url.pattern} (SageMaker's "
+                "/opt/ml/models/<name>/model with this loader's root): Triton 2.70+ refuses it"
+            )
+        return url
 
     def unload(self, target_model: str, *, in_triton: bool = True) -> bool:
         """Unload and delete its files; False if it was not loaded. ``in_triton=False``: only
@@ -270,7 +373,7 @@ class MultiModelLoader:
     def _unload(self, model: LoadedModel, *, in_triton: bool = True) -> None:
         try:
             if in_triton:
-                self.client.unload(model.model_hash, model.target_model)
+                self.client.unload(model.model_hash, model.triton_name)
         finally:
             shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
         log.info("unloaded %s", model.target_model)
@@ -282,14 +385,26 @@ class MultiModelLoader:
                 self._loaded.move_to_end(target_model)
             return found
 
-    def unload_all(self, wait_s: float = 5.0) -> list[str]:
+    def unload_all(self, wait_s: float = 5.0, *, in_triton: bool = True) -> list[str]:
         """Unload every model (at shutdown); returns those left to the server's own stop.
 
         A model with a request in flight is waited for at most ``wait_s`` in all: Triton's
         unload waits for its requests, so one long generation would hold the shutdown for as
         long as it runs. Those still busy then have only their files removed; stopping
         tritonserver ends their requests (``--exit-timeout-secs``) and processes.
+        ``in_triton=False`` (tritonserver is gone): only forget them and delete their files.
         """
+        try:
+            return self._unload_all(wait_s, in_triton)
+        finally:  # the last unload is done: no listing of the repositories follows
+            for dead in self._dead:
+                shutil.rmtree(dead.repo_dir.parent, ignore_errors=True)
+
+    def _unload_all(self, wait_s: float, in_triton: bool) -> list[str]:
+        if not in_triton:
+            for target in self.loaded():
+                self.unload(target, in_triton=False)
+            return []
         deadline = time.monotonic() + wait_s
         with self._lru_lock:
             while any(self._in_flight.get(t) for t in self._loaded):
@@ -297,11 +412,17 @@ class MultiModelLoader:
                 if left <= 0:
                     break
                 self._idle.wait(left)
+        with self._lru_lock:
+            busy = [t for t in self._loaded if self._in_flight.get(t)]
+            idle = [t for t in self._loaded if t not in busy]
+        # One at a time: Triton's front end holds its model-list lock through each unload. The
+        # idle first: each unload lists every registered repository and tritonserver 2.51 dies
+        # (SIGSEGV) if one is gone, as the folder of a busy model left registered is.
+        for target in idle:
+            self.unload(target)
         left_busy = []
-        # One at a time: Triton's front end holds its model-list lock through each unload.
-        for target in self.loaded():
-            busy = bool(self._in_flight.get(target))
-            if self.unload(target, in_triton=not busy) and busy:
+        for target in busy:
+            if self.unload(target, in_triton=False):
                 left_busy.append(target)
                 log.warning("%s has a request in flight: left to the server's stop", target)
         return left_busy
@@ -313,7 +434,9 @@ class MultiModelLoader:
         for attempt in range(2):
             model = self._acquire(target_model)
             try:
-                response = self.client.invoke(model.model_hash, target_model, body, content_type)
+                response = self.client.invoke(
+                    model.model_hash, model.triton_name, body, content_type
+                )
             finally:
                 self._release(target_model)
             if response.status == 404 and attempt == 0:
@@ -325,9 +448,17 @@ class MultiModelLoader:
                         shutil.rmtree(model.repo_dir.parent, ignore_errors=True)
                 continue
             if response.status != 200:
+                message = error_message(response)
+                if stub_died(message, model.triton_name):
+                    self._restart(target_model, model)
+                    raise ModelUnavailableError(
+                        f"{RETRY_PREFIX}{target_model}: the model's process died and was "
+                        "started again; retry"
+                    )
+                if message.startswith(RETRY_PREFIX):  # the model says: send it again
+                    raise ModelUnavailableError(message)
                 raise InvokeError(
-                    f"invoke {target_model}: HTTP {response.status}: {error_message(response)}",
-                    response.status,
+                    f"invoke {target_model}: HTTP {response.status}: {message}", response.status
                 )
             return response
         raise InvokeError(f"invoke {target_model}: not found in Triton after loading it", 404)
@@ -335,6 +466,23 @@ class MultiModelLoader:
     def invoke(self, target_model: str, payload: dict[str, Any]) -> dict[str, Any]:
         """KServe v2 JSON in, KServe v2 JSON out."""
         return self.invoke_raw(target_model, json.dumps(payload).encode()).json()
+
+    def _restart(self, target_model: str, dead: LoadedModel) -> None:
+        """Load ``target_model`` again under new names; the dead copy stays registered in
+        Triton (its unload would wait 350 s, see the module's doc) until the server stops."""
+        with self._lru_lock:
+            if self._loaded.get(target_model) is not dead:
+                return  # restarted already, by another request that met the dead process
+            del self._loaded[target_model]
+            self._generation[target_model] = self._generation.get(target_model, 0) + 1
+            # its files stay while tritonserver runs: the SageMaker front end's unload of any
+            # model lists every registered repository, and a missing one crashes it (2.51)
+            self._dead.append(dead)
+        log.error("the process of %s (%s) died; loading it again", target_model, dead.triton_name)
+        try:
+            self.load(target_model)
+        except Exception as exc:  # the next request loads it, or answers why it cannot
+            log.error("loading %s again failed: %s", target_model, exc)
 
     def in_flight(self, target_model: str) -> int:
         """Requests of ``target_model`` being answered now."""
@@ -423,10 +571,13 @@ class MultiModelLoader:
                 raise ModelLoadError(str(exc)) from None
         return repo_dir
 
-    def _triton_load(self, target_model: str, name_hash: str, repo_dir: Path) -> None:
+    def _triton_load(
+        self, target_model: str, name_hash: str, repo_dir: Path, triton_name: str
+    ) -> None:
+        url = self.check_load_url(repo_dir)
         while True:
             try:
-                self.client.load(name_hash, str(repo_dir), target_model)
+                self.client.load(name_hash, url, triton_name)
                 return
             except TritonMMEError as exc:
                 if exc.status == 507 and self.loaded():

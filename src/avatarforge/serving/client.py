@@ -1,12 +1,20 @@
 """Call a served user model over HTTP (tritonclient): prompt in, JPEGs (as sent) or PIL
-images out."""
+images out.
+
+A 503 (Triton error UNAVAILABLE: the model says to send the request again, e.g. while the shared
+base restarts) is retried with exponential backoff and jitter for up to ``retry_s``; a 400 (the
+request is wrong) or a 500 never is.
+"""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import io
-from collections.abc import Sequence
+import itertools
+import random
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -25,6 +33,19 @@ class ModelNotFoundError(ServingError):
     """No such model is loaded on the server."""
 
     status = 404
+
+
+class RetryLaterError(ServingError):
+    """The model answered UNAVAILABLE (503): the same request succeeds later."""
+
+    status = 503
+
+
+def backoff_pause(attempt: int, base_s: float = 0.5, max_s: float = 8.0) -> float:
+    """Seconds to wait before retry ``attempt`` (0, 1, ...): exponential, with jitter in
+    [ceiling/2, ceiling] (a fleet of clients must not retry in step)."""
+    ceiling = min(max_s, base_s * 2**attempt)
+    return random.uniform(ceiling / 2, ceiling)
 
 
 def build_inputs(
@@ -88,6 +109,8 @@ def infer(client, model: str, inputs) -> np.ndarray:
         )
     except InferenceServerException as exc:
         message = exc.message() or str(exc)
+        if str(exc.status()) == "503":
+            raise RetryLaterError(f"{model}: {message}") from None
         if not _is_ready(client, model):
             raise ModelNotFoundError(
                 f"model {model!r} is not loaded on this server ({message}); "
@@ -114,19 +137,34 @@ def generate_jpegs(
     gen_args: str | dict[str, Any] | None = None,
     *,
     timeout: float = 600.0,
+    retry_s: float = 180.0,
+    on_retry: Callable[[str, float], None] | None = None,
 ) -> list[bytes]:
     """JPEG files for one prompt from the user model ``model`` at ``url`` (host:port or
     http://), exactly as the server sent them.
 
     ``timeout`` is long on purpose: a user's first request starts its model and the shared
-    base, which can take longer than tritonclient's default of 60 s."""
+    base, which can take longer than tritonclient's default of 60 s. A 503 is sent again for
+    up to ``retry_s``; ``on_retry`` hears ``(reason, seconds)`` before each wait."""
     import tritonclient.http as httpclient
 
     url = url.removeprefix("http://")
     client = httpclient.InferenceServerClient(url, network_timeout=timeout)
+    deadline = time.monotonic() + retry_s
     try:
         inputs = build_inputs([prompt], [negative_prompt], [gen_args])
-        return decode_jpegs(infer(client, model, inputs))[0]
+        for attempt in itertools.count():
+            try:
+                return decode_jpegs(infer(client, model, inputs))[0]
+            except RetryLaterError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                pause = min(left, backoff_pause(attempt))
+                if on_retry is not None:
+                    on_retry(str(exc), pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
     finally:
         client.close()
 
@@ -139,9 +177,12 @@ def generate(
     gen_args: str | dict[str, Any] | None = None,
     *,
     timeout: float = 600.0,
+    retry_s: float = 180.0,
 ) -> list[Image.Image]:
     """Images for one prompt from the user model ``model`` at ``url`` (host:port or http://)."""
-    jpegs = generate_jpegs(url, model, prompt, negative_prompt, gen_args, timeout=timeout)
+    jpegs = generate_jpegs(
+        url, model, prompt, negative_prompt, gen_args, timeout=timeout, retry_s=retry_s
+    )
     return [from_jpeg_bytes(data) for data in jpegs]
 
 

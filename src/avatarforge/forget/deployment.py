@@ -22,6 +22,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,7 @@ WHERE = "s3"
 # The documents that name a job's user, in the order they are read (the first found decides):
 # the client's request and submission, the service's result, the service's claim.
 RECORDS = ("request.json", "submission.json", "result.json", "claim.json")
+READERS = 16  # job records read at once (boto3 clients are thread-safe)
 
 
 @dataclass(frozen=True)
@@ -197,18 +199,21 @@ def _forget(user: str, config: DeployConfig, report: Report, bucket: _Bucket, cl
         job_id, slash, _ = obj.key[len(jobs) :].partition("/")
         if slash:
             by_job[job_id].append(obj)
-    unattributed = 0
-    for job_id, objects in sorted(by_job.items()):
-        folder = f"{jobs}{job_id}/"
-        owner = None
+
+    def owner(job_id: str) -> str | None:
         for name in RECORDS:
-            doc = bucket.read_json(objects, folder + name)
-            if (owner := _user_of(name, doc)) is not None:
-                break
-        if owner is None:
-            unattributed += 1
-        elif owner == user:
-            _forget_job(user, config, report, bucket, job_id, objects, clock)
+            doc = bucket.read_json(by_job[job_id], f"{jobs}{job_id}/{name}")
+            if (found := _user_of(name, doc)) is not None:
+                return found
+        return None
+
+    ids = sorted(by_job)
+    with ThreadPoolExecutor(READERS) as pool:  # a GET or more per job: latency, not work
+        owners = dict(zip(ids, pool.map(owner, ids), strict=True))
+    unattributed = sum(found is None for found in owners.values())
+    for job_id in ids:
+        if owners[job_id] == user:
+            _forget_job(user, config, report, bucket, job_id, by_job[job_id], clock)
     if unattributed:
         report.note(
             f"{unattributed} job folder(s) under {uri}{jobs} name no user (no "

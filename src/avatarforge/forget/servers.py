@@ -29,6 +29,12 @@ from ..tritonserver.control_key import ControlKeyError, headers, read_key
 from .report import FAILED, UNLOADED, Report
 
 LOADED_STATES = ("READY", "LOADING", "UNLOADING")
+SHARED_BASE_NOTE = (
+    "the shared base process (sd_base_*) of a server {user} was unloaded from may still hold "
+    "{user}'s adapter weights in its host-memory adapter cache until other users' adapters "
+    "evict them or the server stops; no request reaches them (only {user}'s own model named "
+    "that adapter, and its files are gone)"
+)
 UNLOAD_WAIT_S = 120.0  # Triton finishes a request in flight first (a generation: seconds)
 MME_UNLOAD_TIMEOUT_S = 400.0  # Triton's SageMaker unload waits up to 350 s for a busy model
 
@@ -81,6 +87,7 @@ def unload_local_triton(user: str, report: Report, *, wait_s: float = UNLOAD_WAI
                         raise _StillLoaded(f"still {now} {wait_s:.0f} s after the unload")
                     time.sleep(0.2)
             report.add("local-triton", "loaded model", target, UNLOADED, f"was {state}")
+            report.note(SHARED_BASE_NOTE.format(user=user))
         except ConnectionRefusedError:  # nobody listens: a key left by a server that was killed
             continue
         except (InferenceServerException, OSError, _StillLoaded) as exc:
@@ -131,3 +138,4 @@ def unload_local_mme(user: str, sagemaker_url: str, report: Report) -> None:
         return
     if loaded:
         report.add("local MME", "loaded model", target, UNLOADED)
+        report.note(SHARED_BASE_NOTE.format(user=user))

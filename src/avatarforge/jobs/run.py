@@ -9,8 +9,8 @@ Around that: a job id that already has a result returns it and trains nothing; o
 never runs twice at once on an instance (a lock); at most ``max_concurrent_jobs`` jobs train at
 once (slots; the others wait); a job that starts where an earlier run of the same job id
 stopped (deadline, crash, SIGKILL) resumes from its checkpoint. Local files live in one scratch
-folder per run, removed on every path, SIGTERM and SIGHUP included (:func:`_unwound_if_ended`);
-a SIGKILLed run's folder is removed by the next run on the instance.
+folder per run, removed on every path; a killed run's folder is removed by the next run of
+the same job id.
 """
 
 from __future__ import annotations
@@ -92,6 +92,7 @@ def run_job(
 # skipping every `finally`: the job's scratch folder, the user's photos and working images,
 # would stay on the disk until the next job. While a job runs in the main thread they unwind it
 # first (scratch removed, slot and locks given back), then end the process as they would have.
+# (SIGKILL cannot be caught: the next job on the instance removes that run's folder.)
 _ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 

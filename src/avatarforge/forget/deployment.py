@@ -227,9 +227,12 @@ def _forget_job(user, config, report, bucket: _Bucket, job_id, objects, clock) -
     request = bucket.read_json(objects, folder + "request.json") or {}
     claim = bucket.read_json(objects, folder + "claim.json") or {}
     if isinstance(claim, dict) and claim.get("holder"):
-        until = float(claim.get("until") or 0)
-        if until > clock():
-            when = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+        until = claim.get("until")
+        if not isinstance(until, int | float) or until > clock():  # unreadable: assume running
+            try:
+                when = datetime.fromtimestamp(until, UTC).isoformat(timespec="seconds")
+            except (TypeError, ValueError, OverflowError, OSError):
+                when = repr(until)
             report.pending.append(
                 f"job {job_id} is running (its claim is held until {when}): it may write "
                 f"models/{user}.tar.gz and its records again; run forget again after it ends"
@@ -248,7 +251,8 @@ def _forget_job(user, config, report, bucket: _Bucket, job_id, objects, clock) -
     own_photos = f"s3://{bucket.name}/{config.key('photos', user)}/"
     for doc in (request, submission, claim.get("request") if isinstance(claim, dict) else None):
         read = doc.get("photos") if isinstance(doc, dict) else None
-        for source in [read] if isinstance(read, str) else read or []:
+        sources = [read] if isinstance(read, str) else read if isinstance(read, list) else []
+        for source in sources:
             if isinstance(source, str) and not source.startswith(own_photos):
                 report.note(
                     f"job {job_id} read photos from {source}, outside the deployment's "

@@ -92,6 +92,12 @@ def unload_local_triton(user: str, report: Report, *, wait_s: float = UNLOAD_WAI
             continue
         except (InferenceServerException, OSError, _StillLoaded) as exc:
             message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
+            if isinstance(exc, InferenceServerException) and exc.status() == "403":
+                message = (
+                    f"the server on port {port} refused the control key: it is not the "
+                    "local-triton this build folder started (a key left by a killed server? "
+                    f"then remove {build_dir() / 'triton' / 'keys' / str(port)})"
+                )
             report.add("local-triton", "loaded model", target, FAILED, message)
         finally:
             client.close()

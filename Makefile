@@ -71,6 +71,12 @@ export: $(STAMP)  ## a user's adapter for ComfyUI / AUTOMATIC1111: build/export/
 	@test "$(origin USER)" = "command line" || { echo "usage: make export USER=name"; exit 2; }
 	$(AF) export $(USER) --format kohya
 
+.PHONY: forget
+forget: $(STAMP)  ## delete a user's data and unload them (make forget USER=x [CONFIG=deploy.json] [DRY_RUN=1] [MME=url])
+	@test "$(origin USER)" = "command line" || { echo "usage: make forget USER=name [CONFIG=deploy.json] [DRY_RUN=1]"; exit 2; }
+	$(AF) forget "$(USER)" $(if $(CONFIG),--config $(CONFIG)) $(if $(DRY_RUN),--dry-run) \
+	  $(if $(MME),--mme-sagemaker-url $(MME))
+
 local-triton: $(STAMP)  ## serve model_setup + the packaged users from tritonserver on 127.0.0.1:8000; Ctrl-C stops
 	$(AF) serve local-triton $(if $(PORT),--port $(PORT)) $(if $(GRPC_PORT),--grpc-port $(GRPC_PORT)) \
 	  $(if $(METRICS_PORT),--metrics-port $(METRICS_PORT))

@@ -44,6 +44,7 @@ ALLOWED: dict[str, set[str]] = {
     "jobs": MODEL | {"preprocess", "train", "serving"},
     "deploy": {"base", "serving", "envs", "tritonserver"},  # the MME env tritonserver runs with
     "cloud": {"generate", "serving", "mme", "jobs", "deploy"},
+    "forget": {"serving", "mme", "tritonserver", "deploy"},  # finds a user everywhere
     "testing": set(),  # sample photos, a small dataset, moto: for tests, bench and the demos
     "demos": {"*", "testing"},
     "cli": {"*", "testing", "demos"},

@@ -15,12 +15,14 @@ the same job id.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
+import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +77,8 @@ def run_job(
     """
     job = _Job(request, config, clock, on_event)
     try:
-        return job.run(base)
+        with _unwound_if_ended():
+            return job.run(base)
     except JobError:
         raise
     except Exception as exc:  # a bug or an unforeseen failure: still a failed job, never lost
@@ -83,6 +86,50 @@ def run_job(
         raise JobError(
             f"job {request.job_id}: internal error ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+# SIGTERM (kill, timeout, systemd, docker stop) and SIGHUP end a process at once by default,
+# skipping every `finally`: the job's scratch folder, the user's photos and working images,
+# would stay on the disk until the next job. While a job runs in the main thread they unwind it
+# first (scratch removed, slot and locks given back), then end the process as they would have.
+# (SIGKILL cannot be caught: the next job on the instance removes that run's folder.)
+_ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+class _Ended(BaseException):
+    """A job ended by a signal; not an Exception, so no handler on the way out catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _end(signum: int, frame: Any) -> None:
+    for sig in _ENDING_SIGNALS:  # once: a second signal must not cut the clean-up short
+        signal.signal(sig, signal.SIG_IGN)
+    raise _Ended(signum)
+
+
+@contextlib.contextmanager
+def _unwound_if_ended() -> Iterator[None]:
+    """See _ENDING_SIGNALS. Only in the main thread (where Python runs signal handlers), and
+    only for a signal whose action is still the default: a handler someone set is theirs."""
+    ours = []
+    if threading.current_thread() is threading.main_thread():
+        ours = [s for s in _ENDING_SIGNALS if signal.getsignal(s) == signal.SIG_DFL]
+        for sig in ours:
+            signal.signal(sig, _end)
+    try:
+        yield
+    except _Ended as ended:
+        for sig in ours:
+            signal.signal(sig, signal.SIG_DFL)
+        log.warning("job ended by %s; its local files are removed", ended)
+        signal.raise_signal(ended.signum)  # the default action: the process ends here
+        raise
+    finally:
+        for sig in ours:
+            signal.signal(sig, signal.SIG_DFL)
 
 
 def resolve_service_base(config: ServiceConfig) -> BaseInfo:

@@ -11,13 +11,13 @@ from ..serving.bootstrap import (
     ENV_ENV_SOURCE,
     ENV_SHARED_DIR,
 )
+from ..tritonserver.sagemaker import MME_ENV
 from .assets import Asset, MMEAssets
 from .config import DeployConfig
 from .images import inference_ami, triton_image_uri, triton_python
 from .plan import VARIANT, Plan, State
 from .policies import mme_policy, trust_policy
 from .prices import cost_line
-from ..tritonserver.sagemaker import MME_ENV
 from .resources import (
     bucket,
     endpoint_trio,
@@ -35,13 +35,13 @@ from .resources import (
 MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
 
 
-
 def mme_environment(
     config: DeployConfig, base_uri: str, env_uri: str, env: Asset | None
 ) -> dict[str, str]:
     """The MME container's environment, made here and nowhere else: tritonserver's settings
-    (:data:`~avatarforge.tritonserver.sagemaker.MME_ENV`: ping mode live, verbose logs off, and why), where the user models' bootstrap finds the shared base and
-    serving env (see avatarforge.serving.bootstrap), and the region of their S3 fetches."""
+    (:data:`~avatarforge.tritonserver.sagemaker.MME_ENV`: ping mode live, verbose logs off, and
+    why), where the user models' bootstrap finds the shared base and serving env (see
+    avatarforge.serving.bootstrap), and the region of their S3 fetches."""
     return {
         **MME_ENV,
         ENV_SHARED_DIR: config.shared_dir,

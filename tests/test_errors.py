@@ -24,6 +24,8 @@ EXEMPT = {
     "avatarforge.serving.bootstrap.BootstrapError",
     # the train command's signal stop: a BaseException so that no `except Exception` eats it
     "avatarforge.cli.train._Stop",
+    # a training job ended by SIGTERM/SIGHUP: a BaseException for the same reason
+    "avatarforge.jobs.run._Ended",
 }
 # Modules that only import inside a Triton python backend (pb_utils, the bootstrap's copy).
 BACKEND_ONLY = "avatarforge.serving.triton_models."

@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from ..errors import AvatarforgeError
 from ..mme.loader import model_hash
 from ..mme.protocol import SageMakerTritonClient, TritonMMEError
 from ..names import check_user_id
@@ -46,10 +47,6 @@ def running_local_tritons(root: Path | None = None) -> list[int]:
         return sorted(int(p.name) for p in keys.iterdir() if p.name.isdigit())
     except (FileNotFoundError, NotADirectoryError):
         return []
-
-
-class _StillLoaded(Exception):
-    pass
 
 
 def _state(client, user: str, key: dict[str, str]) -> str | None:
@@ -84,13 +81,15 @@ def unload_local_triton(user: str, report: Report, *, wait_s: float = UNLOAD_WAI
                 deadline = time.monotonic() + wait_s
                 while (now := _state(client, user, key)) in LOADED_STATES:
                     if time.monotonic() > deadline:
-                        raise _StillLoaded(f"still {now} {wait_s:.0f} s after the unload")
+                        raise TimeoutError(  # an OSError: reported below as FAILED
+                            f"still {now} {wait_s:.0f} s after the unload"
+                        )
                     time.sleep(0.2)
             report.add("local-triton", "loaded model", target, UNLOADED, f"was {state}")
             report.note(SHARED_BASE_NOTE.format(user=user))
         except ConnectionRefusedError:  # nobody listens: a key left by a server that was killed
             continue
-        except (InferenceServerException, OSError, _StillLoaded) as exc:
+        except (InferenceServerException, OSError) as exc:
             message = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
             if isinstance(exc, InferenceServerException) and exc.status() == "403":
                 message = (
@@ -103,8 +102,10 @@ def unload_local_triton(user: str, report: Report, *, wait_s: float = UNLOAD_WAI
             client.close()
 
 
-class NotTheSageMakerFrontError(OSError):
+class NotTheSageMakerFrontError(AvatarforgeError, OSError):
     """The URL answers, but not as tritonserver's SageMaker front end."""
+
+    status = 400  # the caller named the wrong URL
 
 
 def _check_sagemaker_front(url: str) -> None:

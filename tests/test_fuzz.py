@@ -56,7 +56,13 @@ from avatarforge.names import (
     check_user_id,
 )
 from avatarforge.preprocess.intake import FORMATS, Photo, Rejected, load_photo
-from avatarforge.safe_tar import UnsafeArchiveError, safe_extract
+from avatarforge.safe_tar import (
+    MAX_DEPTH,
+    MAX_NAME_BYTES,
+    MAX_PART_BYTES,
+    UnsafeArchiveError,
+    safe_extract,
+)
 from avatarforge.serving import schema
 from avatarforge.serving.handler import (
     MAX_TEXT_CHARS,
@@ -474,9 +480,23 @@ def archive_members(draw: st.DrawFn) -> list[tuple[str, bytes, bytes, str]]:
     row = st.tuples(BENIGN_NAMES, FILE_KINDS, st.binary(max_size=40), st.just(""))
     members = draw(st.lists(row, max_size=4))
     names = [m[0] for m in members]
-    hostile = draw(st.sampled_from(["none", "name", "type"] + ["twice", "inside"] * bool(names)))
+    hostile = draw(
+        st.sampled_from(["none", "name", "type", "long"] + ["twice", "inside"] * bool(names))
+    )
     benign = draw(BENIGN_NAMES)
-    if hostile == "name":
+    if hostile == "long":  # just inside or past a bound: parts, bytes of a part, of the name
+        size = draw(st.integers(-1, 1))
+        name = draw(
+            st.sampled_from(
+                [
+                    "/".join(["d"] * (MAX_DEPTH + size)),
+                    "x/" + "é" * (MAX_PART_BYTES // 2) + "e" * (1 + size),
+                    ("h" * 127 + "/") * 7 + "i" * (MAX_NAME_BYTES - 7 * 128 + size),
+                ]
+            )
+        )
+        members.append((name, draw(FILE_KINDS), b"w", ""))
+    elif hostile == "name":
         prefix = draw(st.sampled_from(["/", "//", "../", "a/../../", "sub/../"]))
         members.append((prefix + benign, draw(FILE_KINDS), b"x", ""))
     elif hostile == "type":
@@ -530,6 +550,12 @@ def _archive_is_safe(tar_path: Path) -> bool | None:
     seen, files, parents = set(), set(), set()
     for m in members:
         path = PurePosixPath(m.name)
+        if len(m.name.encode()) > MAX_NAME_BYTES or len([p for p in path.parts if p != "."]) > (
+            MAX_DEPTH
+        ):
+            return False
+        if any(len(p.encode()) > MAX_PART_BYTES for p in path.parts):
+            return False
         if not m.name or m.name.startswith("/") or ".." in path.parts:
             return False
         if not (m.isfile() or m.isdir()) or m.issparse() or "\x00" in m.name:

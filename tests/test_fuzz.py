@@ -965,7 +965,11 @@ PACK_TEXTS = weighted(
     (16, st.sampled_from(["a photo of {token} person", "{token} as a {framing} portrait"])),
     (1, st.text(max_size=30)),
     (1, st.sampled_from(["{token", "{other} {token}", "{0} {token}", "no token here", ""])),
-)
+    # a format spec or conversion: str.format acts on it (a huge width allocates gigabytes)
+    (1, st.builds("{{token}} {{{}{}{}}}".format, st.sampled_from(["token", "framing"]),
+                  st.sampled_from(["", "!r", "!s", "!a"]),
+                  st.sampled_from(["", ":>9", ":^" + "9" * 20, ":{framing}", ":x"]))),
+)  # fmt: skip
 
 
 def _valid_gen_value(field: dataclasses.Field) -> st.SearchStrategy:

@@ -63,6 +63,12 @@ class UnpublishedError(StorageError):
     """The object came without a sha256 published with it (not written by :func:`publish`)."""
 
 
+class PreconditionFailedError(StorageError):
+    """A conditional write found the object other than it required (S3's 412)."""
+
+    status = 412
+
+
 class ChecksumFileError(StorageError, ValueError):
     """A ``.sha256`` file is not one: too large, not text, not ``<64 hex> [name]``."""
 
@@ -294,6 +300,55 @@ def delete(s3_uri: str) -> None:
         _s3_client().delete_object(Bucket=target.bucket, Key=target.key)
     except (ClientError, BotoCoreError) as exc:
         raise StorageError(f"delete of {target} failed: {exc}") from exc
+
+
+def read_bytes(s3_uri: str, *, max_bytes: int = 1024**2) -> tuple[bytes, str]:
+    """A small object's bytes and its ETag (for :func:`write_bytes` ``if_match``);
+    :class:`ObjectNotFoundError` when there is none, :class:`StorageError` past ``max_bytes``."""
+    target = parse_s3_uri(s3_uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        response = _s3_client().get_object(Bucket=target.bucket, Key=target.key)
+        with response["Body"] as body:
+            if int(response.get("ContentLength", 0)) > max_bytes:
+                raise StorageError(f"{target}: larger than {max_bytes} bytes")
+            return body.read(), response["ETag"]
+    except ClientError as exc:
+        if _missing(exc):
+            raise ObjectNotFoundError(f"{target}: no such object") from exc
+        raise StorageError(f"{target}: read failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"{target}: read failed: {exc}") from exc
+
+
+def write_bytes(
+    s3_uri: str, data: bytes, *, if_none_match: bool = False, if_match: str | None = None
+) -> str:
+    """One PUT of ``data``; returns the new ETag. Conditional (S3's conditional writes, also in
+    moto): ``if_none_match`` only if no object has the key, ``if_match`` only if the object's
+    ETag is that one; otherwise :class:`PreconditionFailedError` and nothing is written."""
+    target = parse_s3_uri(s3_uri)
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    extra: dict[str, str] = {}
+    if if_none_match:
+        extra["IfNoneMatch"] = "*"
+    if if_match is not None:
+        extra["IfMatch"] = if_match
+    try:
+        response = _s3_client().put_object(Bucket=target.bucket, Key=target.key, Body=data, **extra)
+    except ClientError as exc:
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        # 409 ConditionalRequestConflict: another conditional write to the key was under way
+        if code in ("PreconditionFailed", "412", "ConditionalRequestConflict"):
+            raise PreconditionFailedError(f"{target}: {code} ({', '.join(extra)})") from exc
+        if if_match is not None and _missing(exc):  # If-Match on a key that is gone
+            raise PreconditionFailedError(f"{target}: no object to match") from exc
+        raise StorageError(f"{target}: write failed: {exc}") from exc
+    except BotoCoreError as exc:
+        raise StorageError(f"{target}: write failed: {exc}") from exc
+    return response["ETag"]
 
 
 def publish(path: Path, s3_uri: str) -> str:

@@ -92,8 +92,8 @@ def package_user(
         tarball = out_dir / f"{user}.tar.gz"
         # the bytes and their digest appear together, in one rename: a reader never finds a
         # new tarball with the old digest (as between two renames, tarball then .sha256)
-        storage.publish_local(staged, tarball)
-        write_checksum(tarball)  # for people and sha256sum -c; readers use the attribute
+        digest = storage.publish_local(staged, tarball)
+        write_checksum(tarball, digest)  # for people and sha256sum -c; readers use the attribute
         return tarball
 
 

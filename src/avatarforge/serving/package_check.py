@@ -71,33 +71,14 @@ def checksum_path(archive: Path) -> Path:
     return archive.with_name(archive.name + CHECKSUM_SUFFIX)
 
 
-def write_checksum(archive: Path) -> Path:
-    """Write ``<archive>.sha256`` in sha256sum's format and return its path."""
+def write_checksum(archive: Path, digest: str | None = None) -> Path:
+    """Write ``<archive>.sha256`` in sha256sum's format (``digest``: the archive's, when the
+    caller has it) and return its path."""
     path = checksum_path(archive)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{sha256_file(archive)}  {archive.name}\n")
+    tmp.write_text(f"{digest or sha256_file(archive)}  {archive.name}\n")
     tmp.replace(path)
     return path
-
-
-def read_checksum(path: Path) -> str:
-    """The hex digest in a sha256 file (sha256sum's format, or the bare digest); at most 4 KiB
-    of it is read (a 1.5 GB one was read whole: MemoryError)."""
-    try:
-        return storage.read_sha256_file(path, name=Path(path).name)
-    except storage.StorageError as exc:
-        raise PackageRefusedError(str(exc)) from None
-
-
-def check_checksum(archive: Path, checksum_file: Path, shown_as: str = "") -> None:
-    """Refuse ``archive`` unless its sha256 is the one ``checksum_file`` publishes."""
-    expected = read_checksum(checksum_file)
-    actual = sha256_file(archive)
-    if actual != expected:
-        raise PackageRefusedError(
-            f"{shown_as or archive.name}: sha256 {actual[:16]}... is not the published "
-            f"{expected[:16]}... (corrupted or altered in transit or at rest)"
-        )
 
 
 def check_package(model_dir: Path, name: str | None = None) -> None:

@@ -442,6 +442,7 @@ def test_a_failed_training_job_is_reported_with_the_services_reason(
     from avatarforge.jobs import ServiceConfig, handle_invocation
 
     service = ServiceConfig(
+        s3_prefix=cloud_config.s3(""),  # the deployment's, as deploy sets it
         work_dir=str(tmp_path / "work"),
         slots_dir=str(tmp_path / "slots"),
         shared_dir=str(tmp_path / "shared"),
@@ -455,7 +456,7 @@ def test_a_failed_training_job_is_reported_with_the_services_reason(
     sub = submit(cloud_config, "hank", empty, job_id="hank-1")
     found = status(cloud_config, "hank-1", wait=60, queue_url=queue_url)
     assert found.state == "failed", found
-    assert "uploads/nobody/" in found.reason
+    assert "uploads/nobody/" in found.reason  # not under photos/hank/: not the job's to read
     # the service's own failure document (JobError.to_dict), as the endpoint stored it
     assert found.failure["client_fault"] is True and 400 <= found.failure["code"] < 500
     assert found.failure["inferenceId"] == sub.inference_id

@@ -31,7 +31,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fixtures.jobs import make_service_config
+from fixtures.jobs import S3_PREFIX, make_service_config
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -56,7 +56,13 @@ from avatarforge.names import (
     check_user_id,
 )
 from avatarforge.preprocess.intake import FORMATS, Photo, Rejected, load_photo
-from avatarforge.safe_tar import UnsafeArchiveError, safe_extract
+from avatarforge.safe_tar import (
+    MAX_DEPTH,
+    MAX_NAME_BYTES,
+    MAX_PART_BYTES,
+    UnsafeArchiveError,
+    safe_extract,
+)
 from avatarforge.serving import schema
 from avatarforge.serving.handler import (
     MAX_TEXT_CHARS,
@@ -474,9 +480,23 @@ def archive_members(draw: st.DrawFn) -> list[tuple[str, bytes, bytes, str]]:
     row = st.tuples(BENIGN_NAMES, FILE_KINDS, st.binary(max_size=40), st.just(""))
     members = draw(st.lists(row, max_size=4))
     names = [m[0] for m in members]
-    hostile = draw(st.sampled_from(["none", "name", "type"] + ["twice", "inside"] * bool(names)))
+    hostile = draw(
+        st.sampled_from(["none", "name", "type", "long"] + ["twice", "inside"] * bool(names))
+    )
     benign = draw(BENIGN_NAMES)
-    if hostile == "name":
+    if hostile == "long":  # just inside or past a bound: parts, bytes of a part, of the name
+        size = draw(st.integers(-1, 1))
+        name = draw(
+            st.sampled_from(
+                [
+                    "/".join(["d"] * (MAX_DEPTH + size)),
+                    "x/" + "é" * (MAX_PART_BYTES // 2) + "e" * (1 + size),
+                    ("h" * 127 + "/") * 7 + "i" * (MAX_NAME_BYTES - 7 * 128 + size),
+                ]
+            )
+        )
+        members.append((name, draw(FILE_KINDS), b"w", ""))
+    elif hostile == "name":
         prefix = draw(st.sampled_from(["/", "//", "../", "a/../../", "sub/../"]))
         members.append((prefix + benign, draw(FILE_KINDS), b"x", ""))
     elif hostile == "type":
@@ -530,6 +550,12 @@ def _archive_is_safe(tar_path: Path) -> bool | None:
     seen, files, parents = set(), set(), set()
     for m in members:
         path = PurePosixPath(m.name)
+        if len(m.name.encode()) > MAX_NAME_BYTES or len([p for p in path.parts if p != "."]) > (
+            MAX_DEPTH
+        ):
+            return False
+        if any(len(p.encode()) > MAX_PART_BYTES for p in path.parts):
+            return False
         if not m.name or m.name.startswith("/") or ".." in path.parts:
             return False
         if not (m.isfile() or m.isdir()) or m.issparse() or "\x00" in m.name:
@@ -850,19 +876,43 @@ def _overrides(allowed: dict) -> st.SearchStrategy:
     )
 
 
-JOB_DICTS = st.fixed_dictionaries(
-    {
-        "job_id": weighted((9, VALID_IDS), (1, IDS)),
-        "user": weighted((9, VALID_IDS), (1, IDS)),
-        "photos": weighted((3, PREFIXES), (2, PHOTO_LISTS)),
-        "models_prefix": PREFIXES,
-    },
-    optional={
-        "work_prefix": PREFIXES,
-        "train": _overrides(TRAIN_OVERRIDES),
-        "preprocess": _overrides(PREPROCESS_OVERRIDES),
-    },
-)
+# The service's deployment prefix (fixtures.jobs.S3_PREFIX): a request that reads or writes
+# anywhere else is refused, so its prefixes are drawn often, the work prefix also as the
+# deployment's root (which holds the models prefix) and photos under the user's own folder.
+DEPLOYMENT = S3_PREFIX
+OWN_PHOTOS = ["", "j1/", "a/b/"]
+
+
+@st.composite
+def job_dicts(draw: st.DrawFn) -> dict:
+    job = draw(
+        st.fixed_dictionaries(
+            {
+                "job_id": weighted((9, VALID_IDS), (1, IDS)),
+                "user": weighted((9, VALID_IDS), (1, IDS)),
+                "photos": weighted((3, PREFIXES), (2, PHOTO_LISTS)),
+                "models_prefix": weighted((3, st.just(DEPLOYMENT + "models/")), (2, PREFIXES)),
+            },
+            optional={
+                "work_prefix": weighted(
+                    (3, st.sampled_from([DEPLOYMENT + "jobs/", DEPLOYMENT + "jobs"])),
+                    (1, st.sampled_from([DEPLOYMENT, DEPLOYMENT + "models/jobs/"])),
+                    (2, PREFIXES),
+                ),
+                "train": _overrides(TRAIN_OVERRIDES),
+                "preprocess": _overrides(PREPROCESS_OVERRIDES),
+            },
+        )
+    )
+    if isinstance(job["user"], str) and draw(st.integers(0, 2)):  # under its own folder
+        own = f"{DEPLOYMENT}photos/{draw(st.sampled_from([job['user'], 'bob']))}/"
+        own += draw(st.sampled_from(OWN_PHOTOS))
+        names = st.lists(st.sampled_from(["1.jpg", "2.png", "x/3.jpg"]), min_size=1, unique=True)
+        job["photos"] = draw(st.just(own) | names.map(lambda ns: [own + n for n in ns]))
+    return job
+
+
+JOB_DICTS = job_dicts()
 JOB_BODIES = weighted(
     (6, JOB_DICTS),
     (2, JOB_DICTS.map(json.dumps)),
@@ -876,8 +926,8 @@ JOB_BODIES = weighted(
 VALID_JOB = {
     "job_id": "j1",
     "user": "alice",
-    "photos": "s3://bucket/p/",
-    "models_prefix": "s3://bucket/m/",
+    "photos": f"{DEPLOYMENT}photos/alice/",
+    "models_prefix": f"{DEPLOYMENT}models/",
 }
 # Where an error message must start: the field it is about, or the request as a whole.
 JOB_FIELD_RE = re.compile(
@@ -895,6 +945,13 @@ def assert_valid_job(request: JobRequest, config) -> None:
     for prefix in (request.models_prefix, request.work_prefix):
         assert prefix.startswith("s3://") and prefix.endswith("/")
     assert not request.work_prefix.startswith(request.models_prefix)
+    assert not request.models_prefix.startswith(request.work_prefix)  # job_id 'models' (#22)
+    # only the deployment's prefixes, only the user's own photos (#22)
+    assert (request.models_prefix, request.work_prefix) == (config.models_prefix,
+                                                           config.jobs_prefix)  # fmt: skip
+    own = f"{config.photos_prefix}{request.user}/"
+    photos = [request.photos] if isinstance(request.photos, str) else request.photos
+    assert all(uri.startswith(own) for uri in photos), (own, photos)
     if isinstance(request.photos, str):
         assert request.photos.startswith("s3://") and request.photos.endswith("/")
     else:
@@ -920,6 +977,9 @@ def assert_valid_job(request: JobRequest, config) -> None:
 @example(body='{"job_id": ' + "9" * 5000 + "}")  # was ValueError (int() digit limit)
 # the default work prefix, 'jobs/' beside the models prefix, was the models prefix itself
 @example(body=VALID_JOB | {"models_prefix": "s3://bucket/jobs"})
+# a work prefix that holds the models prefix: job_id 'models' named a model's key (#22)
+@example(body=VALID_JOB | {"job_id": "models", "user": "checkpoint", "work_prefix": DEPLOYMENT})
+@example(body=VALID_JOB | {"photos": f"{DEPLOYMENT}photos/bob/"})  # another user's (#22)
 def test_training_requests_are_parsed_or_refused_naming_the_field(
     service_config, body: dict | str | bytes
 ) -> None:
@@ -939,7 +999,11 @@ PACK_TEXTS = weighted(
     (16, st.sampled_from(["a photo of {token} person", "{token} as a {framing} portrait"])),
     (1, st.text(max_size=30)),
     (1, st.sampled_from(["{token", "{other} {token}", "{0} {token}", "no token here", ""])),
-)
+    # a format spec or conversion: str.format acts on it (a huge width allocates gigabytes)
+    (1, st.builds("{{token}} {{{}{}{}}}".format, st.sampled_from(["token", "framing"]),
+                  st.sampled_from(["", "!r", "!s", "!a"]),
+                  st.sampled_from(["", ":>9", ":^" + "9" * 20, ":{framing}", ":x"]))),
+)  # fmt: skip
 
 
 def _valid_gen_value(field: dataclasses.Field) -> st.SearchStrategy:

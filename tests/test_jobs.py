@@ -7,6 +7,7 @@ package, upload) with tiny settings: a few seconds per job on 2 cores.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -91,10 +92,22 @@ def test_photos_in_s3_become_a_tarball_in_the_mme_prefix(
     )
     assert result["base"] == {"base_id": tiny_base.base_id, "content_hash": tiny_base.content_hash}
 
-    # stored beside the job; the checkpoint is gone; the photos untouched; no local leftovers
+    # published in one PUT with its sha256 (S3's checksum): no .sha256 object after it (#22)
+    head = boto3.client("s3").head_object(
+        Bucket=s3_bucket, Key="af/models/alice.tar.gz", ChecksumMode="ENABLED"
+    )
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == result["tarball_sha256"]
+    assert head["Metadata"] == {"sha256": result["tarball_sha256"]}
+    assert s3_keys(s3_bucket, "af/models/") == ["af/models/alice.tar.gz"]
+
+    # stored beside the job; the checkpoint is gone; the claim given back; the photos untouched;
+    # no local leftovers
     keys = s3_keys(s3_bucket)
     assert "af/jobs/job-1/result.json" in keys
     assert "af/jobs/job-1/checkpoint.tar.gz" not in keys
+    claim = boto3.client("s3").get_object(Bucket=s3_bucket, Key="af/jobs/job-1/claim.json")
+    claim = json.loads(claim["Body"].read())
+    assert claim["holder"] == "" and claim["request"]["photos"].endswith("/af/photos/alice/")
     stored = boto3.client("s3").get_object(Bucket=s3_bucket, Key="af/jobs/job-1/result.json")
     assert json.loads(stored["Body"].read()) == result
     assert list(service_config.work_path().iterdir()) == []  # the ghost's too: nobody held it
@@ -122,6 +135,42 @@ def test_the_same_job_id_twice_trains_once(s3_bucket, alice_photos, service_conf
     assert info.value.status == 409 and info.value.client_fault
 
 
+def test_one_job_id_is_one_request_and_runs_once_on_all_instances(
+    s3_bucket, job_photos, service_config, tmp_path
+) -> None:
+    # Two instances, one job id and user, other photos (#22): both answered "succeeded" with
+    # different tarballs. Now the second learns at once what the job id is.
+    upload_photos(s3_bucket, "alice", job_photos)
+    other = make_service_config(tmp_path / "instance-2")  # its own slots: another instance
+    fewer = [f"s3://{s3_bucket}/af/photos/alice/{p.name}" for p in job_photos[:3]]
+    claimed = threading.Event()
+
+    def on_event(event: JobEvent) -> None:
+        if event.kind == "slot_acquired":  # the claim is taken before the slot
+            claimed.set()
+
+    request = parse_request(job_request(s3_bucket), service_config)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(run_job, request, service_config, on_event=on_event)
+        assert claimed.wait(120), running.exception(0) if running.done() else "no slot"
+        started = time.monotonic()
+        with pytest.raises(JobError, match=r"already names another request \(its photos diff"):
+            run(s3_bucket, other, photos=fewer)
+        with pytest.raises(JobError, match="is running on another training instance") as info:
+            run(s3_bucket, other)  # the same request: it runs elsewhere, not twice
+        assert info.value.status == 409 and time.monotonic() - started < 10  # told at once
+        result = running.result()
+    head = boto3.client("s3").head_object(
+        Bucket=s3_bucket, Key="af/models/alice.tar.gz", ChecksumMode="ENABLED"
+    )
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == result.tarball_sha256
+    # afterwards: the other request is still refused (not given the first one's model); the
+    # same request, on any instance, gets the result
+    with pytest.raises(JobError, match="already names another request"):
+        run(s3_bucket, other, photos=fewer)
+    assert run(s3_bucket, other) == result
+
+
 def test_no_usable_face_fails_with_the_reasons_and_writes_nothing(
     s3_bucket, service_config, job_photos, tmp_path
 ) -> None:
@@ -139,7 +188,8 @@ def test_no_usable_face_fails_with_the_reasons_and_writes_nothing(
     assert "small_face.jpg: face too small" in message
     assert error.details["kept"] == ["astronaut.jpg"]
     assert {r["source"] for r in error.details["rejected"]} == {"no_face.jpg", "small_face.jpg"}
-    assert s3_keys(s3_bucket, "af/models/") == [] and s3_keys(s3_bucket, "af/jobs/") == []
+    assert s3_keys(s3_bucket, "af/models/") == []
+    assert s3_keys(s3_bucket, "af/jobs/") == ["af/jobs/job-c/claim.json"]  # given back
     assert list(service_config.work_path().iterdir()) == []
     # the user's photos are untouched
     assert s3_keys(s3_bucket, "af/photos/carol/") == [f"af/photos/carol/{p.name}" for p in photos]
@@ -201,8 +251,8 @@ def test_at_most_two_jobs_train_at_once_and_a_third_waits(
     with ThreadPoolExecutor(3) as pool:
         results = list(pool.map(one, users))
     assert [r.user for r in results] == list(users)  # all three finished
-    published = [f"af/models/{u}.tar.gz{ext}" for u in users for ext in ("", ".sha256")]
-    assert s3_keys(s3_bucket, "af/models/") == published  # each package and its sha256
+    published = [f"af/models/{u}.tar.gz" for u in users]
+    assert s3_keys(s3_bucket, "af/models/") == published  # each package, its sha256 in it
 
     acquired = {e.job_id: e.at for e in events if e.kind == "slot_acquired"}
     released = {e.job_id: e.at for e in events if e.kind == "slot_released"}

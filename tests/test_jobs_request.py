@@ -8,9 +8,9 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures.jobs import SERVICE_TRAIN, make_service_config
+from fixtures.jobs import S3_PREFIX, SERVICE_TRAIN, make_service_config
 
-from avatarforge.jobs import JobRequestError, JobResult, ServiceConfig, parse_request
+from avatarforge.jobs import JobError, JobRequestError, JobResult, ServiceConfig, parse_request
 from avatarforge.jobs.handler import check_content_type
 from avatarforge.jobs.slots import SlotTimeout, job_lock, training_slot
 from avatarforge.settings import ConfigError
@@ -18,8 +18,8 @@ from avatarforge.settings import ConfigError
 GOOD = {
     "job_id": "job-1",
     "user": "alice",
-    "photos": "s3://uploads-bkt/photos/alice/job-1",
-    "models_prefix": "s3://models-bkt/avatarforge/models",
+    "photos": f"{S3_PREFIX}photos/alice/job-1",
+    "models_prefix": f"{S3_PREFIX}models",
 }
 
 
@@ -37,29 +37,30 @@ def refused(data, config: ServiceConfig, match: str) -> JobRequestError:
 
 def test_a_good_request_is_normalised(config: ServiceConfig) -> None:
     request = parse_request(json.dumps(GOOD).encode(), config)
-    assert request.photos == "s3://uploads-bkt/photos/alice/job-1/"
-    assert request.models_prefix == "s3://models-bkt/avatarforge/models/"
-    # default work prefix: 'jobs/' beside the models prefix, not inside it
-    assert request.work_prefix == "s3://models-bkt/avatarforge/jobs/"
-    assert request.model_uri == "s3://models-bkt/avatarforge/models/alice.tar.gz"
+    assert request.photos == "s3://avatarforge-test/af/photos/alice/job-1/"
+    assert request.models_prefix == "s3://avatarforge-test/af/models/"
+    # default work prefix: the deployment's 'jobs/', beside the models prefix
+    assert request.work_prefix == "s3://avatarforge-test/af/jobs/"
+    assert request.model_uri == "s3://avatarforge-test/af/models/alice.tar.gz"
     assert request.target_model == "alice.tar.gz"
-    assert request.checkpoint_uri == "s3://models-bkt/avatarforge/jobs/job-1/checkpoint.tar.gz"
-    assert request.result_uri == "s3://models-bkt/avatarforge/jobs/job-1/result.json"
+    assert request.checkpoint_uri == "s3://avatarforge-test/af/jobs/job-1/checkpoint.tar.gz"
+    assert request.result_uri == "s3://avatarforge-test/af/jobs/job-1/result.json"
     # the normalised form parses to the same request (str, bytes and dict alike)
     assert parse_request(request.to_dict(), config) == request
     assert parse_request(json.dumps(request.to_dict()), config) == request
 
 
 def test_overrides_and_a_list_of_photos(config: ServiceConfig) -> None:
+    mine = f"{S3_PREFIX}photos/alice/"
     data = GOOD | {
-        "photos": ["s3://uploads-bkt/a/1.jpg", "s3://uploads-bkt/b/2.heic"],
-        "work_prefix": "s3://work-bkt/jobs",
+        "photos": [f"{mine}a/1.jpg", f"{mine}b/2.heic"],
+        "work_prefix": f"{S3_PREFIX}jobs",
         "train": {"steps": 3000, "unet_rank": 64, "learning_rate": 5e-5, "seed": 7},
         "preprocess": {"min_images": 4, "backgrounds": 0},
     }
     request = parse_request(data, config)
-    assert request.photos == ("s3://uploads-bkt/a/1.jpg", "s3://uploads-bkt/b/2.heic")
-    assert request.work_prefix == "s3://work-bkt/jobs/"
+    assert request.photos == (f"{mine}a/1.jpg", f"{mine}b/2.heic")
+    assert request.work_prefix == f"{S3_PREFIX}jobs/"
     assert request.train == {"steps": 3000, "unet_rank": 64, "learning_rate": 5e-5, "seed": 7}
     assert request.preprocess == {"min_images": 4, "backgrounds": 0}
 
@@ -108,7 +109,7 @@ def test_non_s3_and_hostile_photo_uris_are_refused(photos, match, config) -> Non
 
 
 def test_thousands_of_photo_uris_are_refused_before_any_s3_call(config) -> None:
-    photos = [f"s3://uploads-bkt/p/{i}.jpg" for i in range(5000)]
+    photos = [f"{S3_PREFIX}photos/alice/{i}.jpg" for i in range(5000)]
     refused(GOOD | {"photos": photos}, config, r"^photos: 5000 URIs, more than the limit of 30")
 
 
@@ -117,16 +118,39 @@ def test_thousands_of_photo_uris_are_refused_before_any_s3_call(config) -> None:
     [
         ({"models_prefix": "http://x/models/"}, r"^models_prefix: expected an s3://"),
         ({"models_prefix": "s3://models-bkt/a b/"}, r"^models_prefix: use letters, digits"),
-        ({"models_prefix": "s3://models-bkt/"}, r"^work_prefix: required when models_prefix"),
         (
-            {"work_prefix": "s3://models-bkt/avatarforge/models/jobs/"},
+            {"work_prefix": f"{S3_PREFIX}models/jobs/"},
             r"^work_prefix: .* lies inside models_prefix",
         ),
+        # the other way round: job_id 'models' would name the models prefix (#22)
+        ({"work_prefix": S3_PREFIX}, r"^work_prefix: .* holds models_prefix"),
         ({"work_prefix": "s3://work-bkt/../x/"}, r"^work_prefix: key has an empty"),
+        # only the deployment's prefixes (#22): no other bucket or prefix, no other user's photos
+        ({"models_prefix": "s3://models-bkt/"}, r"^models_prefix: .* is not this deployment's"),
+        ({"models_prefix": f"{S3_PREFIX}models/x"}, r"^models_prefix: .* is not this deploy"),
+        ({"work_prefix": "s3://work-bkt/jobs/"}, r"^work_prefix: .* is not this deployment's"),
+        ({"photos": "s3://uploads-bkt/photos/alice/"}, r"^photos: .* is not under 's3://avatar"),
+        ({"photos": f"{S3_PREFIX}photos/bob/"}, r"^photos: .*photos/bob/' is not under .*/alice/"),
+        ({"photos": f"{S3_PREFIX}photos/"}, r"^photos: .* is not under"),
+        ({"photos": f"{S3_PREFIX}photos/alicea/"}, r"^photos: .* is not under"),
+        ({"photos": f"{S3_PREFIX}jobs/alice/"}, r"^photos: .* is not under"),
+        (
+            {"photos": [f"{S3_PREFIX}photos/alice/a.jpg", f"{S3_PREFIX}photos/bob/b.jpg"]},
+            r"^photos\[1\]: .* is not under",
+        ),
     ],
 )
 def test_bad_prefixes_are_refused(extra, match, config) -> None:
     refused(GOOD | extra, config, match)
+
+
+def test_a_service_without_its_deployments_prefix_refuses_every_job(tmp_path) -> None:
+    config = make_service_config(tmp_path, s3_prefix="")
+    with pytest.raises(JobError, match="misconfigured: service.s3_prefix: not set") as info:
+        parse_request(GOOD, config)
+    assert info.value.status == 500 and not info.value.client_fault  # ours to fix
+    with pytest.raises(ConfigError, match="service.s3_prefix: s3://<bucket>/<prefix>/"):
+        make_service_config(tmp_path, s3_prefix="s3://b/no-slash")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from avatarforge.mme import (
 from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
 from avatarforge.mme.loader import check_target_model
 from avatarforge.safe_tar import UnsafeArchiveError
-from avatarforge.storage import upload
+from avatarforge.storage import publish
 
 
 def test_target_model_names_and_hashes() -> None:
@@ -83,14 +83,13 @@ def test_least_recently_used_is_evicted_at_the_limit(make_loader, mme_source: Pa
 
 @pytest.mark.integration
 def test_loads_from_s3_prefix(make_loader, mme_source: Path, s3_bucket: str) -> None:
-    for user in ("alice", "bob"):
-        for name in (f"{user}.tar.gz", f"{user}.tar.gz.sha256"):
-            upload(mme_source / name, f"s3://{s3_bucket}/mme/{name}")
+    for user in ("alice", "bob"):  # as the packager publishes: the sha256 in the same PUT
+        publish(mme_source / f"{user}.tar.gz", f"s3://{s3_bucket}/mme/{user}.tar.gz")
     loader = make_loader(f"s3://{s3_bucket}/mme/")
     assert output_of(loader.invoke("bob.tar.gz", scale_request([1.5]))) == [4.5]
     with pytest.raises(UnknownTargetModelError, match="'carol.tar.gz' not found in s3://"):
         loader.invoke("carol.tar.gz", scale_request([1]))
-    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 4  # + sha256s
+    assert boto3.client("s3").list_objects_v2(Bucket=s3_bucket)["KeyCount"] == 2
 
 
 @pytest.mark.integration

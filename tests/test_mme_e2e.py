@@ -31,7 +31,6 @@ from avatarforge.mme.front import EndpointError, mme_front
 from avatarforge.mme.generate import generate, generate_request, images_from_response
 from avatarforge.serving.config import local_instance_env
 from avatarforge.serving.package import package_user, upload_package
-from avatarforge.serving.package_check import checksum_path
 from avatarforge.serving.triton_config import sd_base_name
 from avatarforge.tritonserver.sagemaker import MMEServer, sagemaker_triton
 
@@ -177,7 +176,7 @@ def test_user_package_from_an_s3_prefix(
     sd_sagemaker_server, mme_sd_source, s3_bucket, prompt, alice_reference, tmp_path
 ):
     target = "s3/alice.tar.gz"  # its own TargetModel: alice may be loaded from the folder
-    upload_package(mme_sd_source / ALICE, f"s3://{s3_bucket}/mme/{target}")  # + its .sha256
+    upload_package(mme_sd_source / ALICE, f"s3://{s3_bucket}/mme/{target}")  # sha256 in the PUT
     loader = MultiModelLoader(
         sd_sagemaker_server.sagemaker_url, f"s3://{s3_bucket}/mme/", tmp_path / "models"
     )
@@ -192,7 +191,7 @@ def test_user_package_from_an_s3_prefix(
 
 
 def test_updated_package_is_served_after_reload(
-    sd_loader, mme_sd_source, bob_adapter, tiny_base, prompt, tmp_path
+    sd_loader, mme_sd_source, trained_adapter, bob_adapter, tiny_base, prompt
 ):
     # A user retrains and the same TargetModel is replaced; after an unload the next request
     # loads the new archive, to the same <root>/<hash>/model path as before: the shared base
@@ -200,16 +199,11 @@ def test_updated_package_is_served_after_reload(
     (before,), _ = _invoke(sd_loader, ALICE, prompt)
     (bob,), _ = _invoke(sd_loader, BOB, prompt)
     assert pixel_diff(before, bob)[1] > 1.0
-    new = package_user("alice", bob_adapter, tmp_path, base=tiny_base, device="cpu")
-    published = [mme_sd_source / ALICE, checksum_path(mme_sd_source / ALICE)]
-    originals = [p.read_bytes() for p in published]
-    try:
-        for path, replacement in zip(published, (new, checksum_path(new)), strict=True):
-            path.write_bytes(replacement.read_bytes())
+    try:  # published again as the packager publishes: one rename, its sha256 with it
+        package_user("alice", bob_adapter, mme_sd_source, base=tiny_base, device="cpu")
         assert sd_loader.unload(ALICE)
         (after,), _ = _invoke(sd_loader, ALICE, prompt)
         assert pixel_diff(after, bob)[0] <= 2, "alice's old adapter was served after her update"
     finally:
-        for path, original in zip(published, originals, strict=True):
-            path.write_bytes(original)
+        package_user("alice", trained_adapter, mme_sd_source, base=tiny_base, device="cpu")
         sd_loader.unload(ALICE)

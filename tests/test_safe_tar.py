@@ -213,3 +213,80 @@ def test_reproducible_tar_refuses_links_and_bad_arcname(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="only regular files"):
         write_reproducible_tar(src, tmp_path / "x.tar.gz", "alice")
     assert not (tmp_path / "x.tar.gz").exists()
+
+
+# ------------------------------------------------------- headers that cost memory or recursion
+
+
+def _deep(depth: int, tmp_path: Path) -> Path:
+    # one member, its name `depth` folders deep: a few hundred bytes compressed
+    return _make_tar(tmp_path / "deep.tar.gz", [_file("/".join(["a"] * depth) + "/f")])
+
+
+@pytest.mark.parametrize("depth", [33, 2_000, 32_000])
+def test_a_deep_member_name_is_refused_before_any_work(tmp_path: Path, depth: int) -> None:
+    # was: depth 2,000 a RecursionError, 4,000 an OSError, 32,000 3.9 GB and a MemoryError
+    archive = _deep(depth, tmp_path)
+    assert archive.stat().st_size < 2_000
+    started = time.perf_counter()
+    _assert_refused(tmp_path, archive, r"deeper than 32 path parts|longer than 1024 bytes")
+    assert time.perf_counter() - started < 2
+
+
+def test_the_deepest_and_longest_names_allowed_extract(tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 31) + "/f"  # 32 parts: the limit
+    long = "x" * 255 + "/" + "y" * 255 + "/" + "z" * 255  # parts at NAME_MAX, 767 bytes
+    archive = _make_tar(tmp_path / "ok.tar.gz", [_file(deep), _file(long)])
+    files = safe_extract(archive, tmp_path / "dest")
+    assert len(files) == 2 and all(f.read_bytes() == b"x" for f in files)
+
+
+@pytest.mark.parametrize(
+    ("name", "match"),
+    [
+        ("a" * 1025, "longer than 1024 bytes"),
+        ("é" * 513, "longer than 1024 bytes"),  # bytes, not characters
+        ("a/" + "b" * 256, "part longer than 255 bytes"),  # was an OSError (ENAMETOOLONG)
+    ],
+)
+def test_long_names_are_refused(tmp_path: Path, name: str, match: str) -> None:
+    _assert_refused(tmp_path, _make_tar(tmp_path / "long.tar.gz", [_file(name)]), match)
+
+
+def _raw_tar(tmp_path: Path, headers: bytes) -> Path:
+    """``headers`` then one empty member named 'x' and the end blocks, gzipped."""
+    end = tarfile.TarInfo("x").tobuf(format=tarfile.USTAR_FORMAT) + bytes(1024)
+    archive = tmp_path / "raw.tar.gz"
+    archive.write_bytes(gzip.compress(headers + end))
+    return archive
+
+
+def _extended(kind: bytes, payload: bytes) -> bytes:
+    info = tarfile.TarInfo("././@LongLink" if kind == tarfile.GNUTYPE_LONGNAME else "pax")
+    info.type, info.size = kind, len(payload)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + payload + bytes(-len(payload) % 512)
+
+
+def _pax_record(key: str, value: str) -> bytes:
+    body = f" {key}={value}\n"
+    length = len(body) + len(str(len(body)))
+    length += len(str(length)) - len(str(len(body)))
+    return f"{length}{body}".encode()
+
+
+def test_a_huge_extended_header_is_refused_without_reading_it(tmp_path: Path) -> None:
+    # 64 MiB of name in a pax header: ~65 KB gzipped; tarfile alone reads it whole (RSS +500 MB)
+    pax = _extended(tarfile.XHDTYPE, _pax_record("path", "a" * 64 * 2**20))
+    archive = _raw_tar(tmp_path, pax)
+    assert archive.stat().st_size < 100_000
+    _assert_refused(tmp_path, archive, r"extended header of 67108\d\d\d bytes")
+    longname = _extended(tarfile.GNUTYPE_LONGNAME, b"a" * 2**20 + b"\0")
+    _assert_refused(tmp_path, _raw_tar(tmp_path, longname), r"extended header of 1048577 bytes")
+
+
+def test_a_chain_of_extended_headers_is_refused_not_a_recursion_error(tmp_path: Path) -> None:
+    pax = _extended(tarfile.XHDTYPE, _pax_record("path", "ab"))
+    _assert_refused(tmp_path, _raw_tar(tmp_path, pax * 3000), "extended headers in a row")
+    # a few in a row are what tar writes (a global header, then a member's own): accepted
+    files = safe_extract(_raw_tar(tmp_path, pax * 2), tmp_path / "dest")
+    assert [f.name for f in files] == ["ab"]

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
+import os
+import shutil
 import threading
 from pathlib import Path
 from typing import ClassVar
@@ -12,13 +15,18 @@ import boto3
 import pytest
 
 from avatarforge.storage import (
+    DIGEST_XATTR,
     ChecksumMismatchError,
     ObjectNotFoundError,
     StorageError,
+    UnpublishedError,
     fetch,
     fetch_prefix,
+    fetch_published,
     join_uri,
     parse_s3_uri,
+    publish,
+    publish_local,
     upload,
 )
 from avatarforge.testing.aws_local import dummy_aws_env
@@ -93,6 +101,67 @@ def test_s3_missing_object_and_bucket(tmp_path: Path, s3_bucket: str) -> None:
     with pytest.raises(ObjectNotFoundError):
         fetch("s3://no-such-bucket/x.tar.gz", tmp_path / "x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_published_object_carries_its_sha256_in_the_same_put(tmp_path, s3_bucket) -> None:
+    s3 = boto3.client("s3")
+    uri = f"s3://{s3_bucket}/mme/alice.tar.gz"
+    versions = []
+    for i in range(2):  # published, then published again with other bytes
+        src = tmp_path / f"v{i}.tar.gz"
+        src.write_bytes(bytes([i]) * 300_000)
+        versions.append(hashlib.sha256(src.read_bytes()).hexdigest())
+        assert publish(src, uri) == versions[-1]
+    head = s3.head_object(Bucket=s3_bucket, Key="mme/alice.tar.gz", ChecksumMode="ENABLED")
+    assert base64.b64decode(head["ChecksumSHA256"]).hex() == versions[1]  # S3's own checksum
+    assert head["Metadata"] == {"sha256": versions[1]}
+    assert [o["Key"] for o in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]] == [
+        "mme/alice.tar.gz"
+    ]  # one object: no .sha256 PUT after it
+    # a stale .sha256 beside it is no reader's business
+    s3.put_object(Bucket=s3_bucket, Key="mme/alice.tar.gz.sha256", Body=versions[0].encode())
+    got = tmp_path / "got.tar.gz"
+    assert fetch_published(uri, got) == versions[1]
+    assert got.read_bytes() == (tmp_path / "v1.tar.gz").read_bytes()
+
+
+def test_fetch_published_refuses_what_came_without_its_digest_or_with_another(
+    tmp_path, s3_bucket
+) -> None:
+    s3 = boto3.client("s3")
+    src = tmp_path / "x.bin"
+    src.write_bytes(b"x" * 1000)
+    upload(src, f"s3://{s3_bucket}/plain")  # a plain PUT
+    with pytest.raises(UnpublishedError, match="plain: published without its sha256"):
+        fetch_published(f"s3://{s3_bucket}/plain", tmp_path / "out" / "a", name="plain")
+    s3.put_object(Bucket=s3_bucket, Key="lying", Body=b"y", Metadata={"sha256": "ab" * 32})
+    with pytest.raises(ChecksumMismatchError, match="is not the published abababab"):
+        fetch_published(f"s3://{s3_bucket}/lying", tmp_path / "out" / "b")
+    # a multipart upload's checksum is a checksum of its parts: its metadata is used
+    big = tmp_path / "big.bin"
+    big.write_bytes(bytes(range(256)) * 40_000)  # 10 MB: past boto3's multipart threshold
+    digest = hashlib.sha256(big.read_bytes()).hexdigest()
+    s3.upload_file(str(big), s3_bucket, "multi", ExtraArgs={
+        "ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": digest}})  # fmt: skip
+    assert fetch_published(f"s3://{s3_bucket}/multi", tmp_path / "out" / "c") == digest
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
+
+
+def test_publish_local_is_one_rename_with_the_digest_in_an_attribute(tmp_path) -> None:
+    dest = tmp_path / "alice.tar.gz"
+    for i in range(2):
+        tmp = tmp_path / f".tmp{i}"
+        tmp.write_bytes(bytes([i]) * 1000)
+        digest = publish_local(tmp, dest)
+        assert not tmp.exists() and os.getxattr(dest, DIGEST_XATTR).decode() == digest
+    (tmp_path / "alice.tar.gz.sha256").write_text("00" * 32 + "  alice.tar.gz\n")  # stale
+    assert fetch_published(str(dest), tmp_path / "got") == digest
+    # copied without its attribute: the .sha256 beside it is the published digest
+    shutil.copy(dest, tmp_path / "copy.tar.gz")
+    with pytest.raises(UnpublishedError, match="copy.tar.gz.sha256: no such sha256 file"):
+        fetch_published(str(tmp_path / "copy.tar.gz"), tmp_path / "got2")
+    (tmp_path / "copy.tar.gz.sha256").write_text(digest.upper() + "\n")
+    assert fetch_published(str(tmp_path / "copy.tar.gz"), tmp_path / "got2") == digest
 
 
 def test_moto_state_is_reset_between_tests(aws_env: str) -> None:

@@ -32,6 +32,8 @@ from .hashing import sha256_file
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default name
 METADATA_FILE = "avatarforge_adapter.json"
 FORMAT_VERSION = 1
+MAX_METADATA_BYTES = 1024**2  # ours is about 1 KiB; a larger file is not read
+_KINDS = {"str": str, "int": int, "float": (int, float), "bool": bool}  # JSON types of fields
 
 
 class AdapterError(AvatarforgeError, ValueError):
@@ -81,6 +83,7 @@ class AdapterMetadata:
         }
         if missing := sorted(required - set(data)):
             raise AdapterError(f"adapter metadata lacks field(s) {', '.join(missing)}")
+        _check_types(data)
         if (version := data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
             raise AdapterError(
                 f"adapter format version {version} is newer than this avatarforge "
@@ -91,6 +94,35 @@ class AdapterMetadata:
         extra.update({k: v for k, v in data.items() if k not in known})
         values = {k: v for k, v in data.items() if k in known and k != "extra"}
         return cls(**values, extra=extra)
+
+
+def _check_types(data: dict[str, Any]) -> None:
+    """Each known field has its JSON type (a hostile file must not reach code that assumes it)."""
+    for f in dataclasses.fields(AdapterMetadata):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        if f.name == "extra":
+            ok, expected = isinstance(value, dict), "a JSON object"
+        else:
+            kind = _KINDS[str(f.type)]
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+            expected = {"str": "a string", "bool": "true or false"}.get(str(f.type), "a number")
+        if not ok:
+            raise AdapterError(
+                f"adapter metadata: {f.name} must be {expected} (got {_short(value)})"
+            )
+    digest = data.get("weights_sha256", "")
+    if digest and not (len(digest) == 64 and all(c in "0123456789abcdef" for c in digest)):
+        raise AdapterError(
+            f"adapter metadata: weights_sha256 must be 64 lower-case hex digits (got "
+            f"{_short(digest)})"
+        )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def canonicalize_header(path: Path) -> None:
@@ -173,10 +205,14 @@ def read_adapter(adapter_dir: Path) -> AdapterMetadata:
     for path in (meta_path, weights):
         if not path.is_file():
             raise AdapterError(f"{adapter_dir} is not a complete adapter: {path.name} is missing")
+    if meta_path.stat().st_size > MAX_METADATA_BYTES:
+        raise AdapterError(f"{meta_path} is larger than {MAX_METADATA_BYTES // 1024} KiB")
     try:
-        data = json.loads(meta_path.read_text())
+        data = json.loads(meta_path.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise AdapterError(f"{meta_path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise AdapterError(f"{meta_path} is not adapter metadata (nested too deeply)") from None
     try:
         meta = AdapterMetadata.from_dict(data)
     except TypeError as exc:

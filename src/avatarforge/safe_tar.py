@@ -1,7 +1,8 @@
 """Tar archives we unpack from elsewhere, checked; tar archives we make, byte-for-byte reproducible.
 
 :func:`safe_extract` never calls ``extractall``: every header is checked first (paths, member
-types, declared sizes, member count) so a refused archive writes nothing; then regular files are
+types, declared sizes, member count; the length and depth of a name and the size of a pax
+header before either is parsed) so a refused archive writes nothing; then regular files are
 copied out while their bytes are counted (a sparse or lying member cannot pass the size limits),
 into a temporary folder beside ``dest`` that is renamed into place only when all went well.
 
@@ -29,6 +30,16 @@ from .fsutil import replace_dir
 MAX_MEMBER_BYTES = 2 * 1024**3  # one LoRA adapter is < 100 MB; base weights are a few GB
 MAX_TOTAL_BYTES = 8 * 1024**3
 MAX_MEMBERS = 10_000
+# Names: ours are a few parts deep (<user>/1/adapter/<file>, a diffusers base's <part>/<file>).
+# Bounded before a name is split, so a tiny archive cannot cost memory or time that grows
+# with its depth (a name 32,000 folders deep took 3.9 GB).
+MAX_NAME_BYTES = 1024
+MAX_DEPTH = 32  # parts of a member's path
+MAX_PART_BYTES = 255  # NAME_MAX of Linux file systems
+# pax and GNU long-name headers: tarfile reads each whole, and follows a chain of them by
+# recursion; a member needs one or two (a global header, its own).
+MAX_EXTENDED_HEADER_BYTES = 64 * 1024
+MAX_EXTENDED_IN_A_ROW = 8
 FIXED_MTIME = 0  # the epoch: archives carry no build time
 _CHUNK = 1024 * 1024
 # What reading a corrupt archive raises: tarfile's errors, and its decompressors' own
@@ -63,7 +74,7 @@ def safe_extract(
     if dest.exists() and not overwrite:
         raise FileExistsError(f"{dest} exists (pass overwrite=True to replace it)")
     try:
-        tar = tarfile.open(tar_path, mode="r:*")  # noqa: SIM115 (closed by `with tar` below)
+        tar = tarfile.open(tar_path, mode="r:*", tarinfo=_BoundedTarInfo)  # noqa: SIM115 (with tar)
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise UnsafeArchiveError(f"{tar_path}: not a readable tar archive ({exc})") from exc
     with tar:
@@ -135,9 +146,59 @@ def _check_to_the_end(tar: tarfile.TarFile, tar_path: Path) -> None:
         raise UnsafeArchiveError(f"{tar_path}: corrupt compressed stream ({exc})") from exc
 
 
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's header reader, refusing what would cost memory or recursion before it is
+    read: a pax or GNU long-name header over 64 KiB, more than 8 of them in a row, GNU sparse
+    headers (whose extension blocks tarfile collects without end)."""
+
+    def _proc_member(self, tar: tarfile.TarFile):  # type: ignore[override]
+        if self.type in _EXTENDED:
+            if self.size > MAX_EXTENDED_HEADER_BYTES:
+                raise UnsafeArchiveError(
+                    f"{tar.name}: extended header of {self.size} bytes (limit "
+                    f"{MAX_EXTENDED_HEADER_BYTES})"
+                )
+            in_a_row = getattr(tar, "_af_extended_in_a_row", 0) + 1
+            if in_a_row > MAX_EXTENDED_IN_A_ROW:
+                raise UnsafeArchiveError(
+                    f"{tar.name}: more than {MAX_EXTENDED_IN_A_ROW} extended headers in a row"
+                )
+            tar._af_extended_in_a_row = in_a_row  # type: ignore[attr-defined]
+        else:
+            tar._af_extended_in_a_row = 0  # type: ignore[attr-defined]
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            raise UnsafeArchiveError(f"{tar.name}: sparse file {self.name!r}")
+        return super()._proc_member(tar)
+
+
+_EXTENDED = (
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+)
+
+
 def _checked_path(member: tarfile.TarInfo, tar_path: Path) -> PurePosixPath:
     name = member.name
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise UnsafeArchiveError(
+            f"{tar_path}: member name {name[:60]!r}... is longer than {MAX_NAME_BYTES} bytes"
+        )
+    if len([p for p in name.split("/") if p not in ("", ".")]) > MAX_DEPTH:
+        raise UnsafeArchiveError(
+            f"{tar_path}: member {name[:60]!r}... is deeper than {MAX_DEPTH} path parts"
+        )
     path = PurePosixPath(name)
+    if long := [
+        p for p in path.parts if len(p.encode("utf-8", "surrogateescape")) > MAX_PART_BYTES
+    ]:
+        raise UnsafeArchiveError(
+            f"{tar_path}: member {name[:60]!r} has a part longer than {MAX_PART_BYTES} bytes "
+            f"({long[0][:20]!r}...)"
+        )
     if not name or name.startswith("/") or path.is_absolute():
         raise UnsafeArchiveError(f"{tar_path}: absolute path {name!r}")
     if ".." in path.parts:

@@ -91,7 +91,8 @@ def _step_runtime(demo: CloudDemo) -> str:
     from ..tritonserver.sagemaker import sagemaker_triton
 
     config, stack = demo.config, demo.stack
-    service = demo.service
+    # the deployment's prefix, as deploy gives it to the training container
+    service = dataclasses.replace(demo.service, s3_prefix=config.s3(""))
 
     def train(body: bytes, content_type: str | None) -> bytes:
         return handle_invocation(body, content_type, service)

@@ -53,6 +53,7 @@ def service_config(out: Path, train_defaults: dict[str, Any] | None = None) -> S
         # no activation recomputation: it saves GPU memory, and only costs time on a CPU
         train_defaults = {**DEMO_TRAIN, "device": "cpu", "gradient_checkpointing": False}
     return ServiceConfig(
+        s3_prefix=_s3(),  # the demo deployment's: photos/, models/, jobs/ under it
         base_source="tiny",
         work_dir=str(out / "service" / "work"),
         slots_dir=str(out / "service" / "slots"),

@@ -8,6 +8,7 @@ in ``training_container/``). Everything around it is an adapter over :func:`hand
 - :mod:`.config`   :class:`ServiceConfig`: limits, deadline, slots, presets (from the env)
 - :mod:`.run`      :func:`run_job`: fetch -> preprocess -> train -> package -> upload
 - :mod:`.store`    the job's S3 folder: checkpoint.tar.gz and result.json
+- :mod:`.claim`    claim.json: a job id names one request and runs once at a time anywhere
 - :mod:`.slots`    at most N jobs train at once per instance (flock slots); more wait
 - :mod:`.result`   :class:`JobResult`, the result JSON
 - :mod:`.errors`   :class:`JobError` (``status``, ``client_fault``) and its subclasses

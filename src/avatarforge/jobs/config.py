@@ -4,6 +4,11 @@ The DJL container and the local runners take their settings from ``AVATARFORGE_S
 environment variables (:meth:`ServiceConfig.from_env`), so one image serves any deployment.
 Training and preprocessing defaults are presets (JSON objects of TrainConfig/PreprocessConfig
 fields); a request's bounded overrides apply on top of them.
+
+Where a job may read and write is the deployment's, not the request's: ``s3_prefix`` is the
+deployment's ``s3://<bucket>/<prefix>`` (deploy's layout), and a job reads photos only under
+``photos/<user>/`` of it, writes the model to ``models/`` and its checkpoint, claim and result
+under ``jobs/``. Without it the service refuses every job.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -21,6 +27,8 @@ from ..paths import build_dir
 from ..settings import ConfigError, Settings, setting
 
 ENV_PREFIX = "AVATARFORGE_SERVICE_"
+# a bucket name, then a key prefix of AWS's safe characters ending in '/' (deploy's layout)
+_S3_PREFIX = re.compile(r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/(?:[A-Za-z0-9!_.*'()-]+/)*$")
 # Decided by the job, not by a preset: the base is the service's, resume is always on.
 JOB_CONTROLLED_TRAIN = frozenset({"base", "resume", "max_steps_this_run"})
 
@@ -35,6 +43,12 @@ class ServiceConfig(Settings):
         "tiny",
         "the base it trains on, the SAME one the MME serves: 'tiny', a diffusers folder, or a "
         "tarball path / s3:// URI of the base tarball (fetched once into shared_dir)",
+    )
+    s3_prefix: str = setting(
+        "",
+        "the deployment's s3://bucket/prefix/: photos are read only from photos/<user>/ under "
+        "it, models written to models/, checkpoints and results to jobs/; empty: every job is "
+        "refused",
     )
     shared_dir: str = setting("", "where a fetched base is kept; empty: build/service/shared")
     work_dir: str = setting("", "local scratch of running jobs; empty: build/service/work")
@@ -78,6 +92,12 @@ class ServiceConfig(Settings):
         from ..preprocess import PreprocessConfig
         from ..train import TrainConfig
 
+        if self.s3_prefix and not _S3_PREFIX.fullmatch(self.s3_prefix):
+            raise ConfigError(
+                "service.s3_prefix: s3://<bucket>/<prefix>/ with a trailing '/' and AWS's safe "
+                f"key characters (got {self.s3_prefix!r})"
+            )
+
         if self.finish_reserve_s >= self.deadline_s:
             raise ConfigError(
                 f"service.finish_reserve_s: must be below deadline_s ({self.deadline_s:g}); "
@@ -98,6 +118,31 @@ class ServiceConfig(Settings):
                 cls.from_dict(preset)
             except (ConfigError, TypeError) as exc:
                 raise ConfigError(f"service.{name}: {exc}") from None
+
+    # ------------------------------------------------------------ where jobs read and write
+
+    def _under(self, part: str) -> str:
+        if not self.s3_prefix:
+            raise ConfigError(
+                f"service.s3_prefix: not set ({self.env_name('s3_prefix')}): the service reads "
+                "and writes only under the deployment's prefix, and knows none"
+            )
+        return self.s3_prefix + part
+
+    @property
+    def photos_prefix(self) -> str:
+        """``<s3_prefix>photos/``: a user's photos lie under ``<user>/`` of it."""
+        return self._under("photos/")
+
+    @property
+    def models_prefix(self) -> str:
+        """``<s3_prefix>models/``: the MME prefix, the only place a model is written."""
+        return self._under("models/")
+
+    @property
+    def jobs_prefix(self) -> str:
+        """``<s3_prefix>jobs/``: each job's checkpoint, claim and result under ``<job_id>/``."""
+        return self._under("jobs/")
 
     # ------------------------------------------------------------ folders
 

@@ -37,6 +37,10 @@ def warm_up(config: ServiceConfig | None = None) -> BaseInfo:
     """Check the service's settings and make its base present (at model load, before the first
     job): a misconfigured instance fails at start, not one job at a time."""
     config = service_config(config)
+    try:
+        config.models_prefix  # noqa: B018 (what a job may touch is the deployment's: required)
+    except ConfigError as exc:
+        raise JobError(f"the training service is misconfigured: {exc}") from None
     for folder in (config.work_path(), config.slots_path()):
         folder.mkdir(parents=True, exist_ok=True)
     return resolve_service_base(config)

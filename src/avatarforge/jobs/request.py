@@ -13,6 +13,10 @@
 Unknown fields, fields a request may not set and values out of bounds are refused with a
 message naming the field. The bounds are tighter than the configs' own: the service shares a
 GPU between users, so no request may ask for hours of training or gigabytes of adapter.
+
+Where a job reads and writes is the deployment's (``ServiceConfig.s3_prefix``), not the
+caller's: ``models_prefix`` (and ``work_prefix``, when given) must be the deployment's, and the
+photos must lie under ``<s3_prefix>photos/<user>/`` (not another user's, not another bucket).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 from ..names import InvalidNameError, check_job_id, check_user_id
 from ..settings import ConfigError
 from .config import ServiceConfig
-from .errors import JobRequestError
+from .errors import JobError, JobRequestError
 
 MAX_REQUEST_BYTES = 256 * 1024  # a request names photos, it does not carry them
 FIELDS = ("job_id", "user", "photos", "models_prefix", "work_prefix", "train", "preprocess")
@@ -144,7 +148,8 @@ def parse_request(data: bytes | str | dict, config: ServiceConfig) -> JobRequest
         raise JobRequestError(str(exc)) from None
     photos = _photos(obj["photos"], config.max_photos)
     models_prefix = _prefix(obj["models_prefix"], "models_prefix")
-    work_prefix = _work_prefix(obj.get("work_prefix"), models_prefix)
+    work_prefix = _work_prefix(obj.get("work_prefix"), models_prefix, config)
+    _check_places(user, photos, models_prefix, work_prefix, config)
     train = _overrides(obj.get("train", {}), "train", TRAIN_OVERRIDES)
     preprocess = _overrides(obj.get("preprocess", {}), "preprocess", PREPROCESS_OVERRIDES)
     request = JobRequest(job_id, user, photos, models_prefix, work_prefix, train, preprocess)
@@ -235,23 +240,55 @@ def _prefix(uri: object, name: str, *, allow_root: bool = True) -> str:
     return f"s3://{bucket}/{key}"
 
 
-def _work_prefix(value: object, models_prefix: str) -> str:
-    if value is None:
-        bucket, key = _split(models_prefix, "models_prefix")
-        parent = key.rstrip("/").rpartition("/")[0]
-        if not key or key.rstrip("/").rpartition("/")[2] == "jobs":
-            raise JobRequestError(
-                "work_prefix: required when models_prefix is a bucket's root or ends in 'jobs/' "
-                "(the default, 'jobs/' beside the models prefix, would lie inside it)"
-            )
-        return f"s3://{bucket}/{parent + '/' if parent else ''}jobs/"
-    prefix = _prefix(value, "work_prefix")
-    if prefix.startswith(models_prefix):
+def _deployment(config: ServiceConfig) -> tuple[str, str, str]:
+    """The deployment's photos, models and jobs prefixes (a service without them is ours to
+    fix: a 500, not the caller's 400)."""
+    try:
+        return config.photos_prefix, config.models_prefix, config.jobs_prefix
+    except ConfigError as exc:
+        raise JobError(f"the training service is misconfigured: {exc}") from None
+
+
+def _work_prefix(value: object, models_prefix: str, config: ServiceConfig) -> str:
+    prefix = _deployment(config)[2] if value is None else _prefix(value, "work_prefix")
+    # either inside the other: a job id names a key of the other (work_prefix s3://b/af/ and
+    # job_id "models" wrote checkpoint.tar.gz as the model of a user "checkpoint", and deleted
+    # it when the job succeeded)
+    if prefix.startswith(models_prefix) or models_prefix.startswith(prefix):
+        inside = "lies inside" if prefix.startswith(models_prefix) else "holds"
         raise JobRequestError(
-            f"work_prefix: {prefix!r} lies inside models_prefix {models_prefix!r}; the MME "
-            "prefix holds only <user>.tar.gz models"
+            f"work_prefix: {prefix!r} {inside} models_prefix {models_prefix!r}; the MME prefix "
+            "holds only <user>.tar.gz models, and no job id may name one of its keys"
         )
     return prefix
+
+
+def _check_places(
+    user: str,
+    photos: str | tuple[str, ...],
+    models_prefix: str,
+    work_prefix: str,
+    config: ServiceConfig,
+) -> None:
+    """Only the deployment's prefixes: a request names no other bucket, prefix or user."""
+    photos_root, models, jobs = _deployment(config)
+    if models_prefix != models:
+        raise JobRequestError(
+            f"models_prefix: {models_prefix!r} is not this deployment's models prefix "
+            f"({models!r}); a job writes models only there"
+        )
+    if work_prefix != jobs:
+        raise JobRequestError(
+            f"work_prefix: {work_prefix!r} is not this deployment's jobs prefix ({jobs!r})"
+        )
+    own = f"{photos_root}{user}/"
+    for i, uri in enumerate([photos] if isinstance(photos, str) else photos):
+        if not uri.startswith(own):
+            name = "photos" if isinstance(photos, str) else f"photos[{i}]"
+            raise JobRequestError(
+                f"{name}: {uri!r} is not under {own!r}: a job reads only its own user's photos, "
+                "uploaded under the deployment's photos prefix"
+            )
 
 
 def _photos(value: object, max_photos: int) -> str | tuple[str, ...]:

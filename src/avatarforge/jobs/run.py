@@ -6,8 +6,9 @@ checkpoint. Nothing appears under the model's key unless every step before it su
 PUT or one completed multipart upload), and every failure raises a :class:`JobError`.
 
 Around that: a job id that already has a result returns it and trains nothing; one job id
-never runs twice at once on an instance (a lock); at most ``max_concurrent_jobs`` jobs train at
-once (slots; the others wait); a job that starts where an earlier run of the same job id
+never runs twice at once on an instance (a lock) nor on two instances (its claim in S3, which
+also binds the job id to one request: :mod:`.claim`); at most ``max_concurrent_jobs`` jobs train
+at once (slots; the others wait); a job that starts where an earlier run of the same job id
 stopped (deadline, crash, SIGKILL) resumes from its checkpoint. Local files live in one scratch
 folder per run, removed on every path; a killed run's folder is removed by the next run of
 the same job id.
@@ -30,6 +31,7 @@ from typing import Any
 from .. import __version__, storage
 from ..base.identity import BaseInfo
 from ..hashing import sha256_file
+from .claim import LEASE_GRACE_S, check_same_request, claimed, instance_id, read_claim
 from .config import ServiceConfig
 from .errors import JobError, JobTimeoutError
 from .request import JobRequest, preprocess_config, train_config
@@ -190,20 +192,26 @@ class _Job:
                 earlier = self.earlier_result()  # the run we waited for may have finished it
                 if earlier is not None:
                     return earlier
-                self.remove_leftovers()
-                waiting_for = "a training slot"
-                with training_slot(
-                    self.config.slots_path(),
-                    self.config.max_concurrent_jobs,
-                    owner=f"job {job_id}",
-                    timeout_s=self.left(),
-                    on_wait=lambda: self.emit("waiting_for_slot"),
-                ) as slot:
-                    self.emit("slot_acquired", slot=slot.index, waited_s=slot.waited_s)
-                    try:
-                        return self.in_scratch(base)
-                    finally:
-                        self.emit("slot_released", slot=slot.index)
+                instance = instance_id(self.config.slots_path())
+                lease_s = self.config.deadline_s + LEASE_GRACE_S
+                with claimed(self.request, instance, lease_s):
+                    earlier = self.earlier_result()  # finished on another instance meanwhile
+                    if earlier is not None:
+                        return earlier
+                    self.remove_leftovers()
+                    waiting_for = "a training slot"
+                    with training_slot(
+                        self.config.slots_path(),
+                        self.config.max_concurrent_jobs,
+                        owner=f"job {job_id}",
+                        timeout_s=self.left(),
+                        on_wait=lambda: self.emit("waiting_for_slot"),
+                    ) as slot:
+                        self.emit("slot_acquired", slot=slot.index, waited_s=slot.waited_s)
+                        try:
+                            return self.in_scratch(base)
+                        finally:
+                            self.emit("slot_released", slot=slot.index)
         except SlotTimeout:
             raise JobTimeoutError(
                 f"job {job_id} reached its deadline ({self.config.deadline_s:.0f} s) while "
@@ -225,6 +233,9 @@ class _Job:
                 f"{result.user!r}; use a new job id for user {self.request.user!r}",
                 status=409,
             )
+        claim = read_claim(self.request)  # None: a result from before claims were written
+        if claim is not None:
+            check_same_request(claim, self.request)  # not another request's model
         log.info("job %s already succeeded; returning its result", self.request.job_id)
         self.emit("reused")
         return result
@@ -284,7 +295,7 @@ class _Job:
 
         t = self.clock()
         try:
-            upload_package(tarball, request.model_uri)  # and its .sha256
+            upload_package(tarball, request.model_uri)  # one PUT, its sha256 in it
         except storage.StorageError as exc:
             raise JobError(f"job {request.job_id}: {exc}") from exc
         self.timed("upload", t)

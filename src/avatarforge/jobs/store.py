@@ -4,6 +4,7 @@
   checkpoint was trained from), replaced atomically at every checkpoint (one PUT or one
   completed multipart upload) and deleted once the job succeeded.
 - ``result.json``: written after the tarball upload; its presence means the job is done.
+- ``claim.json``: the request the job id names and the run that holds it (:mod:`.claim`).
 """
 
 from __future__ import annotations

@@ -6,8 +6,10 @@
 more first unloads the least recently used (``DELETE /models/<hash>``, files removed). A 507
 (out of memory) from Triton evicts the least recently used and retries, as SageMaker does.
 
-Before anything is loaded, the archive is checked against the sha256 file published beside it
-(``<target_model>.sha256``), extracted safely, and its model folder is checked by
+Before anything is loaded, the archive is checked against the sha256 published with it (S3:
+the object's checksum or ``x-amz-meta-sha256`` from the same GET; a local file: its extended
+attribute, else ``<target_model>.sha256``; :func:`~avatarforge.storage.fetch_published`),
+extracted safely, and its model folder is checked by
 ``check_model`` (default: :func:`~avatarforge.serving.package_check.check_package`, exactly what
 the packager writes; a refused package is a 424 naming what differs). SageMaker itself loads
 any tarball in the prefix: the bucket is trusted there; this loader checks anyway.
@@ -51,16 +53,18 @@ from typing import Any
 
 from ..errors import AvatarforgeError
 from ..paths import build_dir
-from ..safe_tar import safe_extract
+from ..safe_tar import UnsafeArchiveError, safe_extract
 from ..serving.bootstrap import RETRY_PREFIX
-from ..serving.package_check import (
-    CHECKSUM_SUFFIX,
-    PackageRefusedError,
-    check_checksum,
-    check_package,
-)
+from ..serving.package_check import PackageRefusedError, check_package
 from ..settings import Settings, setting
-from ..storage import ObjectNotFoundError, fetch, join_uri
+from ..storage import (
+    ChecksumFileError,
+    ChecksumMismatchError,
+    ObjectNotFoundError,
+    UnpublishedError,
+    fetch_published,
+    join_uri,
+)
 from .protocol import Response, SageMakerTritonClient, TritonMMEError, error_message
 
 log = logging.getLogger(__name__)
@@ -530,32 +534,34 @@ class MultiModelLoader:
         self._unload(victim)
 
     def _fetch_and_extract(self, target_model: str, work: Path) -> Path:
-        archive = work / "archive.tar.gz"
-        checksum = work / "archive.tar.gz.sha256"
-        uri = join_uri(self.source, target_model)
+        """Fetch, check and extract into ``work/model``. What a client is told names the
+        TargetModel and the files in the package, never the source or a server folder."""
+        archive, repo_dir = work / "archive.tar.gz", work / "model"
+
+        def relative(exc: Exception) -> str:  # the archive: the TargetModel; a file: its path
+            text = str(exc).replace(str(archive), target_model)
+            return text.replace(f"{repo_dir}/", "").replace(str(work), ".")
+
         try:
-            fetch(uri, archive)
-        except ObjectNotFoundError as exc:
-            raise UnknownTargetModelError(
-                f"TargetModel {target_model!r} not found in {self.source}"
-            ) from exc
-        try:
-            fetch(uri + CHECKSUM_SUFFIX, checksum)
-            check_checksum(archive, checksum, shown_as=target_model)
+            fetch_published(join_uri(self.source, target_model), archive, name=target_model)
         except ObjectNotFoundError:
-            raise ModelLoadError(
-                f"{target_model}: no {target_model}{CHECKSUM_SUFFIX} beside it: a model is "
-                "published with its sha256 (avatarforge package writes both)"
+            where = "s3:// (the endpoint's model prefix)" if "://" in self.source else "the source"
+            raise UnknownTargetModelError(
+                f"TargetModel {target_model!r} not found in {where}"
             ) from None
-        except PackageRefusedError as exc:
+        except (UnpublishedError, ChecksumFileError, ChecksumMismatchError) as exc:
+            # the digest must come with the object (one PUT, one rename): a model published as
+            # two objects could be read between them, a new tarball beside an old sha256
             raise ModelLoadError(str(exc)) from None
-        repo_dir = work / "model"
-        safe_extract(
-            archive,
-            repo_dir,
-            max_member_bytes=self.config.max_member_bytes,
-            max_total_bytes=self.config.max_total_bytes,
-        )  # UnsafeArchiveError (a ValueError) propagates as is: the caller should see why
+        try:
+            safe_extract(
+                archive,
+                repo_dir,
+                max_member_bytes=self.config.max_member_bytes,
+                max_total_bytes=self.config.max_total_bytes,
+            )
+        except UnsafeArchiveError as exc:  # a ValueError: the caller sees why, not where
+            raise UnsafeArchiveError(relative(exc)) from None
         archive.unlink()
         configs = sorted(p.parent.name for p in repo_dir.glob("*/config.pbtxt"))
         if len(configs) != 1 or len(list(repo_dir.iterdir())) != 1:
@@ -568,7 +574,14 @@ class MultiModelLoader:
             try:
                 self.check_model(repo_dir / configs[0], name)
             except PackageRefusedError as exc:
-                raise ModelLoadError(str(exc)) from None
+                raise ModelLoadError(relative(exc)) from None
+            except Exception as exc:  # a hostile package must not become a 500 with a trace
+                reference = uuid.uuid4().hex[:12]
+                log.exception("checking %s failed (reference %s)", target_model, reference)
+                raise ModelLoadError(
+                    f"{target_model}: refused, the package could not be checked "
+                    f"({type(exc).__name__}; reference {reference} in the server's log)"
+                ) from None
         return repo_dir
 
     def _triton_load(

@@ -200,14 +200,29 @@ def _fields(table: Any, schema: dict[str, type], source: str, where: str) -> Non
 
 
 def _placeholders(text: str, source: str, where: str, *, allowed: tuple[str, ...]) -> None:
-    """A template's {names}: each must be one of ``allowed``; braces must pair up."""
+    """A template's {names}: each a plain ``{name}`` of ``allowed``; braces must pair up.
+
+    No format spec or conversion: ``str.format`` would act on them (``{token:>2000000000}``
+    allocates gigabytes, ``{framing!r:^99...9}`` raises), and a prompt needs none."""
     try:
-        names = [f for _, f, _, _ in string.Formatter().parse(text) if f is not None]
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(text)]
     except ValueError as exc:
         raise PackError(
             f"{source}: {where}: {exc} (write a literal brace as '{{{{' or '}}}}')"
         ) from None
-    for name in names:
+    plain = " or ".join(f"{{{a}}}" for a in allowed)
+    for name, spec, conversion in fields:
+        if name is None:
+            continue
+        if spec or conversion:
+            field = (
+                f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+            )
+            shown = field if len(field) <= 60 else field[:57] + "..."
+            raise PackError(
+                f"{source}: {where}: {shown}: only plain {plain} fields (no format spec or "
+                "conversion)"
+            )
         if name not in allowed:
             may = ", ".join(f"{{{a}}}" for a in allowed) or "none"
             raise PackError(

@@ -9,7 +9,9 @@ finds the model folder there)::
     <user>/1/shared_base.json             the shared base's config (the instance adds its env)
     <user>/1/adapter/                     LoRA weights + metadata
 
-and publishes ``<user>.tar.gz.sha256`` beside it. What serves a package accepts exactly this
+published with its sha256: locally in the file's extended attribute, set before its one
+rename (and in ``<user>.tar.gz.sha256`` beside it, for people and ``sha256sum -c``); in S3 in
+the same PUT (:func:`avatarforge.storage.publish`). What serves a package accepts exactly this
 and nothing else (:mod:`.package_check`). Everything comes from the installed package
 (``importlib.resources``), so a wheel packages as well as a checkout. It is checked before it
 is written, and its bytes are reproducible.
@@ -22,6 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .. import storage
 from ..adapter import METADATA_FILE, WEIGHTS_FILE, read_adapter
 from ..base.identity import BaseInfo, check_same_base
 from ..names import InvalidNameError, check_user_id
@@ -33,7 +36,7 @@ from .package_check import (
     BOOTSTRAP_FILE,
     VERSION_DIR,
     PackageError,
-    check_checksum,
+    PackageRefusedError,
     check_package,
     checksum_path,
     write_checksum,
@@ -85,36 +88,45 @@ def package_user(
         )
         for name in (WEIGHTS_FILE, METADATA_FILE):  # only what serving reads
             shutil.copyfile(Path(adapter_dir) / name, version / bootstrap.ADAPTER_SUBDIR / name)
-        tarball = write_reproducible_tar(model, out_dir / f"{user}.tar.gz", arcname=user)
-        write_checksum(tarball)
+        staged = write_reproducible_tar(model, Path(tmp) / f"{user}.tar.gz", arcname=user)
+        tarball = out_dir / f"{user}.tar.gz"
+        # the bytes and their digest appear together, in one rename: a reader never finds a
+        # new tarball with the old digest (as between two renames, tarball then .sha256)
+        digest = storage.publish_local(staged, tarball)
+        write_checksum(tarball, digest)  # for people and sha256sum -c; readers use the attribute
         return tarball
 
 
 def upload_package(tarball: Path, uri: str) -> str:
-    """Upload a package and its sha256 file (``<uri>.sha256``) to S3; returns the URI."""
-    from .. import storage
-
-    storage.upload(tarball, uri)
-    storage.upload(checksum_path(Path(tarball)), uri + ".sha256")
+    """Upload a package to S3 in one PUT that carries its sha256 (S3's checksum and
+    ``x-amz-meta-sha256``, :func:`avatarforge.storage.publish`); returns the URI."""
+    storage.publish(Path(tarball), uri)
     return uri
 
 
 def unpack_package(package: Path, staging: Path) -> Path:
-    """Extract a user package (``<user>.tar.gz``, checked against its ``.sha256`` file) safely
-    into the new folder ``staging`` and return the model folder in it, checked to be exactly
-    what the packager writes for that user (what a repository or the MME serves)."""
+    """Extract a user package (``<user>.tar.gz``, checked against the sha256 published with it)
+    safely into the new folder ``staging`` and return the model folder in it, checked to be
+    exactly what the packager writes for that user (what a repository or the MME serves)."""
     package = Path(package)
     if not package.name.endswith(".tar.gz"):
         raise PackageError(f"{package}: a package is named <user>.tar.gz")
     name = check_user_name(package.name.removesuffix(".tar.gz"))
-    checksum = checksum_path(package)
-    if not checksum.is_file():
-        raise PackageError(
-            f"{package}: no {checksum.name} beside it (avatarforge package writes one; "
-            "repackage: make package USER=...)"
-        )
-    check_checksum(package, checksum)
-    safe_extract(package, staging)
+    Path(staging).parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=Path(staging).parent) as tmp:
+        # a copy, checked as it is read: the bytes checked are the bytes extracted, even if the
+        # package is published again meanwhile
+        copy = Path(tmp) / package.name
+        try:
+            storage.fetch_published(str(package), copy, name=package.name)
+        except storage.UnpublishedError:
+            raise PackageError(
+                f"{package}: no sha256 published with it (neither its attribute nor "
+                f"{checksum_path(package).name} beside it; repackage: make package USER=...)"
+            ) from None
+        except (storage.ChecksumFileError, storage.ChecksumMismatchError) as exc:
+            raise PackageRefusedError(str(exc)) from None
+        safe_extract(copy, staging)
     try:
         found = sorted(p.name for p in Path(staging).iterdir())
         if found != [name] or not (Path(staging) / name).is_dir():

@@ -15,16 +15,21 @@ is what this installation would write for the values it declares:
   backend, file name, parameter or environment path can pass;
 - the adapter's weights match the sha256 in its metadata, on the base the config names.
 
-The archive itself is checked first by its sha256 file (``<user>.tar.gz.sha256``, written
-beside it by the packager) and by reading its gzip stream to the end (the CRC).
+The archive itself is checked first against the sha256 published with it (S3: the object's
+checksum or ``x-amz-meta-sha256``; a local file: its ``user.avatarforge.sha256`` attribute, else
+``<user>.tar.gz.sha256`` beside it; :func:`avatarforge.storage.fetch_published`) and by reading
+its gzip stream to the end (the CRC). Every file but the weights is small (at most 1 MiB) and
+read only after its size is checked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
+from .. import storage
 from ..adapter import METADATA_FILE, WEIGHTS_FILE, AdapterError, read_adapter
 from ..errors import AvatarforgeError
 from ..hashing import sha256_file
@@ -36,7 +41,8 @@ from .triton_config import parse_pbtxt, sd_base_config, to_pbtxt, user_model_con
 
 VERSION_DIR = "1"
 BOOTSTRAP_FILE = "avatarforge_bootstrap.py"  # the name user.py imports it by
-CHECKSUM_SUFFIX = ".sha256"
+CHECKSUM_SUFFIX = storage.CHECKSUM_SUFFIX
+MAX_SMALL_FILE_BYTES = 1024**2  # every file but the weights: a few KiB as the packager writes them
 _ADAPTER = f"{VERSION_DIR}/{bootstrap.ADAPTER_SUBDIR}"
 PACKAGE_FILES = frozenset(
     {
@@ -48,7 +54,6 @@ PACKAGE_FILES = frozenset(
         f"{_ADAPTER}/{METADATA_FILE}",
     }
 )
-_SHA256_LINE = re.compile(r"^([0-9a-f]{64})(?:\s+\*?(\S+))?\s*$")
 
 
 class PackageError(AvatarforgeError, ValueError):
@@ -66,33 +71,14 @@ def checksum_path(archive: Path) -> Path:
     return archive.with_name(archive.name + CHECKSUM_SUFFIX)
 
 
-def write_checksum(archive: Path) -> Path:
-    """Write ``<archive>.sha256`` in sha256sum's format and return its path."""
+def write_checksum(archive: Path, digest: str | None = None) -> Path:
+    """Write ``<archive>.sha256`` in sha256sum's format (``digest``: the archive's, when the
+    caller has it) and return its path."""
     path = checksum_path(archive)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(f"{sha256_file(archive)}  {archive.name}\n")
+    tmp.write_text(f"{digest or sha256_file(archive)}  {archive.name}\n")
     tmp.replace(path)
     return path
-
-
-def read_checksum(path: Path) -> str:
-    """The hex digest in a sha256 file (sha256sum's format, or the bare digest)."""
-    text = Path(path).read_text(errors="replace")
-    match = _SHA256_LINE.match(text.strip()) if len(text) < 4096 else None
-    if match is None:
-        raise PackageRefusedError(f"{path}: not a sha256 file (expected '<64 hex>  <name>')")
-    return match.group(1)
-
-
-def check_checksum(archive: Path, checksum_file: Path, shown_as: str = "") -> None:
-    """Refuse ``archive`` unless its sha256 is the one ``checksum_file`` publishes."""
-    expected = read_checksum(checksum_file)
-    actual = sha256_file(archive)
-    if actual != expected:
-        raise PackageRefusedError(
-            f"{shown_as or archive.name}: sha256 {actual[:16]}... is not the published "
-            f"{expected[:16]}... (corrupted or altered in transit or at rest)"
-        )
 
 
 def check_package(model_dir: Path, name: str | None = None) -> None:
@@ -115,8 +101,9 @@ def check_package(model_dir: Path, name: str | None = None) -> None:
     _check_shared_base(version / bootstrap.SHARED_BASE_FILE, base_id, base_hash, serving, where)
     try:
         meta = read_adapter(version / bootstrap.ADAPTER_SUBDIR)
-    except AdapterError as exc:
-        raise PackageRefusedError(f"{where}: {exc}") from None
+    except AdapterError as exc:  # its paths, relative to the package: no server folder
+        inside = str(exc).replace(f"{model_dir.parent}{os.sep}", "")
+        raise PackageRefusedError(f"{where}: {inside}") from None
     if meta.base_hash != base_hash:
         raise PackageRefusedError(
             f"{where}: its adapter was trained on base {meta.base_hash[:12]}, its config names "
@@ -132,6 +119,13 @@ def _check_files(model_dir: Path, where: str) -> None:
         )
     if missing := sorted(PACKAGE_FILES - found):
         raise PackageRefusedError(f"{where}: incomplete, missing {', '.join(missing)}")
+    weights = f"{_ADAPTER}/{WEIGHTS_FILE}"
+    for rel in sorted(found - {weights}):
+        if (model_dir / rel).stat().st_size > MAX_SMALL_FILE_BYTES:
+            raise PackageRefusedError(
+                f"{where}: {rel} is larger than any the packager writes "
+                f"({MAX_SMALL_FILE_BYTES // 1024} KiB at most)"
+            )
 
 
 def _check_same(path: Path, expected: bytes, where: str) -> None:
@@ -146,7 +140,7 @@ def _check_config(path: Path, user: str, where: str) -> tuple[str, str, ServingC
     text = path.read_text(errors="replace")
     try:
         config = parse_pbtxt(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise PackageRefusedError(f"{where}: {exc}") from None
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
     declared = ModelParams.from_params(params, serving=False)
@@ -173,6 +167,10 @@ def _check_shared_base(
         settings = ModelParams.from_params(params).serving
     except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
         raise PackageRefusedError(f"{where}: {bootstrap.SHARED_BASE_FILE}: {exc}") from None
+    except RecursionError:
+        raise PackageRefusedError(
+            f"{where}: {bootstrap.SHARED_BASE_FILE}: nested too deeply to be the packager's"
+        ) from None
     expected = sd_base_config(base_id, base_hash, settings)
     if data != expected:
         raise PackageRefusedError(

@@ -228,6 +228,10 @@ def test_training_environment_is_what_the_training_service_reads(deploy_config):
     assert service.max_concurrent_jobs == deploy_config.training_concurrency
     assert service.deadline_s == deploy_config.training_timeout_s - 300
     assert service.shared_dir == deploy_config.shared_dir
+    # the service refuses every job without it, and reads photos only under the deployment's
+    assert service.s3_prefix == deploy_config.s3("")
+    assert service.photos_prefix == deploy_config.photos_prefix
+    assert service.models_prefix == deploy_config.models_prefix
 
 
 def test_a_plan_without_a_role_or_image_says_what_to_do(deploy_config):

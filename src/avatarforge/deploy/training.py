@@ -43,6 +43,8 @@ def training_environment(config: DeployConfig, base_uri: str) -> dict[str, str]:
         service_env_name("shared_dir"): config.shared_dir,
         service_env_name("max_concurrent_jobs"): str(config.training_concurrency),
         service_env_name("deadline_s"): str(config.training_deadline_s),
+        # where jobs may read photos and write models and work: the deployment's, not a request's
+        service_env_name("s3_prefix"): config.s3(""),
         "AWS_DEFAULT_REGION": config.region,
     }
 

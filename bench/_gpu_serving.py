@@ -147,7 +147,13 @@ class InProcess:
         self.shared = SharedBase(load_pipeline(base, ctx.device), base)
         self.load_s = time.perf_counter() - t0
         self.counts_before = compile_counts()
-        self.compile_s = prepare_for_serving(self.shared.pipe, compile_setting, cache)
+        self.compile_s = prepare_for_serving(
+            self.shared.pipe,
+            compile_setting,
+            cache,
+            before_warm_up=lambda: self.shared.cache.activate(None),
+        )  # as SharedBase.from_params does
+        self.cache_dir = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         self.compiled = self.compile_s > 0
         self.counts_after_warm_up = compile_counts()
 
@@ -227,6 +233,7 @@ def measure_speed(ctx) -> dict[str, Any]:
             "before switching": before,
             "after switching": after,
         },
+        "inductor_cache": fast.cache_dir,
         "figures": {
             "eager, median": fig(round(e, 4), "s/image"),
             "compiled, median": fig(round(c, 4), "s/image", "torch.compile, CUDA graphs"),
@@ -240,11 +247,11 @@ def measure_speed(ctx) -> dict[str, Any]:
                 "s",
                 "empty inductor cache" if cold else "inductor cache already filled",
             ),
-            "recompiles while users switch (a, b, a)": fig(
-                after["graphs"] - before["graphs"], "", "goal 0"
+            "recompiles after the start (users a, b, a)": fig(
+                after["graphs"] - fast.counts_after_warm_up["graphs"], "", "goal 0"
             ),
-            "graph breaks while users switch": fig(
-                after["graph_breaks"] - before["graph_breaks"], "", "goal 0"
+            "graph breaks after the start": fig(
+                after["graph_breaks"] - fast.counts_after_warm_up["graph_breaks"], "", "goal 0"
             ),
             "graph breaks at the compile": fig(
                 fast.counts_after_warm_up["graph_breaks"] - fast.counts_before["graph_breaks"]

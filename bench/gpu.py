@@ -68,7 +68,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "train_steps": 30, "class_images": 8, "class_image_steps": 25, "resolution": 512,
             "users": 16, "requests": 16, "memory_users": 10, "speed_steps": 50,
             "new_users": 3, "alternating_users": 8, "alternating_rounds": 2, "batch_users": 16,
-            "batch_rounds": 2, "residents": 200, "load_workers": 8},
+            "batch_rounds": 2, "residents": 200, "load_workers": 16},
     "cpu": {"size": 64, "steps": 2, "runs": 3, "switches": 6, "check_steps": 2,
             "train_steps": 2, "class_images": 2, "class_image_steps": 2, "resolution": 64,
             "users": 4, "requests": 8, "memory_users": 4, "speed_steps": 2,
@@ -82,10 +82,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 # In the order they run (MEASUREMENTS): what the budget skips first comes last.
 ESTIMATES_S: dict[str, dict[str, float]] = {
-    "gpu": {"base": 60, "generation": 20, "speed": 150, "triton": 90, "triton_new_user": 15,
-            "triton_alternating": 30, "triton_batching": 45, "triton_repair": 60,
-            "triton_residents": 90, "training": 45, "training_no_checkpointing": 20,
-            "adapters": 35, "batching": 60},
+    "gpu": {"base": 60, "generation": 20, "training": 45, "training_no_checkpointing": 20,
+            "speed": 130, "triton": 80, "triton_new_user": 15, "triton_alternating": 30,
+            "triton_batching": 45, "triton_repair": 50, "triton_residents": 70, "adapters": 35,
+            "batching": 60},
     "cpu": {"base": 150, "generation": 120, "speed": 600, "triton": 300, "triton_new_user": 120,
             "triton_alternating": 200, "triton_batching": 300, "triton_repair": 200,
             "triton_residents": 200, "training": 300, "training_no_checkpointing": 300,
@@ -835,6 +835,9 @@ def measure_training_no_checkpointing(ctx: Ctx) -> dict[str, Any]:
 MEASUREMENTS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "base": measure_base,
     "generation": measure_generation,
+    # training frees the device first (ctx.release): before the serving rig, not between
+    "training": measure_training,
+    "training_no_checkpointing": measure_training_no_checkpointing,
     "speed": serving.measure_speed,
     "triton": serving.measure_triton,
     "triton_new_user": serving.measure_new_user,
@@ -842,8 +845,6 @@ MEASUREMENTS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "triton_batching": serving.measure_batching,
     "triton_repair": serving.measure_repair,
     "triton_residents": serving.measure_residents,
-    "training": measure_training,
-    "training_no_checkpointing": measure_training_no_checkpointing,
     "adapters": measure_adapters,
     "batching": measure_batching,
 }

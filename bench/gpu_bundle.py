@@ -221,8 +221,9 @@ def installed_tree(name: str, dest: Path) -> Path:
 
 
 def pins() -> list[str]:
-    """The site part's requirements, pinned as pyproject.toml pins them, plus protobuf at the
-    version installed here (tritonclient's model_config_pb2 checks the runtime's version)."""
+    """The site part's requirements, pinned as pyproject.toml pins them, plus protobuf and
+    grpcio at the versions installed here: tritonclient's generated code refuses older ones
+    (model_config_pb2 checks protobuf's version; importing tritonclient.grpc, grpcio's)."""
     import importlib.metadata
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -233,7 +234,7 @@ def pins() -> list[str]:
             name = requirement.split("[")[0].split("==")[0]
             if name in names:
                 wanted.append(f"{name}=={requirement.split('==')[1]}")
-    return [*wanted, f"protobuf=={importlib.metadata.version('protobuf')}"]
+    return [*wanted, *(f"{d}=={importlib.metadata.version(d)}" for d in ("protobuf", "grpcio"))]
 
 
 def build_wheel(dest: Path) -> Path:
@@ -686,6 +687,7 @@ def check(a: argparse.Namespace) -> int:
            and _numpy_lt_2(serve) and serve.get("avatarforge") is not None
            and (serve.get("cuda") or not a.expect_cuda), **serve)  # fmt: skip
 
+    results |= driver_checks(env, record=record)
     results |= triton_checks(env, expect_cuda=a.expect_cuda, record=record)
     ok = all(r["ok"] for r in results.values())
     report = {"ok": ok, "checks": results, "notes": machine_notes(),
@@ -729,6 +731,28 @@ def use_bundle(env: dict) -> None:
         old = os.environ.get("LD_LIBRARY_PATH", "")
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([*env["ld_library_path"], old]).strip(":")
     os.environ["AVATARFORGE_BUILD"] = env["build_dir"]
+
+
+def driver_checks(env: dict, *, record) -> dict:
+    """What bench/gpu.py imports in this Python with the bundle in front: the pinned packages,
+    and tritonclient's generated config code, which renders every package's config.pbtxt."""
+    sys.path.insert(0, str(REPO / "src"))
+    use_bundle(env)
+    found: dict[str, Any] = {}
+    try:
+        for name in ("diffusers", "peft", "transformers", "grpc", "google.protobuf"):
+            module = __import__(name, fromlist=["_"])
+            found[name] = getattr(module, "__version__", "importable")
+        from tritonclient.grpc import model_config_pb2  # noqa: F401
+
+        from avatarforge.serving.triton_config import to_pbtxt, user_model_config
+
+        found["config.pbtxt renders"] = bool(to_pbtxt(user_model_config("u", "b", "0" * 64)))
+        record("the bench's Python imports the bundle's packages", True, **found)
+    except Exception as exc:  # recorded: the measurements that need them say so
+        record("the bench's Python imports the bundle's packages", False, **found,
+               error=f"{type(exc).__name__}: {exc}"[-2000:])  # fmt: skip
+    return {}
 
 
 def triton_checks(env: dict, *, expect_cuda: bool, record) -> dict:

@@ -19,11 +19,12 @@ from fixtures.images import pixels
 
 from avatarforge.adapter import load_adapter, unload_adapter
 from avatarforge.base import pipeline as base_pipeline
-from avatarforge.base.pipeline import compile_unet, load_pipeline, prepare_for_serving
+from avatarforge.base.pipeline import load_pipeline, prepare_for_serving
 from avatarforge.fullsize import random_adapter
-from avatarforge.generate import GenArgs, generate_images
+from avatarforge.generate import GenArgs, generate_batch, generate_images
 from avatarforge.serving.adapter_cache import SlotAdapterCache
 from avatarforge.serving.config import ServingConfig
+from avatarforge.serving.shared_base import SharedBase
 
 PROMPT = "a photo of <<TOK>> person"
 ARGS = GenArgs(steps=2, height=64, width=64, seed=3)
@@ -63,36 +64,41 @@ def reference(adapters, tiny_base):
 
 
 @pytest.mark.slow
-def test_users_switch_on_a_compiled_unet_without_recompiling(adapters, reference, tiny_base):
+def test_users_switch_on_a_compiled_unet_without_recompiling(
+    adapters, reference, tiny_base, tmp_path, monkeypatch
+):
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "cache"))  # restored after the test
     torch._dynamo.reset()
-    pipe = load_pipeline(tiny_base, device="cpu")
-    cache = SlotAdapterCache(pipe, tiny_base, slots=2)  # the slots hook in first, as serving does
-    compile_unet(pipe, backend="eager")
+    # as SharedBase.from_params prepares the shared base: slots first, then the compile and
+    # its warm-up with the bare base's plan
+    shared = SharedBase(load_pipeline(tiny_base, device="cpu"), tiny_base, batch_max_images=2)
     try:
-        cache.activate(str(adapters["r8a"]))
-        assert cache.slots.static  # decided by the compiled UNet
-        assert np.array_equal(_generate(pipe), reference["r8a"])
+        seconds = prepare_for_serving(
+            shared.pipe, "on", tmp_path / "cache", backend="eager", warm_up_size=64,
+            before_warm_up=lambda: shared.cache.activate(None),
+        )  # fmt: skip
+        assert seconds > 0 and shared.cache.slots.static  # decided by the compiled UNet
         graphs, breaks = _counts()
         assert graphs == 1 and breaks == 0
         # users come and go through both slots (r2 evicts one), and the bare base
-        for name in ("r8b", "r2", None, "r8a", "r2", "r8b"):
-            cache.activate(None if name is None else str(adapters[name]))
-            got = _generate(pipe)
+        for name in ("r8a", "r8b", "r2", None, "r8a", "r2", "r8b"):
+            adapter = None if name is None else str(adapters[name])
+            got = pixels(shared.generate(PROMPT, "blurry", ARGS, adapter)[0])
             # a smaller rank reads the slot's zeros too: exact zeros, rounding only
             assert np.abs(got.astype(int) - reference[name]).max() <= (1 if name == "r2" else 0)
         assert _counts() == (graphs, breaks), "a user switch recompiled the UNet"
         # a batch with a LoRA per row runs the UNet eagerly: no compile for its shape
         rows = [(PROMPT, "blurry", ARGS), (PROMPT, "blurry", ARGS)]
-        from avatarforge.generate import generate_batch
-
-        with cache.rows([str(adapters["r8a"]), str(adapters["r8b"])], 1):
-            batch = generate_batch(pipe, rows)
+        with shared.cache.rows([str(adapters["r8a"]), str(adapters["r8b"])], 1):
+            batch = generate_batch(shared.pipe, rows)
         assert _counts() == (graphs, breaks)
         assert np.abs(pixels(batch[0][0]).astype(int) - reference["r8a"]).max() <= 2
-        cache.activate(str(adapters["r8a"]))
-        assert np.array_equal(_generate(pipe), reference["r8a"])  # the plan is back
+        got = pixels(shared.generate(PROMPT, "blurry", ARGS, str(adapters["r8a"]))[0])
+        assert np.array_equal(got, reference["r8a"])  # the single plan is back
+        assert _counts() == (graphs, breaks)
     finally:
-        cache.clear()
+        shared.cache.clear()
         torch._dynamo.reset()
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .identity import BaseInfo
@@ -107,12 +108,24 @@ def warm_up(pipe, *, size: int = 512, steps: int = 2) -> float:
     return time.perf_counter() - started
 
 
-def prepare_for_serving(pipe, setting: str, cache_folder: str | Path) -> float:
+def prepare_for_serving(
+    pipe,
+    setting: str,
+    cache_folder: str | Path,
+    *,
+    before_warm_up: Callable[[], None] | None = None,
+    backend: str = "inductor",
+    warm_up_size: int = 512,
+) -> float:
     """What ``serving.torch_compile`` asks of a serving pipeline whose LoRA slots are in place:
     compile the UNet with its caches under ``cache_folder`` and warm it up, so that the first
-    request does not pay for the compile. Returns the seconds it took (0: not compiled)."""
+    request does not pay for the compile. ``before_warm_up`` runs once the UNet is compiled:
+    it puts the hooks in the state requests run them in (the slots' static plan), so the warm-up
+    traces the graph every request uses. Returns the seconds it took (0: not compiled)."""
     if not wants_compile(setting, str(pipe.unet.device)):
         return 0.0
     use_compile_cache(cache_folder)
-    compile_unet(pipe)
-    return warm_up(pipe)
+    compile_unet(pipe, backend=backend)
+    if before_warm_up is not None:
+        before_warm_up()
+    return warm_up(pipe, size=warm_up_size)

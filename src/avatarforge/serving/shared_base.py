@@ -90,10 +90,14 @@ class SharedBase:
             batch_max_images=serving.batch_max_images,
             max_request_cost=serving.max_request_cost,
         )
-        # compiled once the LoRA slots hook into the UNet (later hooks would not be traced);
-        # the kernels cached in the shared dir, so a restart or a second instance reuses them
+        # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
+        # warmed up with the bare base's plan (the graph of every user); the kernels cached
+        # in the shared dir, so a restart or a second instance reuses them
         shared.compile_seconds = prepare_for_serving(
-            shared.pipe, serving.torch_compile, instance.shared_dir / INDUCTOR_CACHE
+            shared.pipe,
+            serving.torch_compile,
+            instance.shared_dir / INDUCTOR_CACHE,
+            before_warm_up=lambda: shared.cache.activate(None),
         )
         return shared
 

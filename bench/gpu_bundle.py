@@ -587,8 +587,12 @@ def infer_info(url: str, model: str) -> dict:
 
 
 def ldd_libpython(stub: Path, ld_path: list[str]) -> str | None:
-    """Where the dynamic loader finds the stub's libpython (None: not found)."""
+    """Where the dynamic loader finds the stub's libpython (None: not found). Without ldd,
+    the stub is run with no arguments: the loader's complaint says it cannot start."""
     env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(ld_path)}
+    if not shutil.which("ldd"):
+        run = subprocess.run([str(stub)], capture_output=True, text=True, env=env, timeout=60)
+        return None if "error while loading shared libraries" in run.stderr else "(loads; no ldd)"
     out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True, env=env).stdout
     for line in out.splitlines():
         if "libpython" in line:
@@ -663,7 +667,7 @@ def check(a: argparse.Namespace) -> int:
     stub = server / "pytriton/tritonserver/python_backend_stubs" / python
     stub = stub / "triton_python_backend_stub"
     extra: list[str] = []
-    where = ldd_libpython(stub, [str(libs)]) if shutil.which("ldd") else "ldd missing"
+    where = ldd_libpython(stub, [str(libs)])
     if where is None:
         for folder in libpython_candidates(python, env):
             found = ldd_libpython(stub, [str(libs), str(folder)])

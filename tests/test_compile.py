@@ -79,6 +79,9 @@ def test_users_switch_on_a_compiled_unet_without_recompiling(
             before_warm_up=lambda: shared.cache.activate(None),
         )  # fmt: skip
         assert seconds > 0 and shared.cache.slots.static  # decided by the compiled UNet
+        # q, k, v fused into one product: the slots add their LoRA on the fused layers
+        fused = [m for m in shared.pipe.unet.modules() if hasattr(m, "to_qkv")]
+        assert fused and len(shared.cache.slots._fused) == 2 * len(fused)  # + to_kv each
         graphs, breaks = _counts()
         assert graphs == 1 and breaks == 0
         # users come and go through both slots (r2 evicts one), and the bare base

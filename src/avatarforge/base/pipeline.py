@@ -1,8 +1,8 @@
 """A StableDiffusionPipeline of a base, on the best device this machine has; compiling its UNet.
 
 Compiling (:func:`compile_unet`, what :func:`prepare_for_serving` does where
-``serving.torch_compile`` asks for it): the UNet in channels_last, attention through SDPA
-(diffusers' default processor), compiled by ``torch.compile`` with CUDA graphs
+``serving.torch_compile`` asks for it): the UNet's q, k, v projections fused, channels_last,
+attention through SDPA (diffusers' processors), compiled by ``torch.compile`` with CUDA graphs
 (``mode="reduce-overhead"``) where the device is CUDA. Inductor's caches go to a folder given
 by the caller (the instance's shared dir), so a restarted shared base or a second instance
 finds the compiled kernels instead of compiling them again.
@@ -75,13 +75,17 @@ def is_compiled(module) -> bool:
 
 
 def compile_unet(pipe, *, backend: str = "inductor", mode: str | None = None) -> None:
-    """Compile the pipeline's UNet in place (lazily: at its first call). CUDA: channels_last
-    and CUDA graphs (``reduce-overhead``: the shapes of one request are fixed); elsewhere the
-    default mode. ``backend="eager"`` traces without generating code (tests, counting graph
-    breaks and recompiles in seconds)."""
+    """Compile the pipeline's UNet in place (lazily: at its first call), its attention's q, k
+    and v projections fused into one matrix product (diffusers' ``fuse_qkv_projections``; the
+    LoRA slots hook into the fused layers). CUDA: channels_last and CUDA graphs
+    (``reduce-overhead``: the shapes of one request are fixed); elsewhere the default mode.
+    ``backend="eager"`` traces without generating code (tests, counting graph breaks and
+    recompiles in seconds)."""
     import torch
 
     cuda = pipe.unet.device.type == "cuda"
+    pipe.unet.fuse_qkv_projections()
+    pipe.unet.requires_grad_(False)  # the fused layers are new parameters; serving is frozen
     if cuda:
         pipe.unet.to(memory_format=torch.channels_last)
     if mode is None and backend == "inductor":

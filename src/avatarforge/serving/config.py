@@ -100,8 +100,9 @@ class ServingConfig(Settings):
     )
     torch_compile: str = setting(
         "auto",
-        "compile the shared base's UNet (torch.compile; CUDA graphs and channels_last on a GPU) "
-        "when it starts, with inductor's cache in the shared dir so a restart finds the kernels: "
+        "compile the shared base's UNet (torch.compile, q/k/v projections fused; CUDA graphs "
+        "and channels_last on a GPU) when it starts, with inductor's cache in the shared dir so "
+        "a restart finds the kernels: "
         "auto (on CUDA; off on a CPU, where compiling takes minutes and saves little), on, off",
         choices=("auto", "on", "off"),
     )

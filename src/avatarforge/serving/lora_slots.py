@@ -30,7 +30,8 @@ with the new values: the tensors keep their addresses). With an adapter of the s
 rank the arithmetic is the single-slot path's; a smaller rank adds exact zeros in another
 order (float rounding). A batched call (:meth:`LoraSlots.rows`) runs the UNet eagerly: its
 shape changes with each batch, and at several rows the GPU, not the launch overhead that
-compiling saves, bounds it.
+compiling saves, bounds it. The compile fuses the attention's q, k, v projections (diffusers'
+``fuse_qkv_projections``); the parts' deltas are then added side by side on the fused layer.
 """
 
 from __future__ import annotations
@@ -134,16 +135,45 @@ class _Layer:
 
     def _hook(self, module, args, output):
         plan = self.owner.plan
-        return None if plan is None else plan.forward(self, args[0], output)
+        delta = None if plan is None else plan.delta(self, args[0])
+        return None if delta is None else output + delta
+
+
+class _Fused:
+    """A projection fused by diffusers (``fuse_qkv_projections``: ``to_qkv`` of a self-attention,
+    ``to_kv`` of a cross-attention) whose parts have slots: the fused layer's output is the
+    parts' outputs side by side, so their deltas are added side by side. (The parts' own
+    hooks no longer run: the attention calls the fused layer instead.)"""
+
+    def __init__(self, owner: LoraSlots, parts: list[tuple[_Layer | None, int]], linear) -> None:
+        self.owner, self.parts = owner, parts  # (the part's slots or None, its out_features)
+        self.handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        import torch
+
+        plan = self.owner.plan
+        if plan is None:
+            return None
+        x = args[0]
+        deltas = [None if layer is None else plan.delta(layer, x) for layer, _ in self.parts]
+        if all(d is None for d in deltas):
+            return None
+        deltas = [
+            x.new_zeros(*x.shape[:-1], width) if d is None else d
+            for d, (_, width) in zip(deltas, self.parts, strict=True)
+        ]
+        return output + torch.cat(deltas, dim=-1)
 
 
 class _Single:
-    """Every row uses one slot: peft's forward, operation for operation."""
+    """Every row uses one slot: peft's forward, operation for operation. (Each plan gives a
+    layer's ``delta``; the layer's hook adds it to the output, as peft adds its LoRA.)"""
 
     def __init__(self, slot: int, scales: dict[str, float]) -> None:
         self.slot, self.scales = slot, scales
 
-    def forward(self, layer: _Layer, x, out):
+    def delta(self, layer: _Layer, x):
         import torch.nn.functional as F
 
         r = layer.rank[self.slot]
@@ -151,7 +181,7 @@ class _Single:
             return None
         a = layer.A[self.slot, :r]  # contiguous [r, in], as peft's lora_A.weight
         # peft: result = result + lora_B(lora_A(dropout(x))) * scaling (dropout: identity)
-        return out + F.linear(F.linear(x, a), layer.exact_B[self.slot]) * self.scales[layer.group]
+        return F.linear(F.linear(x, a), layer.exact_B[self.slot]) * self.scales[layer.group]
 
 
 class _StaticState:
@@ -177,13 +207,13 @@ class _Static:
     """Every row uses the slot and scales in the layer's :class:`_StaticState`; the values are
     read on the device, so a compiled graph serves every user (see the module docstring)."""
 
-    def forward(self, layer: _Layer, x, out):
+    def delta(self, layer: _Layer, x):
         import torch.nn.functional as F
 
         state = layer.static
         a = layer.A.index_select(0, state.slot)[0]  # [R, in], contiguous: peft's lora_A.weight
         b = layer.B.index_select(0, state.slot)[0]  # [out, R]
-        return out + F.linear(F.linear(x, a), b) * state.scales[layer.group]
+        return F.linear(F.linear(x, a), b) * state.scales[layer.group]
 
 
 class _Rows:
@@ -217,7 +247,7 @@ class _Rows:
             self._index[key] = (slots.to(layer.device), scale.to(layer.device).view(-1, 1, 1))
         return self._index[key]
 
-    def forward(self, layer: _Layer, x, out):
+    def delta(self, layer: _Layer, x):
         import torch
 
         if not self.active[layer.group]:
@@ -228,7 +258,7 @@ class _Rows:
         b = layer.B.index_select(0, slots)  # [rows, out, R]
         h = torch.bmm(x.reshape(n_rows, -1, layer.in_features), a.transpose(1, 2))
         delta = torch.bmm(h, b.transpose(1, 2)) * scale
-        return out + delta.reshape(out.shape)
+        return delta.reshape(*x.shape[:-1], layer.out_features)
 
 
 class LoraSlots:
@@ -266,6 +296,7 @@ class LoraSlots:
         self._static_wanted = static
         self._static: _Static | None = None
         self._states: dict[tuple[Any, Any], _StaticState] = {}
+        self._fused: dict[int, _Fused] = {}  # id of a fused projection -> its hook
         self.layers: dict[tuple[str, str], _Layer] = {}
         self.module_names: dict[str, tuple[str, ...]] = {}
         self.ranks: dict[str, int] = {}
@@ -379,8 +410,26 @@ class LoraSlots:
 
         return self._unet is not None and is_compiled(self._unet)
 
+    def _attach_fused(self) -> None:
+        """Hooks on the UNet's fused projections (compile_unet fuses them before compiling;
+        the static plan comes after): without them the fused parts' LoRA would be lost."""
+        if self._unet is None:
+            return
+        for name, module in self._unet.named_modules():
+            for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+                linear = getattr(module, fused, None)
+                if linear is None or id(linear) in self._fused:
+                    continue
+                found = [
+                    (self.layers.get((UNET, f"{name}.{part}")), getattr(module, part).out_features)
+                    for part in parts
+                ]
+                if any(layer is not None for layer, _ in found):
+                    self._fused[id(linear)] = _Fused(self, found, linear)
+
     def _static_plan(self, slot: int, scales: dict[str, float]) -> _Static:
         if self._static is None:
+            self._attach_fused()
             for layer in self.layers.values():
                 key = (layer.device, layer.dtype)
                 if key not in self._states:
@@ -430,7 +479,10 @@ class LoraSlots:
         self.plan = None
         for layer in self.layers.values():
             layer.handle.remove()
+        for fused in self._fused.values():
+            fused.handle.remove()
         self.layers.clear()
+        self._fused.clear()
 
 
 @contextlib.contextmanager

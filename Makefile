@@ -11,7 +11,7 @@ LINT_DIRS := $(wildcard src tests bench model_repository training_container cond
 
 .DEFAULT_GOAL := help
 .PHONY: help setup demo demo-service demo-cloud test test-fast lint clean base env package export local-triton local-mme \
-        deploy-mme deploy-training destroy training-image bench bench-gpu bench-quality reliability
+        deploy-mme deploy-training destroy training-image bench bench-gpu gpu-bundle bench-quality reliability
 
 help:  ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -90,8 +90,13 @@ bench: $(STAMP)  ## trainer variants, serving density, per-user memory, adapter 
 	$(PY) bench/serving_memory.py
 	$(PY) bench/adapter_switch.py
 
-bench-gpu: $(STAMP)  ## full-size SD 2.1 on one GPU (< 8 min, H100): latency, adapter switch, training; build/bench/gpu.json
-	$(PY) bench/gpu.py $(if $(BUDGET),--budget-s $(BUDGET)) $(if $(OUT_DIR),--out-dir $(OUT_DIR))
+# bench-gpu runs where the GPU is (python3 with a CUDA torch, no network, no .venv): the bundle
+# made here by gpu-bundle travels beside the tree (device `carry`: build/gpu-bundle)
+bench-gpu:  ## full-size SD 2.1 on one GPU, Triton included: unpack + check build/gpu-bundle, then bench/gpu.py; JSON in OUT (env) or build/bench
+	bash bench/gpu_run.sh $(if $(BUDGET),--budget-s $(BUDGET)) $(GPU_ARGS)
+
+gpu-bundle: $(STAMP)  ## tritonserver + stub 3.12 + numpy<2 + pinned packages + our wheel for bench-gpu: build/gpu-bundle (< 58 MiB)
+	$(PY) bench/gpu_bundle.py build $(if $(NO_LIBPYTHON),,--fetch-libpython)
 
 bench-quality: $(STAMP)  ## training settings by eval scores + adapter size (GPU, BASE=real SD 2.1, DATASET=photos)
 	$(PY) bench/quality.py $(if $(BASE),--base $(BASE)) $(if $(DATASET),--dataset $(DATASET)) \

@@ -20,12 +20,16 @@ still run; one that does not fit in what is left of --budget-s is skipped, and s
   training     avatarforge train() with the default TrainConfig except steps and class images,
                on 10 synthetic photos: step time, projection to 800 steps, peak CUDA memory
   training_no_checkpointing   the same with gradient checkpointing off
-  triton       the local MME (tritonserver) on the same base, where nvidia-pytriton is installed
+  speed, triton, triton_*      the compiled UNet, and serving through the real tritonserver
+               (SageMaker front end, user models under a bare Python, the shared base in the
+               serving env) side by side with the shared base's code in process: see
+               bench/_gpu_serving.py. With --bundle (bench/gpu_run.sh) the server and both
+               Pythons are the unpacked GPU bundle's (bench/gpu_bundle.py)
 
-Every figure, the card and the versions go to build/bench/gpu.json (gpu-tiny.json, gpu-cpu.json
-for the reduced modes; also copied to --out-dir), written after each measurement so that a
-crash keeps what was measured. New variants (hot-swap slots, host caches, batching) are one more
-entry in GENERATION_PATHS or SWITCH_PATHS, or one more measurement in MEASUREMENTS.
+Every figure, the card, the versions and the command go to build/bench/gpu.json (gpu-tiny.json,
+gpu-cpu.json for the reduced modes; also copied to --out-dir), written after each measurement so
+that a crash keeps what was measured. New variants (hot-swap slots, host caches, batching) are
+one more entry in GENERATION_PATHS or SWITCH_PATHS, or one more measurement in MEASUREMENTS.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import _gpu_serving as serving
+from _gpu_serving import NotAvailable
 from _results import write_results
 
 PROMPT = "a photo of <<TOK>> person"
@@ -60,25 +66,39 @@ PROMPT = "a photo of <<TOK>> person"
 PRESETS: dict[str, dict[str, Any]] = {
     "gpu": {"size": 512, "steps": 30, "runs": 5, "switches": 8, "check_steps": 10,
             "train_steps": 30, "class_images": 8, "class_image_steps": 25, "resolution": 512,
-            "users": 16, "requests": 16, "memory_users": 10},
+            "users": 16, "requests": 16, "memory_users": 10, "speed_steps": 50,
+            "new_users": 3, "alternating_users": 8, "alternating_rounds": 2, "batch_users": 16,
+            "batch_rounds": 2, "residents": 200, "load_workers": 16},
     "cpu": {"size": 64, "steps": 2, "runs": 3, "switches": 6, "check_steps": 2,
             "train_steps": 2, "class_images": 2, "class_image_steps": 2, "resolution": 64,
-            "users": 4, "requests": 8, "memory_users": 4},
+            "users": 4, "requests": 8, "memory_users": 4, "speed_steps": 2,
+            "new_users": 2, "alternating_users": 4, "alternating_rounds": 1, "batch_users": 4,
+            "batch_rounds": 1, "residents": 8, "load_workers": 2},
     "tiny": {"size": 64, "steps": 2, "runs": 3, "switches": 4, "check_steps": 2,
              "train_steps": 3, "class_images": 2, "class_image_steps": 2, "resolution": 64,
-             "users": 4, "requests": 8, "memory_users": 4},
+             "users": 4, "requests": 8, "memory_users": 4, "speed_steps": 2,
+             "new_users": 2, "alternating_users": 4, "alternating_rounds": 1, "batch_users": 4,
+             "batch_rounds": 1, "residents": 8, "load_workers": 2},
 }  # fmt: skip
+# In the order they run (MEASUREMENTS): what the budget skips first comes last.
 ESTIMATES_S: dict[str, dict[str, float]] = {
-    "gpu": {"base": 90, "generation": 45, "adapters": 75, "batching": 90, "training": 120,
-            "training_no_checkpointing": 90, "triton": 150},
-    "cpu": {"base": 150, "generation": 120, "adapters": 300, "batching": 240, "training": 300,
-            "training_no_checkpointing": 300, "triton": 300},
-    "tiny": {"base": 10, "generation": 10, "adapters": 15, "batching": 15, "training": 20,
-             "training_no_checkpointing": 15, "triton": 120},
+    "gpu": {"base": 60, "generation": 20, "training": 45, "training_no_checkpointing": 20,
+            "speed": 130, "triton": 80, "triton_new_user": 15, "triton_alternating": 30,
+            "triton_batching": 45, "triton_repair": 50, "triton_residents": 70, "adapters": 35,
+            "batching": 60},
+    "cpu": {"base": 150, "generation": 120, "speed": 600, "triton": 300, "triton_new_user": 120,
+            "triton_alternating": 200, "triton_batching": 300, "triton_repair": 200,
+            "triton_residents": 200, "training": 300, "training_no_checkpointing": 300,
+            "adapters": 300, "batching": 240},
+    "tiny": {"base": 10, "generation": 10, "speed": 60, "triton": 60, "triton_new_user": 10,
+             "triton_alternating": 15, "triton_batching": 15, "triton_repair": 30,
+             "triton_residents": 30, "training": 20, "training_no_checkpointing": 15,
+             "adapters": 15, "batching": 15},
 }  # fmt: skip
 WARMUP_STEPS = 3  # training steps left out of the median (allocator and autotuning warm-up)
 PROJECTED_STEPS = 800  # TrainConfig's default steps
 PROJECTED_CLASS_IMAGES = 50  # TrainConfig's default num_class_images
+A10G_FACTOR = 4  # an A10G against an H100/H200: an estimate (see ServingConfig.max_request_cost)
 
 
 # ---------------------------------------------------------------- run state
@@ -95,6 +115,9 @@ class Ctx:
     deadline: float
     base: Any = None
     base_error: str = ""
+    bundle: dict[str, Any] | None = None  # the unpacked GPU bundle's env.json (+ its check)
+    extras: dict[str, Any] = field(default_factory=dict)  # a Triton rig, the in-process base
+    closers: list[Callable[[], None]] = field(default_factory=list)
     _pipe: Any = None
     _adapters: list[Path] = field(default_factory=list)
     _dataset: tuple[Path, str] | None = None
@@ -116,7 +139,10 @@ class Ctx:
         return self._pipe
 
     def release(self) -> None:
-        """Drop the pipeline: training's peak memory must be training's alone."""
+        """Drop the pipelines and stop tritonserver: training's peak memory must be its own."""
+        while self.closers:
+            with contextlib.suppress(Exception):
+                self.closers.pop()()
         self._pipe = None
         free_memory()
 
@@ -663,7 +689,7 @@ def measure_batching(ctx: Ctx) -> dict[str, Any]:
     }
 
 
-def _measure_training(ctx: Ctx, checkpointing: bool) -> dict[str, Any]:
+def _measure_training(ctx: Ctx, checkpointing: str) -> dict[str, Any]:
     from avatarforge.train import TrainConfig, train
 
     o = ctx.opts
@@ -672,7 +698,7 @@ def _measure_training(ctx: Ctx, checkpointing: bool) -> dict[str, Any]:
     dataset, dataset_what = ctx.dataset()
     d = TrainConfig()
     # made here, not in train(), to time them; train() finds them cached
-    made = _time_class_images(ctx, base, d) if checkpointing else None
+    made = _time_class_images(ctx, base, d) if checkpointing == d.gradient_checkpointing else None
     config = TrainConfig(
         base=str(base.path),
         steps=o.train_steps,
@@ -688,7 +714,7 @@ def _measure_training(ctx: Ctx, checkpointing: bool) -> dict[str, Any]:
     t0 = time.perf_counter()
     result = train(
         dataset,
-        ctx.work / f"train-{int(checkpointing)}",
+        ctx.work / f"train-{checkpointing}",
         config,
         base,
         on_step=lambda s: steps.append(s.seconds),
@@ -706,6 +732,10 @@ def _measure_training(ctx: Ctx, checkpointing: bool) -> dict[str, Any]:
             round(result.peak_memory_bytes / 2**30, 2), "GiB", result.log["peak_memory_kind"]
         ),
         "precision": fig(result.log["precision"]),
+        "gradient checkpointing": fig(
+            "on" if result.log["gradient_checkpointing"]["on"] else "off",
+            note=result.log["gradient_checkpointing"]["why"],
+        ),
         "optimizer": fig(
             result.optimizer,
             note="8-bit Adam asked for; bitsandbytes is not installed"
@@ -742,7 +772,14 @@ def _measure_training(ctx: Ctx, checkpointing: bool) -> dict[str, Any]:
         )
         figures[
             f"projected job ({PROJECTED_CLASS_IMAGES} class images, {PROJECTED_STEPS} steps)"
-        ] = fig(round(job / 60, 2), "min", "setup + class images + steps")
+        ] = fig(round(job / 60, 2), "min", "setup + class images + steps; goal <= 2 min")
+        if ctx.device.startswith("cuda"):
+            figures["the same job on an A10G (ESTIMATE, not measured)"] = fig(
+                round(job * A10G_FACTOR / 60, 1),
+                "min",
+                f"{A10G_FACTOR}x this GPU's projection: the factor serving.max_request_cost "
+                "assumes between an H200 and an A10G; a labelled guess",
+            )
     return out
 
 
@@ -787,118 +824,29 @@ def _time_class_images(ctx: Ctx, base, d) -> dict[str, float]:
 
 
 def measure_training(ctx: Ctx) -> dict[str, Any]:
-    return _measure_training(ctx, checkpointing=True)
+    return _measure_training(ctx, checkpointing="auto")  # the default: by free GPU memory
 
 
 def measure_training_no_checkpointing(ctx: Ctx) -> dict[str, Any]:
-    return _measure_training(ctx, checkpointing=False)
-
-
-class NotAvailable(Exception):
-    """A measurement whose pieces are not on this machine (recorded as such, not a failure)."""
-
-
-def triton_unavailable() -> str:
-    """Why the local MME cannot run here ("" when it can)."""
-    for module, dist in (("pytriton", "nvidia-pytriton"), ("tritonclient", "tritonclient[http]")):
-        if importlib.util.find_spec(module) is None:
-            return f"{dist} is not installed"
-    try:
-        from avatarforge.tritonserver.install import find_tritonserver
-
-        find_tritonserver()
-    except (FileNotFoundError, ImportError) as exc:
-        return str(exc)
-    import numpy
-
-    if int(numpy.__version__.split(".")[0]) >= 2:
-        return f"numpy {numpy.__version__}: tritonserver 2.51's python stub needs numpy < 2"
-    return ""
-
-
-def measure_triton(ctx: Ctx) -> dict[str, Any]:
-    """Cold and warm images through the local MME (tritonserver + SageMaker front end), against
-    in-process generation with the same adapter."""
-    if why := triton_unavailable():
-        raise NotAvailable(why)
-    from avatarforge.adapter import load_adapter, unload_adapter
-    from avatarforge.generate import GenArgs, from_jpeg_base64, to_jpeg_base64
-    from avatarforge.mme import MMEConfig, MultiModelLoader
-    from avatarforge.mme.generate import generate_request, images_from_response
-    from avatarforge.serving.config import local_instance_env
-    from avatarforge.serving.package import package_user
-    from avatarforge.tritonserver.sagemaker import sagemaker_triton
-
-    o = ctx.opts
-    base = ctx.need_base()
-    adapters = ctx.adapters()
-    serving_device = "cpu" if ctx.device == "cpu" else "auto"
-    source = ctx.work / "mme-source"
-    users = {}
-    for user, folder in zip(("bench-a", "bench-b"), adapters, strict=True):
-        package_user(user, folder, source, base=base, device=serving_device)
-        users[user] = f"{user}.tar.gz"
-    args = GenArgs(steps=o.steps, height=o.size, width=o.size, seed=o.seed)
-    request = generate_request(PROMPT, gen_args=args.to_dict())
-
-    env = local_instance_env(base.path, ctx.work / "shared")
-    pipe = ctx.pipeline()  # in process: the same adapter on the same base, for the ratio
-    load_adapter(pipe, adapters[0], base, "bench")
-    try:
-        reference = _ours(pipe, args)
-        with sagemaker_triton(ctx.work / "triton", extra_env=env, start_timeout=120) as server:
-            loader = MultiModelLoader(
-                server.sagemaker_url, str(source), ctx.work / "models", MMEConfig(max_loaded=4)
-            )
-            try:
-
-                def invoke(target: str):
-                    t0 = time.perf_counter()
-                    (image,) = images_from_response(loader.invoke(target, request))
-                    return image, time.perf_counter() - t0
-
-                image_a, first_cold = invoke(users["bench-a"])  # also starts the shared base
-                _, second_cold = invoke(users["bench-b"])
-                invoke(users["bench-a"])  # warm-up of the warm path
-                warm, local = [], []
-                for _ in range(o.runs):  # interleaved, so drift hits both alike
-                    warm.append(invoke(users["bench-a"])[1])
-                    t0 = time.perf_counter()
-                    _ours(pipe, args)
-                    sync(ctx.device)
-                    local.append(time.perf_counter() - t0)
-            finally:
-                loader.unload_all()
-    finally:
-        unload_adapter(pipe, "bench")
-    local_s, warm_s = median(local), median(warm)
-    jpeg_ref = from_jpeg_base64(to_jpeg_base64(reference))
-    return {
-        "server_start_s": server.start_seconds,
-        "warm_seconds": warm,
-        "local_seconds": local,
-        "figures": {
-            "first user's first image (starts the shared base)": fig(round(first_cold, 2), "s"),
-            "a new user's first image (cold tarball -> image)": fig(round(second_cold, 2), "s"),
-            "warm image through the MME, median": fig(round(warm_s, 4), "s"),
-            "in-process generate_images, same adapter, median": fig(round(local_s, 4), "s"),
-            "MME / in-process": fig(round(warm_s / local_s, 3), "x", "serving overhead"),
-            "MME image vs in-process (JPEG both): max pixel diff": fig(
-                max_pixel_diff(image_a, jpeg_ref), "/255"
-            ),
-        },
-    }
+    return _measure_training(ctx, checkpointing="off")
 
 
 # name -> function(ctx) -> {"figures": {...}, ...}; run in this order.
 MEASUREMENTS: dict[str, Callable[[Ctx], dict[str, Any]]] = {
     "base": measure_base,
     "generation": measure_generation,
-    "adapters": measure_adapters,
-    "batching": measure_batching,
+    # training frees the device first (ctx.release): before the serving rig, not between
     "training": measure_training,
     "training_no_checkpointing": measure_training_no_checkpointing,
-    "triton": measure_triton,
+    "speed": serving.measure_speed,
+    "triton": serving.measure_triton,
+    "triton_new_user": serving.measure_new_user,
+    "triton_alternating": serving.measure_alternating,
+    "triton_batching": serving.measure_batching,
+    "triton_repair": serving.measure_repair,
+    "triton_residents": serving.measure_residents,
+    "adapters": measure_adapters,
+    "batching": measure_batching,
 }
 
 
@@ -972,6 +920,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "open-clip-torch is not installed (to build the full-size base's tokenizer)",
     )
     p.add_argument("--out-dir", type=Path, help="also copy the JSON here (e.g. $OUT)")
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        help="an unpacked, checked GPU bundle (bench/gpu_bundle.py): its tritonserver, "
+        "Pythons, packages and vocabulary",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="serving.torch_compile of the shared base, in process and through Triton "
+        "(auto: on CUDA)",
+    )
     p.add_argument("--seed", type=int, default=0)
     for name in PRESETS["gpu"]:
         p.add_argument(f"--{name.replace('_', '-')}", type=int, help="default: by mode")
@@ -983,10 +944,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return a
 
 
+def load_bundle(folder: Path) -> dict[str, Any]:
+    """The unpacked bundle's env.json and check.json; this process then finds its server and
+    packages (after the checkout's src) and the libpython folder its check found."""
+    from gpu_bundle import CHECK_FILE, ENV_FILE, use_bundle
+
+    env = json.loads((folder / ENV_FILE).read_text())
+    check = folder / CHECK_FILE
+    env["check"] = json.loads(check.read_text()) if check.is_file() else None
+    use_bundle(env)
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     t_start = time.perf_counter()
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # without PYTHONPATH
+    bundle = load_bundle(a.bundle.resolve()) if a.bundle else None
+    if bundle is not None and a.clip_bpe is None and bundle.get("vocab"):
+        a.clip_bpe = Path(bundle["vocab"])
     import torch
 
     from avatarforge.base.logs import quiet_hf
@@ -1023,6 +999,14 @@ def main(argv: list[str] | None = None) -> int:
         selected.insert(0, "base")  # everything else needs it
 
     env = environment(device)
+    if bundle is not None:
+        manifest = bundle["manifest"]
+        env["bundle"] = {k: manifest[k] for k in ("python", "pytriton", "numpy", "site",
+                                                  "built", "source_key")}  # fmt: skip
+        env["bundle"]["checks"] = {
+            k: v["ok"] for k, v in (bundle["check"] or {}).get("checks", {}).items()
+        }
+        env["bundle"]["ld_library_path"] = bundle.get("ld_library_path")
     print(
         f"[gpu.py] mode {mode}, device {device} ({env.get('gpu', 'cpu')}), "
         f"budget {a.budget_s:.0f} s",
@@ -1037,6 +1021,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         payload = {
             "mode": mode,
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "environment": env,
             "measurements": results,
             "total_s": round(time.perf_counter() - t_start, 1),
@@ -1047,7 +1032,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copyfile(dest, a.out_dir / dest.name)
 
     with tempfile.TemporaryDirectory(prefix="gpu-work-", dir=work_root) as tmp:
-        ctx = Ctx(a, mode, device, Path(tmp), t_start + a.budget_s)
+        ctx = Ctx(a, mode, device, Path(tmp), t_start + a.budget_s, bundle=bundle)
         try:
             for key, fn in MEASUREMENTS.items():
                 if key not in selected:

@@ -55,7 +55,7 @@ def test_gpu_bench_unknown_measurement_is_refused():
 @pytest.mark.slow
 def test_gpu_bench_tiny_end_to_end(tmp_path):
     out = _run(
-        "bench/gpu.py", "--tiny", "--skip", "triton,training_no_checkpointing",
+        "bench/gpu.py", "--tiny", "--only", "generation,adapters,batching,training",
         "--runs", "1", "--switches", "2", "--train-steps", "2", "--out-dir", str(tmp_path),
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -87,6 +87,71 @@ def test_gpu_bench_tiny_end_to_end(tmp_path):
     assert len(train["step_seconds"]) == 2 and train["log"]["optimizer"] == "adamw"
     assert "Traceback" not in out.stderr  # no measurement failed
     assert "training" in out.stdout and "switch, median" in out.stdout  # the summary table
+
+
+TRITON_MEASUREMENTS = ("triton", "triton_new_user", "triton_alternating", "triton_batching",
+                       "triton_repair", "triton_residents")  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_gpu_run_script_unpacks_checks_and_serves_through_its_bundle_on_a_cpu(tmp_path):
+    """bench/gpu_run.sh as the GPU machine runs it, here: a bundle for this Python (the local
+    stub, this environment's numpy, no pinned packages: this environment is the machine's),
+    unpacked and checked, then Triton's measurements (a)-(f) on the tiny base through the
+    bundle's server. The same code path as on the GPU; its figures are not judged here."""
+    from avatarforge.paths import build_dir
+
+    python = f"{sys.version_info.major}.{sys.version_info.minor}"
+    bundle, out = tmp_path / "bundle", tmp_path / "out"
+    built = _run(
+        "bench/gpu_bundle.py", "build", "--python", python, "--numpy-from-env", "--no-site",
+        "--xz-level", "0", "--out", str(bundle), "--cache", str(build_dir() / "gpu-bundle-cache"),
+    )  # fmt: skip
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert set(manifest["parts"]) == {"server", "numpy", "wheel", "vocab"}
+    assert manifest["python"] == python and manifest["total_bytes"] < 58 * 2**20
+
+    env = {**os.environ, "GPU_BUNDLE": str(bundle), "GPU_WORK": str(tmp_path / "work"),
+           "OUT": str(out), "AVATARFORGE_BUILD": str(tmp_path / "build"),
+           "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}  # fmt: skip
+    run = subprocess.run(
+        ["bash", "bench/gpu_run.sh", "--tiny", "--only", ",".join(TRITON_MEASUREMENTS),
+         "--runs", "1", "--new-users", "1", "--alternating-users", "2", "--batch-users", "2",
+         "--residents", "3", "--load-workers", "3"],
+        cwd=BENCH.parent, capture_output=True, text=True, timeout=1200, env=env,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-3000:]
+    check = json.loads((out / "gpu-check.json").read_text())
+    assert check["ok"], check
+    checks = check["checks"]
+    assert checks[f"stub {python} links libpython{python}.so.1.0"]["found"]
+    bare = checks["a model under the bare Python: numpy < 2, no avatarforge"]
+    assert bare["numpy"].startswith("1.") and bare["avatarforge"] is None
+    assert bare["prefix"].endswith(f"envs/bare-py{python}")  # the bundle's bare Python
+    serve = checks["a model in the serving env: torch, numpy < 2"]
+    assert serve["prefix"] == str(tmp_path / "work" / "envs" / "serve")
+    assert serve["torch"] and serve["avatarforge"]
+    # the bundle's server and wheel, not this environment's
+    work = str(tmp_path / "work")
+    assert checks["tritonserver starts"]["binary"].startswith(work + "/server/pytriton/")
+    assert serve["avatarforge_file"].startswith(work + "/site/avatarforge/")
+
+    report = json.loads((out / "gpu-tiny.json").read_text())["results"]
+    assert "gpu_run.sh" not in report["command"] and "--bundle" in report["command"]
+    assert report["environment"]["bundle"]["python"] == python
+    m = report["measurements"]
+    assert {k: m[k]["status"] for k in TRITON_MEASUREMENTS} == dict.fromkeys(
+        TRITON_MEASUREMENTS, "ok"
+    ), {k: m[k].get("error") or m[k].get("reason") for k in TRITON_MEASUREMENTS}
+    assert (
+        m["triton"]["figures"]["MME image vs in-process (JPEG both): max pixel diff"]["value"] == 0
+    )
+    assert m["triton_residents"]["figures"]["resident user models"]["value"] == 3
+    assert m["triton_repair"]["figures"]["a new shared base process"]["value"] is True
+    log = (out / "gpu-run.log").read_text()
+    assert "checks passed" in log and "triton_residents" in log
 
 
 def test_quality_bench_says_what_it_cannot_do_here(tmp_path):

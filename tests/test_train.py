@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from fixtures.train import FIXTURE_TRAIN
+from PIL import Image
 
 from avatarforge.adapter import WEIGHTS_FILE, read_adapter
 from avatarforge.settings import ConfigError
@@ -151,7 +152,7 @@ def test_class_images_are_cached_and_only_missing_ones_are_made(tiny_base, tmp_p
     monkeypatch.setattr(
         class_images_module,
         "_generate",
-        lambda *a: (made.append(list(a[-1])), real(*a)),
+        lambda *a, **kw: (made.append(list(a[-2])), real(*a, **kw)),
     )
     kw = {"steps": 1, "cache_root": tmp_path, "device": "cpu"}
     two = class_images(tiny_base, "a photo of person", 2, 64, **kw)
@@ -163,12 +164,75 @@ def test_class_images_are_cached_and_only_missing_ones_are_made(tiny_base, tmp_p
     assert other[0].parent != two[0].parent
 
 
+def test_class_images_in_batches_are_the_images_made_one_at_a_time(tiny_base, tmp_path):
+    # on a GPU they are made 8 per call; image i keeps seed i whatever the batch
+    kw = {"steps": 2, "device": "cpu"}
+    alone = class_images(tiny_base, "a photo of person", 3, 64, cache_root=tmp_path / "a", **kw)
+    batched = class_images(tiny_base, "a photo of person", 3, 64, cache_root=tmp_path / "b",
+                           per_call=2, **kw)  # fmt: skip
+    for one, other in zip(alone, batched, strict=True):
+        a, b = (np.asarray(Image.open(p), dtype=np.int16) for p in (one, other))
+        assert np.abs(a - b).max() <= 2  # a larger batch sums in another order
+    assert not np.array_equal(*(np.asarray(Image.open(p)) for p in alone[:2]))
+
+
+def _models_of(unet_params: int):
+    """Models whose UNet has ``unet_params`` parameters, on the meta device (no memory)."""
+    from avatarforge.train.models import Models
+
+    unet = torch.nn.Linear(unet_params // 1000, 1000, bias=False, device="meta")
+    return Models(tokenizer=None, text_encoder=None, vae=None, unet=unet, scheduler=None)
+
+
+def test_gradient_checkpointing_auto_recomputes_only_when_gpu_memory_is_short():
+    from avatarforge.train.models import SD21_UNET_PARAMS, decide_checkpointing
+
+    sd21, gib = _models_of(SD21_UNET_PARAMS), 2**30
+    cfg = TrainConfig()  # 512 px, one instance + one prior image per step
+    assert cfg.gradient_checkpointing == "auto"
+    # an H200 or an A10G after loading the models: plenty free, recomputing only costs time
+    on, why = decide_checkpointing(cfg, sd21, "cuda:0", free_bytes=130 * gib)
+    assert not on and "auto: off" in why and "130.0 GiB free" in why
+    assert not decide_checkpointing(cfg, sd21, "cuda:0", free_bytes=19 * gib)[0]
+    # an 8 GB card: short of 1.5x the ~3.4 GiB of activations
+    on, why = decide_checkpointing(cfg, sd21, "cuda:0", free_bytes=4 * gib)
+    assert on and "auto: on" in why
+    # twice the pixels and the rows: ~15 GiB of activations, 20 GiB free is short
+    big = TrainConfig(resolution=768, batch_size=2)
+    assert decide_checkpointing(big, sd21, "cuda", free_bytes=20 * gib)[0]
+    # a smaller UNet needs less: the tiny base never recomputes
+    assert not decide_checkpointing(cfg, _models_of(1_400_000), "cuda", free_bytes=gib)[0]
+    # never on a CPU; as set when set; true/false as before auto existed
+    assert decide_checkpointing(cfg, sd21, "cpu", free_bytes=0) == (
+        False, "auto: off on cpu (recomputing only costs time there)",
+    )  # fmt: skip
+    assert decide_checkpointing(TrainConfig(gradient_checkpointing="on"), sd21, "cpu")[0]
+    assert not decide_checkpointing(TrainConfig(gradient_checkpointing="off"), sd21, "cuda")[0]
+    assert TrainConfig(gradient_checkpointing=True).gradient_checkpointing == "on"
+    assert TrainConfig.from_dict({"gradient_checkpointing": False}).gradient_checkpointing == "off"
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        TrainConfig(gradient_checkpointing="sometimes")
+
+
+def test_a_run_resumes_where_checkpointing_is_decided_otherwise(train_dataset, tiny_base, tmp_path):
+    # auto decides by the machine's free memory: a job resumed on another machine may differ
+    with pytest.raises(TrainingStopped):
+        train(train_dataset, tmp_path, _config(max_steps_this_run=2, gradient_checkpointing="on"),
+              tiny_base)  # fmt: skip
+    result = train(train_dataset, tmp_path, _config(gradient_checkpointing="off"), tiny_base)
+    assert result.resumed_from == 2
+    assert result.log["gradient_checkpointing"] == {
+        "on": False,
+        "why": "train.gradient_checkpointing=off",
+    }
+
+
 def test_presets_are_valid_configs_and_explicit_values_win():
     quick, defaults = preset_config("cpu-quick"), TrainConfig()
     assert {k: getattr(quick, k) for k in PRESETS["cpu-quick"]} == PRESETS["cpu-quick"]
     assert quick.resolution < defaults.resolution and quick.steps < defaults.steps
     assert quick.num_class_images < defaults.num_class_images
-    assert quick.gradient_checkpointing is False  # it only costs time on a CPU
+    assert quick.gradient_checkpointing == "off"  # it only costs time on a CPU
     mine = preset_config("cpu-quick", steps=7, seed=3)
     assert (mine.steps, mine.seed, mine.resolution) == (7, 3, quick.resolution)
     with pytest.raises(ConfigError, match=r"train\.preset: unknown preset 'gpu-fast'.*cpu-quick"):

@@ -98,6 +98,14 @@ class ServingConfig(Settings):
         "the shared base's device: auto (Triton places it on a GPU where there is one), cpu, cuda",
         choices=("auto", "cpu", "cuda"),
     )
+    torch_compile: str = setting(
+        "auto",
+        "compile the shared base's UNet (torch.compile, q/k/v projections fused; CUDA graphs "
+        "and channels_last on a GPU) when it starts, with inductor's cache in the shared dir so "
+        "a restart finds the kernels: "
+        "auto (on CUDA; off on a CPU, where compiling takes minutes and saves little), on, off",
+        choices=("auto", "on", "off"),
+    )
 
     def validate(self) -> None:
         if not isinstance(self.batching, bool):

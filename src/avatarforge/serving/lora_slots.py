@@ -19,6 +19,19 @@ Two ways to run (a *plan*, set before the pipeline is called):
   pipeline call. Each row's ``A``/``B`` are gathered from the slots and applied with ``bmm``;
   a smaller rank reads zeros beyond its own (zero products: the same sum, in another order).
   Results equal separate runs within float rounding (the batch changes summation order).
+
+A UNet compiled with ``torch.compile`` (:func:`avatarforge.base.pipeline.compile_unet`) gets a
+*static* plan instead of a single slot: the slot number and the scales live in small device
+tensors that :meth:`LoraSlots.use` and :meth:`LoraSlots.off` overwrite in place, and the hook
+reads the whole slot (``A[slot]``, ``B[slot]``; ranks below the slot's read zeros). Every user
+then runs the one traced graph: switching users changes tensor values, never a Python value
+the graph was specialised on, so there is no recompile and no graph break (a CUDA graph replays
+with the new values: the tensors keep their addresses). With an adapter of the slot's full
+rank the arithmetic is the single-slot path's; a smaller rank adds exact zeros in another
+order (float rounding). A batched call (:meth:`LoraSlots.rows`) runs the UNet eagerly: its
+shape changes with each batch, and at several rows the GPU, not the launch overhead that
+compiling saves, bounds it. The compile fuses the attention's q, k, v projections (diffusers'
+``fuse_qkv_projections``); the parts' deltas are then added side by side on the fused layer.
 """
 
 from __future__ import annotations
@@ -60,6 +73,14 @@ def is_target(name: str, targets: Sequence[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def mark_static(tensor) -> None:
+    """Tell torch.compile that ``tensor`` keeps its address and is written in place: a CUDA
+    graph reads it where it is instead of copying it into the graph before each replay."""
+    import torch
+
+    torch._dynamo.mark_static_address(tensor)
+
+
 class _Layer:
     """The slots of one adapted Linear and the hook that adds their LoRA to its output."""
 
@@ -68,6 +89,7 @@ class _Layer:
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.device, self.dtype = linear.weight.device, linear.weight.dtype
         self.count = count
+        self.static: _StaticState | None = None  # set by LoraSlots for a compiled UNet
         self.allocate(rank)
         self.handle = linear.register_forward_hook(self._hook)
 
@@ -77,6 +99,9 @@ class _Layer:
         kw = {"device": self.device, "dtype": self.dtype}
         self.A = torch.zeros(self.count, rank, self.in_features, **kw)
         self.B = torch.zeros(self.count, self.out_features, rank, **kw)
+        if self.static is not None:
+            mark_static(self.A)
+            mark_static(self.B)
         # per slot: the adapter's rank on this layer (0: none) and B as a contiguous [out, r]
         self.rank = [0] * self.count
         self.exact_B: list[Any] = [None] * self.count
@@ -110,16 +135,45 @@ class _Layer:
 
     def _hook(self, module, args, output):
         plan = self.owner.plan
-        return None if plan is None else plan.forward(self, args[0], output)
+        delta = None if plan is None else plan.delta(self, args[0])
+        return None if delta is None else output + delta
+
+
+class _Fused:
+    """A projection fused by diffusers (``fuse_qkv_projections``: ``to_qkv`` of a self-attention,
+    ``to_kv`` of a cross-attention) whose parts have slots: the fused layer's output is the
+    parts' outputs side by side, so their deltas are added side by side. (The parts' own
+    hooks no longer run: the attention calls the fused layer instead.)"""
+
+    def __init__(self, owner: LoraSlots, parts: list[tuple[_Layer | None, int]], linear) -> None:
+        self.owner, self.parts = owner, parts  # (the part's slots or None, its out_features)
+        self.handle = linear.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        import torch
+
+        plan = self.owner.plan
+        if plan is None:
+            return None
+        x = args[0]
+        deltas = [None if layer is None else plan.delta(layer, x) for layer, _ in self.parts]
+        if all(d is None for d in deltas):
+            return None
+        deltas = [
+            x.new_zeros(*x.shape[:-1], width) if d is None else d
+            for d, (_, width) in zip(deltas, self.parts, strict=True)
+        ]
+        return output + torch.cat(deltas, dim=-1)
 
 
 class _Single:
-    """Every row uses one slot: peft's forward, operation for operation."""
+    """Every row uses one slot: peft's forward, operation for operation. (Each plan gives a
+    layer's ``delta``; the layer's hook adds it to the output, as peft adds its LoRA.)"""
 
     def __init__(self, slot: int, scales: dict[str, float]) -> None:
         self.slot, self.scales = slot, scales
 
-    def forward(self, layer: _Layer, x, out):
+    def delta(self, layer: _Layer, x):
         import torch.nn.functional as F
 
         r = layer.rank[self.slot]
@@ -127,7 +181,39 @@ class _Single:
             return None
         a = layer.A[self.slot, :r]  # contiguous [r, in], as peft's lora_A.weight
         # peft: result = result + lora_B(lora_A(dropout(x))) * scaling (dropout: identity)
-        return out + F.linear(F.linear(x, a), layer.exact_B[self.slot]) * self.scales[layer.group]
+        return F.linear(F.linear(x, a), layer.exact_B[self.slot]) * self.scales[layer.group]
+
+
+class _StaticState:
+    """The device tensors a static plan reads: the slot in use and the scale per group (0: the
+    bare base), one set per device and dtype of the layers."""
+
+    def __init__(self, device, dtype) -> None:
+        import torch
+
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.scales = {g: torch.zeros((), dtype=dtype, device=device) for g in GROUPS}
+        mark_static(self.slot)
+        for scale in self.scales.values():
+            mark_static(scale)
+
+    def set(self, slot: int, scales: dict[str, float]) -> None:
+        self.slot.fill_(slot)
+        for group, scale in self.scales.items():
+            scale.fill_(scales.get(group, 0.0))
+
+
+class _Static:
+    """Every row uses the slot and scales in the layer's :class:`_StaticState`; the values are
+    read on the device, so a compiled graph serves every user (see the module docstring)."""
+
+    def delta(self, layer: _Layer, x):
+        import torch.nn.functional as F
+
+        state = layer.static
+        a = layer.A.index_select(0, state.slot)[0]  # [R, in], contiguous: peft's lora_A.weight
+        b = layer.B.index_select(0, state.slot)[0]  # [out, R]
+        return F.linear(F.linear(x, a), b) * state.scales[layer.group]
 
 
 class _Rows:
@@ -161,7 +247,7 @@ class _Rows:
             self._index[key] = (slots.to(layer.device), scale.to(layer.device).view(-1, 1, 1))
         return self._index[key]
 
-    def forward(self, layer: _Layer, x, out):
+    def delta(self, layer: _Layer, x):
         import torch
 
         if not self.active[layer.group]:
@@ -172,7 +258,7 @@ class _Rows:
         b = layer.B.index_select(0, slots)  # [rows, out, R]
         h = torch.bmm(x.reshape(n_rows, -1, layer.in_features), a.transpose(1, 2))
         delta = torch.bmm(h, b.transpose(1, 2)) * scale
-        return out + delta.reshape(out.shape)
+        return delta.reshape(*x.shape[:-1], layer.out_features)
 
 
 class LoraSlots:
@@ -190,7 +276,12 @@ class LoraSlots:
         count: int = 8,
         rank: int = 8,
         targets: dict[str, Sequence[str]] | None = None,
+        *,
+        static: bool | None = None,
     ) -> None:
+        """``static``: plan with device tensors (see the module docstring); None: when the
+        pipeline's UNet is compiled, decided at the first :meth:`use` or :meth:`off` (the UNet
+        may be compiled after the slots are made, before its first call)."""
         import torch
 
         if count < 1 or rank < 1:
@@ -200,7 +291,12 @@ class LoraSlots:
 
             targets = {UNET: UNET_TARGETS, TEXT_ENCODER: TEXT_ENCODER_TARGETS}
         self.count = count
-        self.plan: _Single | _Rows | None = None
+        self.plan: _Single | _Rows | _Static | None = None
+        self._unet = getattr(pipe, UNET, None)
+        self._static_wanted = static
+        self._static: _Static | None = None
+        self._states: dict[tuple[Any, Any], _StaticState] = {}
+        self._fused: dict[int, _Fused] = {}  # id of a fused projection -> its hook
         self.layers: dict[tuple[str, str], _Layer] = {}
         self.module_names: dict[str, tuple[str, ...]] = {}
         self.ranks: dict[str, int] = {}
@@ -286,6 +382,8 @@ class LoraSlots:
         self._keys[slot] = None  # not usable until the copy is complete
         if isinstance(self.plan, _Single) and self.plan.slot == slot:
             self.plan = None
+        elif self.plan is self._static and self._static is not None:
+            self.off()  # the slot in use is being overwritten
         try:
             for name, layer in self.layers.items():
                 if name in adapter.weights:
@@ -303,15 +401,60 @@ class LoraSlots:
 
     # ------------------------------------------------------------ what the next call applies
 
+    @property
+    def static(self) -> bool:
+        """Whether the plan lives in device tensors (a compiled UNet; see the module docstring)."""
+        if self._static_wanted is not None:
+            return self._static_wanted
+        from ..base.pipeline import is_compiled
+
+        return self._unet is not None and is_compiled(self._unet)
+
+    def _attach_fused(self) -> None:
+        """Hooks on the UNet's fused projections (compile_unet fuses them before compiling;
+        the static plan comes after): without them the fused parts' LoRA would be lost."""
+        if self._unet is None:
+            return
+        for name, module in self._unet.named_modules():
+            for fused, parts in (("to_qkv", ("to_q", "to_k", "to_v")), ("to_kv", ("to_k", "to_v"))):
+                linear = getattr(module, fused, None)
+                if linear is None or id(linear) in self._fused:
+                    continue
+                found = [
+                    (self.layers.get((UNET, f"{name}.{part}")), getattr(module, part).out_features)
+                    for part in parts
+                ]
+                if any(layer is not None for layer, _ in found):
+                    self._fused[id(linear)] = _Fused(self, found, linear)
+
+    def _static_plan(self, slot: int, scales: dict[str, float]) -> _Static:
+        if self._static is None:
+            self._attach_fused()
+            for layer in self.layers.values():
+                key = (layer.device, layer.dtype)
+                if key not in self._states:
+                    self._states[key] = _StaticState(layer.device, layer.dtype)
+                layer.static = self._states[key]
+                mark_static(layer.A)
+                mark_static(layer.B)
+            self._static = _Static()
+        for state in self._states.values():
+            state.set(slot, scales)
+        return self._static
+
     def off(self) -> None:
-        """The bare base (and what a peft adapter loaded over these layers applies)."""
-        self.plan = None
+        """The bare base (and what a peft adapter loaded over these layers applies). Static:
+        the same plan with every scale 0, so the bare base runs the users' graph."""
+        self.plan = self._static_plan(0, {}) if self.static else None
 
     def use(self, slot: int) -> None:
         """Every row of the next pipeline calls uses ``slot``."""
         if self._keys[slot] is None:
             raise SlotError(f"LoRA slot {slot} is empty")
-        self.plan = _Single(slot, self._scales[slot])
+        if self.static:
+            self.plan = self._static_plan(slot, self._scales[slot])
+        else:
+            self.plan = _Single(slot, self._scales[slot])
 
     @contextlib.contextmanager
     def rows(self, slots: Sequence[int | None], num_images: int) -> Iterator[None]:
@@ -324,13 +467,31 @@ class LoraSlots:
         }
         self.plan = _Rows([0 if s is None else s for s in slots], scales, num_images)
         try:
-            yield
+            with _eager_if(self.static):
+                yield
         finally:
             self.plan = None
+            if self.static:
+                self.off()
 
     def close(self) -> None:
         """Remove the hooks (the pipeline is the bare base again)."""
         self.plan = None
         for layer in self.layers.values():
             layer.handle.remove()
+        for fused in self._fused.values():
+            fused.handle.remove()
         self.layers.clear()
+        self._fused.clear()
+
+
+@contextlib.contextmanager
+def _eager_if(eager: bool) -> Iterator[None]:
+    """Run torch.compile'd modules eagerly within the block (torch >= 2.6), when ``eager``."""
+    if not eager:
+        yield
+        return
+    import torch
+
+    with torch.compiler.set_stance("force_eager"):
+        yield

@@ -50,6 +50,7 @@ class SharedBase:
         max_request_cost: int = MAX_REQUEST_COST,
     ) -> None:
         self.pipe, self.base = pipe, base
+        self.compile_seconds = 0.0  # the UNet's compile at start (from_params)
         self.max_request_cost = max_request_cost
         self.batching, self.batch_max_images = batching, batch_max_images
         self.cache = SlotAdapterCache(
@@ -67,7 +68,7 @@ class SharedBase:
         """From its config parameters and the instance's environment: the base is fetched from
         AVATARFORGE_BASE_SOURCE into the shared dir if not there yet, and must have the hash
         the config names (Triton's instance kind decides the device)."""
-        from ..base.pipeline import load_pipeline
+        from ..base.pipeline import INDUCTOR_CACHE, load_pipeline, prepare_for_serving
         from .shared_files import ensure_base
 
         instance = bootstrap.Instance(environ)
@@ -80,7 +81,7 @@ class SharedBase:
         )
         device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
         serving = params.serving or ServingConfig()
-        return cls(
+        shared = cls(
             load_pipeline(base, device),
             base,
             serving.adapter_cache_size,
@@ -89,6 +90,16 @@ class SharedBase:
             batch_max_images=serving.batch_max_images,
             max_request_cost=serving.max_request_cost,
         )
+        # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
+        # warmed up with the bare base's plan (the graph of every user); the kernels cached
+        # in the shared dir, so a restart or a second instance reuses them
+        shared.compile_seconds = prepare_for_serving(
+            shared.pipe,
+            serving.torch_compile,
+            instance.shared_dir / INDUCTOR_CACHE,
+            before_warm_up=lambda: shared.cache.activate(None),
+        )
+        return shared
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):
         self.cache.activate(adapter)

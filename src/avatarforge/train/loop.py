@@ -51,7 +51,13 @@ from .lora import (
     peft_state,
     restore_peft_state,
 )
-from .models import Models, enable_checkpointing, load_models, resolve_precision
+from .models import (
+    Models,
+    decide_checkpointing,
+    enable_checkpointing,
+    load_models,
+    resolve_precision,
+)
 from .optim import make_lr_scheduler, make_optimizer
 from .step import micro_loss, prepare_data
 
@@ -192,7 +198,7 @@ def train(
         device,
         precision,
         optimizer_name,
-        "on" if config.gradient_checkpointing else "off",
+        "on" if models.checkpointing[0] else "off",
     )
 
     stop_at = config.steps
@@ -264,6 +270,7 @@ def train(
         "device": device,
         "precision": precision,
         "optimizer": optimizer_name,
+        "gradient_checkpointing": {"on": models.checkpointing[0], "why": models.checkpointing[1]},
         "adapter_bytes": (adapter_dir / WEIGHTS_FILE).stat().st_size,
     }
     (out_dir / TRAIN_LOG_FILE).write_text(json.dumps(result.log, indent=1) + "\n")
@@ -331,7 +338,9 @@ def add_trainable(models: Models, config: TrainConfig) -> list:
     )
     for p in params:  # trainable weights in fp32 even when the frozen base is fp16/bf16
         p.data = p.data.float()
-    if config.gradient_checkpointing:
+    models.checkpointing = decide_checkpointing(config, models, str(models.unet.device))
+    log.info("gradient checkpointing %s", models.checkpointing[1])
+    if models.checkpointing[0]:
         enable_checkpointing(models, config.train_text_encoder)
     models.unet.train()
     if models.text_encoder is not None:

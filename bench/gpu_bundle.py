@@ -66,6 +66,8 @@ PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_17_x86_64", "manylinux_2_28_x8
 LIBPYTHON_DEB = "libpython3.12t64"  # Ubuntu 24.04's, the distribution of the machines' 3.12.3
 UBUNTU = "https://archive.ubuntu.com/ubuntu"
 UBUNTU_SECURITY = "https://security.ubuntu.com/ubuntu"
+# "Ubuntu Archive Automatic Signing Key (2018)", exported from ubuntu-keyring 2023.11.28.1
+UBUNTU_KEY = Path(__file__).resolve().parent / "keys" / "ubuntu-archive-2018.gpg"
 SKIP_DIRS = {"__pycache__", "tests"}  # never needed at run time
 
 
@@ -252,15 +254,17 @@ def build_wheel(dest: Path) -> Path:
 
 def fetch_libpython_deb(dest: Path) -> Path:
     """Ubuntu 24.04's libpython3.12 package through apt (its own client, a private config:
-    this machine's apt state is left alone). The transport is HTTPS and apt checks the
-    package's hash against the index; the archive's signature is not (no Ubuntu key here)."""
+    this machine's apt state is left alone). apt checks the archive's signature with Ubuntu's
+    archive key shipped beside this script (:data:`UBUNTU_KEY`, from the ubuntu-keyring
+    package; fingerprint F6EC B376 2474 EDA9 D21B 7022 8719 20D1 991B C93C), then the package's
+    hash against the signed index."""
     state = dest / "apt"
     for sub in ("lists/partial", "cache/archives/partial"):
         (state / sub).mkdir(parents=True, exist_ok=True)
     sources = state / "sources.list"
     sources.write_text(
         "".join(
-            f"deb [trusted=yes arch=amd64] {url} {suite} main\n"
+            f"deb [signed-by={UBUNTU_KEY} arch=amd64] {url} {suite} main\n"
             for url, suite in ((UBUNTU, "noble"), (UBUNTU, "noble-updates"),
                                (UBUNTU_SECURITY, "noble-security"))
         )

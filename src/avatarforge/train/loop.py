@@ -193,7 +193,7 @@ def train(
     lr_scheduler = make_lr_scheduler(optimizer, warmup=config.lr_warmup_steps, start=start)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     log.info(
-        "training %d steps on %s (precision %s, %s, attention SDPA, checkpointing %s)",
+        "training %d steps on %s (precision %s, %s, attention SDPA, gradient checkpointing %s)",
         config.steps,
         device,
         precision,

@@ -825,23 +825,24 @@ def measure_triton(ctx: Ctx) -> dict[str, Any]:
     from avatarforge.generate import GenArgs, from_jpeg_base64, to_jpeg_base64
     from avatarforge.mme import MMEConfig, MultiModelLoader
     from avatarforge.mme.generate import generate_request, images_from_response
-    from avatarforge.serving.config import local_instance_env
+    from avatarforge.serving.config import ServingConfig, local_instance_env
     from avatarforge.serving.package import package_user
     from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
     o = ctx.opts
     base = ctx.need_base()
     adapters = ctx.adapters()
-    serving_device = "cpu" if ctx.device == "cpu" else "auto"
+    # the shared base's device is the instance's setting (AVATARFORGE_SERVING_DEVICE)
+    serving = ServingConfig(device="cpu" if ctx.device == "cpu" else "auto")
     source = ctx.work / "mme-source"
     users = {}
     for user, folder in zip(("bench-a", "bench-b"), adapters, strict=True):
-        package_user(user, folder, source, base=base, device=serving_device)
+        package_user(user, folder, source, base=base)
         users[user] = f"{user}.tar.gz"
     args = GenArgs(steps=o.steps, height=o.size, width=o.size, seed=o.seed)
     request = generate_request(PROMPT, gen_args=args.to_dict())
 
-    env = local_instance_env(base.path, ctx.work / "shared")
+    env = local_instance_env(base.path, ctx.work / "shared", serving=serving)
     pipe = ctx.pipeline()  # in process: the same adapter on the same base, for the ratio
     load_adapter(pipe, adapters[0], base, "bench")
     try:

@@ -52,7 +52,7 @@ def mme_sd_source(trained_adapter, bob_adapter, tiny_base, tmp_path_factory) -> 
     """The MME prefix as a folder: alice.tar.gz and bob.tar.gz, as `avatarforge package` writes."""
     out = tmp_path_factory.mktemp("mme-sd-source")
     for user, adapter in (("alice", trained_adapter), ("bob", bob_adapter)):
-        package_user(user, adapter, out, base=tiny_base, device="cpu")
+        package_user(user, adapter, out, base=tiny_base)
     return out
 
 
@@ -200,7 +200,7 @@ def test_updated_package_is_served_after_reload(
     (before,), _ = _invoke(sd_loader, ALICE, prompt)
     (bob,), _ = _invoke(sd_loader, BOB, prompt)
     assert pixel_diff(before, bob)[1] > 1.0
-    new = package_user("alice", bob_adapter, tmp_path, base=tiny_base, device="cpu")
+    new = package_user("alice", bob_adapter, tmp_path, base=tiny_base)
     published = [mme_sd_source / ALICE, checksum_path(mme_sd_source / ALICE)]
     originals = [p.read_bytes() for p in published]
     try:

@@ -30,9 +30,7 @@ from avatarforge.serving.package_check import (
 
 @pytest.fixture(scope="module")
 def genuine(trained_adapter, tiny_base, tmp_path_factory) -> Path:
-    return package_user(
-        "mallory", trained_adapter, tmp_path_factory.mktemp("pkg"), base=tiny_base, device="cpu"
-    )
+    return package_user("mallory", trained_adapter, tmp_path_factory.mktemp("pkg"), base=tiny_base)
 
 
 def tampered(genuine: Path, out: Path, change: Callable[[Path], None]) -> Path:
@@ -120,9 +118,10 @@ HOSTILE = {
         _shared_base(lambda d: _set(d, "EXECUTION_ENV_PATH", "/x")),
         "shared_base.json is not the one",
     ),
-    "out-of-range setting": (
-        _shared_base(lambda d: _set(d, "ADAPTER_CACHE_SIZE", "0")),
-        "shared_base.json: serving.adapter_cache_size",
+    # the shared base's limits are the instance's: a package carries none
+    "a setting of the shared base": (
+        _shared_base(lambda d: _set(d, "MAX_REQUEST_COST", "1000000")),
+        "shared_base.json is not the one",
     ),
     "adapter weights altered": (
         _flip_byte("1/adapter/pytorch_lora_weights.safetensors"),

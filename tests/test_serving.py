@@ -22,7 +22,13 @@ from avatarforge.base.identity import BaseError, BaseInfo, content_hash
 from avatarforge.generate import GenArgs, from_jpeg_base64
 from avatarforge.serving import schema
 from avatarforge.serving.adapter_cache import AdapterCache
-from avatarforge.serving.bootstrap import BootstrapError, Instance, ensure_env, read_user_model
+from avatarforge.serving.bootstrap import (
+    BootstrapError,
+    Instance,
+    SharedBaseModel,
+    ensure_env,
+    read_user_model,
+)
 from avatarforge.serving.config import ServingConfig
 from avatarforge.serving.handler import (
     RequestError,
@@ -36,7 +42,6 @@ from avatarforge.serving.triton_config import (
     checked_in_setup_config,
     parse_pbtxt,
     sd_base_config,
-    setup_model_config,
     to_pbtxt,
     user_model_config,
 )
@@ -57,59 +62,86 @@ def test_user_config_is_rendered_from_the_schema():
     assert set(config["parameters"]) == {"BASE_ID", "BASE_HASH"}
 
 
-def test_shared_base_kind_follows_the_device():
-    kinds = {
-        device: sd_base_config("b", "h" * 64, ServingConfig(device=device))["instance_group"][0]
-        for device in ("auto", "cpu", "cuda")
-    }
-    # "auto" is decided by Triton on the instance, not by the machine that packaged the user
-    assert {d: k["kind"] for d, k in kinds.items()} == {
-        "auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"
-    }  # fmt: skip
-    config = sd_base_config("b", "h" * 64, env_path="/env")
-    assert "adapter" in [i["name"] for i in config["input"]]
-    assert config["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/env"}
-    assert "EXECUTION_ENV_PATH" not in sd_base_config("b", "h" * 64)["parameters"]
+def test_the_shared_base_config_is_the_same_from_every_package(
+    trained_adapter, tiny_base, tmp_path
+):
+    # the shared base is one process per base hash: whichever user model starts it, it must
+    # start the same config (and a package cannot set its limits, placement or environment)
+    config = sd_base_config("b", "h" * 64)
+    assert config["instance_group"] == [{"kind": "KIND_AUTO", "count": 1}]
+    assert set(config["parameters"]) == {"BASE_ID", "BASE_HASH"}
+    assert {"adapter", "deadline", "auth"} <= {i["name"] for i in config["input"]}
+    with_env = sd_base_config("b", "h" * 64, env_path="/env")
+    assert with_env["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/env"}
+    templates = []
+    for rows in (8, 2):
+        tarball = package_user("u1", trained_adapter, tmp_path / str(rows), base=tiny_base,
+                               serving=ServingConfig(max_batch_size=rows))  # fmt: skip
+        with tarfile.open(tarball) as tar:
+            templates.append(json.load(tar.extractfile("u1/1/shared_base.json")))
+    assert templates[0] == templates[1] == sd_base_config(tiny_base.base_id, tiny_base.content_hash)
+    # a template that tries anyway (an older package, an edited one) is started as the instance's
+    hostile = json.loads(json.dumps(templates[0]))
+    hostile["parameters"]["MAX_REQUEST_COST"] = {"string_value": "1000000"}
+    hostile["parameters"]["EXECUTION_ENV_PATH"] = {"string_value": "/tmp/evil.tar.gz"}
+    hostile["instance_group"] = [{"kind": "KIND_GPU", "count": 4}]
+    started = [
+        json.loads(SharedBaseModel.from_template(t, "/envs/serve", tmp_path).config_json)
+        for t in (templates[0], hostile)
+    ]
+    assert started[0] == started[1]
+    assert started[0]["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/envs/serve"}
 
 
-def test_serving_settings_travel_as_parameters_and_come_back():
-    custom = ServingConfig(adapter_cache_mib=512, batching=False, batch_max_images=4, device="cpu")
-    params = custom.to_params()
-    assert params["BATCHING"] == "false" and params["ADAPTER_CACHE_MIB"] == "512"
-    assert ServingConfig.from_params({**params, "BASE_HASH": "h"}) == custom
-    assert ServingConfig.from_params({}) == ServingConfig()
-    # what model_setup carries reaches the shared base it starts
-    setup = {k: v["string_value"] for k, v in setup_model_config(custom)["parameters"].items()}
-    assert ServingConfig.from_params(setup) == custom
-    with pytest.raises(ValueError, match="serving.batch_max_images"):
-        ServingConfig.from_params({"BATCH_MAX_IMAGES": "0"})
-    with pytest.raises(ValueError, match="not an integer"):
-        ServingConfig.from_params({"ADAPTER_CACHE_MIB": "lots"})
+def test_the_instance_settings_come_from_its_environment():
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.config import INSTANCE_FIELDS, PACKAGED
+
+    assert ServingConfig.from_env({}) == ServingConfig()
+    custom = ServingConfig(request_timeout_s=5, max_request_cost=50, adapter_cache_mib=512,
+                           batching=False, batch_max_images=4, device="cpu")  # fmt: skip
+    env = custom.to_env()
+    assert env["AVATARFORGE_SERVING_BATCHING"] == "false"
+    assert env["AVATARFORGE_SERVING_REQUEST_TIMEOUT_S"] == "5"
+    assert ServingConfig.from_env(env) == custom
+    # a package's own field is not the instance's to set, nor the other way round
+    assert "AVATARFORGE_SERVING_MAX_BATCH_SIZE" not in env and PACKAGED == ("max_batch_size",)
+    assert ServingConfig.from_env({"AVATARFORGE_SERVING_MAX_BATCH_SIZE": "2"}).max_batch_size == 8
+    assert set(INSTANCE_FIELDS) | set(PACKAGED) == set(ServingConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match="AVATARFORGE_SERVING_BATCH_MAX_IMAGES"):
+        ServingConfig.from_env({"AVATARFORGE_SERVING_BATCH_MAX_IMAGES": "0"})
+    with pytest.raises(ValueError, match="AVATARFORGE_SERVING_ADAPTER_CACHE_MIB"):
+        ServingConfig.from_env({"AVATARFORGE_SERVING_ADAPTER_CACHE_MIB": "lots"})
+    # the user model reads two of them without the library: the same names and defaults
+    assert ServingConfig.env_name("request_timeout_s") == bootstrap.ENV_REQUEST_TIMEOUT_S
+    assert ServingConfig().request_timeout_s == bootstrap.DEFAULT_REQUEST_TIMEOUT_S
+    assert ServingConfig.env_name("metrics_log_s") == bootstrap.ENV_METRICS_LOG_S
+    assert ServingConfig().metrics_log_s == bootstrap.DEFAULT_METRICS_LOG_S
+    assert bootstrap.Instance(env).request_timeout_s == 5
+    with pytest.raises(BootstrapError, match="AVATARFORGE_SERVING_REQUEST_TIMEOUT_S"):
+        bootstrap.Instance({"AVATARFORGE_SERVING_REQUEST_TIMEOUT_S": "a day"})
 
 
 def test_model_params_are_written_and_read_by_one_type():
     from avatarforge.serving.config import ModelParams
 
-    custom = ServingConfig(request_timeout_s=5, batching=False, device="cpu")
-    shared = ModelParams("tiny@seed0", "a" * 64, "/envs/serve", custom)
-    config = sd_base_config("tiny@seed0", "a" * 64, custom, env_path="/envs/serve")
+    shared = ModelParams("tiny@seed0", "a" * 64, "/envs/serve")
+    config = sd_base_config("tiny@seed0", "a" * 64, env_path="/envs/serve")
     rendered = {k: v["string_value"] for k, v in config["parameters"].items()}
     assert rendered == shared.to_params()
     assert ModelParams.from_params(rendered) == shared
-    # a user model's config: the base only (its settings travel in shared_base.json)
     user = {
         k: v["string_value"]
         for k, v in user_model_config("alice", "b", "c" * 64)["parameters"].items()
     }
-    assert ModelParams.from_params(user, serving=False) == ModelParams("b", "c" * 64)
-    args = {"model_config": json.dumps(config)}
-    assert ModelParams.of_model(args) == shared
+    assert ModelParams.from_params(user) == ModelParams("b", "c" * 64)
+    assert ModelParams.of_model({"model_config": json.dumps(config)}) == shared
 
 
 def test_checked_in_model_setup_config_matches_the_schema(repo_root):
     text = (repo_root / "model_repository" / "model_setup" / "config.pbtxt").read_text()
     assert text == checked_in_setup_config()
-    assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text)["parameters"]  # no machine paths
+    assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text).get("parameters", {})  # no paths
 
 
 # ---------------------------------------------------------------- request handling
@@ -367,8 +399,8 @@ def test_package_layout_is_what_mme_untars(packaged_users, tiny_base):
 
 
 def test_package_bytes_are_reproducible(trained_adapter, tiny_base, tmp_path):
-    one = package_user("u1", trained_adapter, tmp_path / "a", base=tiny_base, device="cpu")
-    two = package_user("u1", trained_adapter, tmp_path / "b", base=tiny_base, device="cpu")
+    one = package_user("u1", trained_adapter, tmp_path / "a", base=tiny_base)
+    two = package_user("u1", trained_adapter, tmp_path / "b", base=tiny_base)
     assert one.read_bytes() == two.read_bytes()
 
 

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .bootstrap import ADAPTER_INPUT, DEADLINE_INPUT
+from .bootstrap import ADAPTER_INPUT, AUTH_INPUT, DEADLINE_INPUT
 
 MAX_BATCH_SIZE = 8  # rows per Triton request; every row is answered
 
@@ -47,9 +47,13 @@ DEADLINE = TensorSpec(
     DEADLINE_INPUT, "unix time after which the user model's client has stopped waiting",
     optional=True,
 )  # fmt: skip
+# Optional in the config so that a request without it reaches the shared base's one refusal.
+AUTH = TensorSpec(
+    AUTH_INPUT, "HMAC proving that a user model of this instance sent the request", optional=True
+)
 
 INPUTS: tuple[TensorSpec, ...] = (PROMPT, NEGATIVE_PROMPT, GEN_ARGS)
-BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER, DEADLINE)
+BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER, DEADLINE, AUTH)
 
 GENERATED_IMAGE = TensorSpec(
     "generated_image", "base64 JPEGs: one per image (num_images per row)", dims=(-1,)

@@ -603,3 +603,121 @@ def test_a_read_only_shared_dir_with_the_base_present_is_used(base_tarball, tiny
             pass
     finally:
         _subprocess.run(["chattr", "-R", "-i", str(shared)], check=True)
+
+
+# ---------------------------------------------------------------- Triton's answers, any core
+
+
+class _Core:
+    """A stand-in for Triton's module with what model_ready uses (the real one lives only in a
+    python backend stub): is_model_ready as core 2.51-2.69 answers (False) or as cores from
+    mid-2026 do (TritonModelException for a model that is not loaded)."""
+
+    class TritonModelException(Exception):
+        pass
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def is_model_ready(self, name):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_model_that_is_not_loaded_is_not_ready_on_every_core():
+    from avatarforge.serving.bootstrap import model_ready
+
+    unknown = _Core.TritonModelException(
+        "Failed to check model readiness: Failed to process the request for model 'alice_0_0', "
+        "message: Request for unknown model: 'sd_base_x' is not found"
+    )
+    assert model_ready(_Core(True), "sd_base_x") is True
+    assert model_ready(_Core(False), "sd_base_x") is False  # up to 2.69
+    assert model_ready(_Core(unknown), "sd_base_x") is False  # 2.70+ (core 73aad7c)
+    with pytest.raises(_Core.TritonModelException, match="Server not ready"):
+        model_ready(_Core(_Core.TritonModelException("Server not ready")), "sd_base_x")
+
+
+def test_every_answer_to_retry_travels_as_unavailable_and_the_rest_as_what_they_are():
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.handler import DeadlineExceeded, InternalError
+    from avatarforge.serving.shared_base import BaseLoading, error_message
+
+    class Codes:
+        class TritonError:
+            INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+    loading = BaseLoading("the shared base model is loading (3 s so far); retry")
+    retry = [bootstrap.BASE_RESTARTED, bootstrap.BASE_STARTING, bootstrap.BASE_NOT_READY,
+             error_message(DeadlineExceeded("stopped after 3 denoising steps")),
+             error_message(loading)]  # fmt: skip
+    for message in retry:
+        assert message.startswith(bootstrap.RETRY_PREFIX), message
+        assert bootstrap.error_code(message, Codes) == "UNAVAILABLE"
+    assert error_message(BaseLoading("the shared base model is loading")).startswith(
+        bootstrap.BASE_LOADING
+    )
+    refused = error_message(RequestError("gen_args.steps: must be >= 1 (got 0)"))
+    assert bootstrap.error_code(refused, Codes) == "INVALID_ARG"
+    assert bootstrap.error_code(error_message(InternalError("internal error")), Codes) == "INTERNAL"
+    counted = {m: bootstrap.outcome(m) for m in (None, refused, retry[3], retry[0], "boom")}
+    assert list(counted.values()) == ["served", "refused", "timed_out", "unavailable", "failed"]
+    # Triton's own words for a dead or missing shared base, bare or wrapped
+    dead = ["Stub process 'sd_base_x_0_0' is not healthy.", "Stub process is not healthy.",
+            "Failed to process the request(s) for model instance 'sd_base_x_0_0', message: "
+            "Stub process 'sd_base_x_0_0' is not healthy."]  # fmt: skip
+    assert all(bootstrap.base_died(m) for m in dead)
+    missing = ["Failed for execute the inference request. Model 'sd_base_x' is not ready.",
+               "Request for unknown model: 'sd_base_x' has no available versions"]  # fmt: skip
+    assert all(bootstrap.base_not_ready(m) for m in missing)
+    # the shared base's own answers never count as Triton's, whatever their text
+    assert not bootstrap.base_not_ready(bootstrap.CLIENT_FAULT_PREFIX + "prompt: is not ready")
+
+
+# ---------------------------------------------------------------- the answer's size
+
+
+def test_the_jpeg_bound_holds_for_noise_at_every_kind_of_size():
+    import base64
+
+    from PIL import Image
+
+    from avatarforge.generate import to_jpeg_base64
+    from avatarforge.serving.handler import JPEG_BYTES_PER_PIXEL, JPEG_HEADER_BYTES
+
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (72, 104), (64, 1024), (1024, 1024)):
+        worst = 0
+        for pixels in (
+            rng.integers(0, 2, (height, width, 3)) * 255,  # each channel 0 or 255: the worst
+            rng.integers(0, 256, (height, width, 3)),
+        ):
+            image = Image.fromarray(pixels.astype(np.uint8))
+            worst = max(worst, len(base64.b64decode(to_jpeg_base64(image))))
+        bound = JPEG_BYTES_PER_PIXEL * height * width + JPEG_HEADER_BYTES
+        assert worst <= bound, (height, width, worst, bound)
+        assert worst > 0.9 * JPEG_BYTES_PER_PIXEL * height * width - JPEG_HEADER_BYTES  # tight
+
+
+def test_a_request_whose_answer_could_pass_6_mb_is_refused_before_any_work():
+    from avatarforge.serving.handler import response_bytes
+
+    def rows(n, size, images):
+        args = json.dumps({"height": size, "width": size, "num_images": images, "steps": 1})
+        return _req(prompt=["a"] * n, gen_args=[args] * n)
+
+    assert response_bytes(parse_request(rows(1, 1024, 2)).rows) < 6 * 2**20  # 4.2 MB
+    assert response_bytes(parse_request(rows(8, 512, 1)).rows) < 6 * 2**20  # 4.2 MB
+    calls: list = []
+    for too_big in (rows(1, 1024, 3), rows(2, 512, 8)):
+        (error,) = handle_requests([too_big], _fake_generate(calls))
+        assert isinstance(error, RequestError) and error.client_fault
+        assert "serving.max_response_bytes" in str(error) and "6291456" in str(error)
+    assert calls == []
+    assert parse_request(rows(1, 1024, 3), max_response_bytes=8 * 2**20)  # an instance may allow
+
+
+def test_the_contract_states_the_answers_limit():
+    assert "6291456" in schema.contract_markdown()
+    assert "AVATARFORGE_SERVING_" in schema.contract_markdown()

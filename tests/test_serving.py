@@ -7,6 +7,7 @@ import http.server
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -721,3 +722,139 @@ def test_a_request_whose_answer_could_pass_6_mb_is_refused_before_any_work():
 def test_the_contract_states_the_answers_limit():
     assert "6291456" in schema.contract_markdown()
     assert "AVATARFORGE_SERVING_" in schema.contract_markdown()
+
+
+# ---------------------------------------------------------------- who may call the shared base
+
+
+def _key_in_child(shared: str) -> bytes:
+    from avatarforge.serving.bootstrap import instance_key
+
+    return instance_key(Path(shared))
+
+
+def test_the_instance_key_is_made_once_0600_and_refused_when_others_may_read_it(tmp_path):
+    from avatarforge.serving.bootstrap import KEY_FILE, instance_key, lock_folder
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        keys = pool.map(_key_in_child, [str(tmp_path)] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32  # concurrent first readers agree
+    path = lock_folder(tmp_path) / KEY_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert instance_key(tmp_path) == keys[0]
+    path.chmod(0o644)
+    with pytest.raises(BootstrapError, match="mode 0600"):
+        instance_key(tmp_path)
+
+
+@pytest.fixture
+def served_folder(packaged_users, tmp_path) -> Path:
+    """alice's model folder as the MME unpacks it, with what the stub writes when it loads."""
+    from avatarforge.serving.package import unpack_package
+
+    model = unpack_package(packaged_users["alice"], tmp_path / "opt-ml" / "h" / "model")
+    (model / "1" / "__pycache__").mkdir()
+    (model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
+    return model
+
+
+def test_the_shared_base_takes_calls_only_from_its_user_models(served_folder, tiny_base, tmp_path):
+    from avatarforge.serving.bootstrap import CALLER_REFUSED, CLIENT_FAULT_PREFIX, caller_mac
+    from avatarforge.serving.callers import Callers
+
+    key, now = os.urandom(32), time.time()
+    callers = Callers(lambda: key, tiny_base.content_hash, request_timeout_s=60)
+    adapter = str((served_folder / "1" / "adapter").resolve())
+
+    def request(adapter=adapter, deadline=f"{now + 30:.3f}", auth=None, key=key):
+        auth = auth if auth is not None else caller_mac(key, adapter, deadline)
+        return _req(prompt=["a"], adapter=[adapter], deadline=[deadline], auth=[auth])
+
+    assert callers.check(request()) == "alice"
+    assert callers.check(request()) == "alice"  # remembered: not checked again
+    link = tmp_path / "link"
+    link.symlink_to(served_folder)
+    copy = tmp_path / "copy" / "alice"
+    shutil.copytree(served_folder, copy)
+    (copy / "1" / "model.py").write_text("import os\n")
+    other_base = Callers(lambda: key, "f" * 64, request_timeout_s=60)
+    refusals = {
+        "no auth": {k: v for k, v in request().items() if k != "auth"},
+        "no deadline": {k: v for k, v in request().items() if k != "deadline"},
+        "another key": request(key=os.urandom(32)),
+        "auth for another folder": request(auth=caller_mac(key, "/x/1/adapter", f"{now:.3f}")),
+        "a deadline a day ahead": request(deadline=f"{now + 86400:.3f}"),
+        "not a number": request(deadline="soon"),
+        "through a symlink": request(adapter=str(link / "1" / "adapter")),
+        "a folder that does not exist": request(adapter="/nowhere/1/adapter"),
+        "a model folder with code of its own": request(adapter=str(copy / "1" / "adapter")),
+        "the model folder, not its adapter": request(adapter=str(served_folder)),
+    }
+    for what, inputs in refusals.items():
+        with pytest.raises(RequestError) as err:
+            callers.check(inputs)
+        assert CLIENT_FAULT_PREFIX + str(err.value) == CALLER_REFUSED, what
+        assert err.value.client_fault, what
+    with pytest.raises(RequestError):
+        other_base.check(request())  # alice's adapter is of another base than this one's
+    # a file of the folder changed after it was checked: checked again, and refused
+    (served_folder / "1" / "model.py").write_text("import os\n")
+    with pytest.raises(RequestError):
+        callers.check(request())
+
+
+def test_the_shared_base_answers_loading_until_its_pipeline_is_up_and_retries_a_failed_load():
+    import threading as _threading
+
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.shared_base import LoadingSharedBase, error_message
+
+    release, attempts = _threading.Event(), []
+    now = [0.0]
+
+    class Model:
+        def handle(self, requests):
+            return ["image"] * len(requests)
+
+    def load():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("/opt/ml/secret: no base")
+        release.wait(10)
+        return Model()
+
+    loading = LoadingSharedBase(load, clock=lambda: now[0])
+    assert loading.wait(5) is None and loading.error is not None
+    (failed,) = loading.handle([{}])
+    assert error_message(failed).startswith("internal error (reference ")  # no path, no detail
+    now[0] += bootstrap.RESTART_AFTER_S  # a failed load is tried again after a while
+    answers = loading.handle([{}, {}])
+    assert all(error_message(a).startswith(bootstrap.BASE_LOADING) for a in answers)
+    assert "retry" in error_message(answers[0])
+    release.set()
+    assert loading.wait(10) is not None and len(attempts) == 2
+    assert loading.handle([{}]) == ["image"]
+
+
+def test_answers_are_counted_per_user_in_cloudwatch_embedded_metric_format():
+    import io
+
+    from avatarforge.serving.bootstrap import OUTCOMES, RequestCounters
+
+    out, now = io.StringIO(), [1000.0]
+    counters = RequestCounters(None, log_every_s=60, out=out, clock=lambda: now[0])
+    for user, outcome in [("alice", "served"), ("alice", "served"), ("bob", "refused")]:
+        counters.add(user, outcome)
+    assert out.getvalue() == ""  # once a minute, not per request
+    now[0] += 60
+    counters.add("alice", "timed_out")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["user"] for line in lines] == ["alice", "bob"]
+    alice = lines[0]
+    assert (alice["served"], alice["timed_out"], alice["refused"]) == (2, 1, 0)
+    (directive,) = alice["_aws"]["CloudWatchMetrics"]
+    assert directive["Dimensions"] == [["user"]] and directive["Namespace"] == "avatarforge"
+    assert [m["Name"] for m in directive["Metrics"]] == list(OUTCOMES)
+    assert alice["_aws"]["Timestamp"] == 1060000
+    counters.flush()
+    assert len(out.getvalue().splitlines()) == 2  # nothing new since: no line

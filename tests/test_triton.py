@@ -26,7 +26,7 @@ from avatarforge.adapter import load_adapter, read_adapter
 from avatarforge.base.pipeline import load_pipeline
 from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
 from avatarforge.serving import bootstrap, client
-from avatarforge.serving.config import local_instance_env
+from avatarforge.serving.config import ServingConfig, local_instance_env
 from avatarforge.serving.repository import build_repository
 from avatarforge.serving.triton_config import sd_base_name
 from avatarforge.tritonserver.launch import tritonserver
@@ -45,7 +45,9 @@ def prompt(trained_adapter) -> str:
 def server(packaged_users, tiny_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
     names = build_repository(tmp / "repo", list(packaged_users.values()))
-    env = local_instance_env(tiny_base.path, tmp / "shared")
+    # counts are logged for CloudWatch every second (default: a minute)
+    env = local_instance_env(tiny_base.path, tmp / "shared",
+                             serving=ServingConfig(metrics_log_s=1))  # fmt: skip
     with tritonserver(
         [tmp / "repo"], load=["model_setup", *names], env=env, log_path=tmp / "triton.log",
         metrics_port=0,
@@ -281,6 +283,15 @@ def test_requests_are_counted_per_user_on_the_metrics_endpoint(server, prompt):
     after = counts()
     for outcome in ("served", "refused"):
         assert after[("alice", outcome)] == before.get(("alice", outcome), 0) + 1, outcome
+    # and where CloudWatch sees them on SageMaker (no metrics port there): the log, in embedded
+    # metric format, once a metrics_log_s (here 1 s) with requests
+    time.sleep(1.1)
+    client.generate(server.url, "alice", prompt, gen_args=SMALL)
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()
+             if line.startswith('{"_aws"')]  # fmt: skip
+    alice = [line for line in lines if line["user"] == "alice"]
+    assert sum(line["served"] for line in alice) >= 1 and sum(line["refused"] for line in alice)
+    assert alice[-1]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "avatarforge"
 
 
 def test_an_answer_over_the_response_limit_is_refused_before_any_work(server, prompt):

@@ -99,6 +99,7 @@ class SharedBase:
 
         instance = bootstrap.Instance(environ)
         serving = ServingConfig.from_env(environ)
+        started = time.monotonic()
         base = ensure_base(
             instance.base_source,
             instance.shared_dir,
@@ -106,8 +107,13 @@ class SharedBase:
             base_id=params.base_id,
             verify=True,  # once per start of the shared base: every byte it will serve
         )
+        present = time.monotonic()
+        log.info("base %s present and verified in %.1f s", base.base_id, present - started)
+        device = _device(serving.device, instance_kind, device_id)
+        pipe = load_pipeline(base, device)
+        log.info("pipeline loaded on %s in %.1f s", device, time.monotonic() - present)
         return cls(
-            load_pipeline(base, _device(serving.device, instance_kind, device_id)),
+            pipe,
             base,
             serving.adapter_cache_size,
             cache_mib=serving.adapter_cache_mib,

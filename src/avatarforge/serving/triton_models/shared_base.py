@@ -11,6 +11,7 @@ requests are answered "loading, retry", which the user models wait out.
 """
 
 import json
+import logging
 
 import triton_python_backend_utils as pb_utils
 
@@ -22,6 +23,8 @@ from avatarforge.serving.shared_base import LoadingSharedBase, SharedBase, error
 
 class TritonPythonModel:
     def initialize(self, args):
+        # the library's progress and refusals in Triton's log (the stub's stderr)
+        logging.basicConfig(level=logging.INFO, format="avatarforge %(name)s: %(message)s")
         params = ModelParams.of_model(args)
         self.inputs = [i["name"] for i in json.loads(args["model_config"])["input"]]
         self.output = schema.GENERATED_IMAGE.name

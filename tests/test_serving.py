@@ -858,3 +858,23 @@ def test_answers_are_counted_per_user_in_cloudwatch_embedded_metric_format():
     assert alice["_aws"]["Timestamp"] == 1060000
     counters.flush()
     assert len(out.getvalue().splitlines()) == 2  # nothing new since: no line
+
+
+def test_a_shared_base_that_cannot_start_is_tried_again_only_after_a_while(tmp_path):
+    from avatarforge.serving import bootstrap
+
+    logged = []
+    instance = Instance({"AVATARFORGE_ENV_SOURCE": str(tmp_path / "nowhere.tar.gz"),
+                         "AVATARFORGE_SHARED_DIR": str(tmp_path)})  # fmt: skip
+    starter = bootstrap.BaseStarter({"name": "sd_base_x"}, instance, _Core(False), logged.append)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while starter.state == "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert starter.state == "failed" and "does not exist" in starter.error
+    assert "does not exist" in logged[0]  # the reason, with its path, goes to the log
+    starter.start()
+    assert starter.state == "failed"  # not at once: every request would start it again
+    starter.since -= bootstrap.RESTART_AFTER_S
+    starter.start()
+    assert starter.state in ("starting", "failed") and len(logged) <= 2

@@ -647,10 +647,10 @@ class UserModel:
             await asyncio.sleep(0.1)
         if self.starter.state == "ready":
             return ""
-        if self.starter.state == "failed":
+        if self.starter.state == "failed":  # why, with the instance's paths: in the log only
             return (
-                f"the shared base model could not start on this instance ({self.starter.error}"
-                f"); it is tried again {RESTART_AFTER_S:.0f} s after the failure"
+                "the shared base model could not start on this instance (the server's log says "
+                f"why); it is tried again {RESTART_AFTER_S:.0f} s after the failure"
             )
         return BASE_STARTING
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import AvatarforgeError
 from . import bootstrap
 from .handler import RequestError
 from .package_check import PACKAGE_FILES, PackageError, check_package
@@ -117,7 +118,7 @@ class Callers:
         return model.name
 
 
-class _Refused(Exception):
+class _Refused(AvatarforgeError):
     """Why a request was refused (for the log only)."""
 
 

@@ -842,7 +842,8 @@ def test_answers_are_counted_per_user_in_cloudwatch_embedded_metric_format():
     from avatarforge.serving.bootstrap import OUTCOMES, RequestCounters
 
     out, now = io.StringIO(), [1000.0]
-    counters = RequestCounters(None, log_every_s=60, out=out, clock=lambda: now[0])
+    emit = lambda line: out.write(line + "\n")  # noqa: E731
+    counters = RequestCounters(None, log_every_s=60, emit=emit, clock=lambda: now[0])
     for user, outcome in [("alice", "served"), ("alice", "served"), ("bob", "refused")]:
         counters.add(user, outcome)
     assert out.getvalue() == ""  # once a minute, not per request

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
 import stat
 import sys
@@ -702,9 +703,9 @@ class RequestCounters:
     format on stdout (SageMaker sends the container's output to CloudWatch Logs, which makes
     metrics of it; its Triton runs without a metrics port). Counting never fails a request."""
 
-    def __init__(self, pb_utils=None, log_every_s: float = 60.0, out=None, clock=time.time):
+    def __init__(self, pb_utils=None, log_every_s: float = 60.0, emit=None, clock=time.time):
         self.log_every_s, self.clock = log_every_s, clock
-        self.out = out or sys.stdout
+        self.emit = emit or _emf_logger().info  # one line, as CloudWatch Logs reads it
         self._family = None
         if pb_utils is not None:
             try:
@@ -751,7 +752,7 @@ class RequestCounters:
             return
         for line in emf_lines(pending, self.clock()):
             with contextlib.suppress(Exception):
-                print(line, file=self.out, flush=True)
+                self.emit(line)
 
 
 def emf_lines(counts: dict, now: float) -> list:
@@ -776,8 +777,22 @@ def emf_lines(counts: dict, now: float) -> list:
     return lines
 
 
+def _emf_logger() -> logging.Logger:
+    """The lines CloudWatch reads metrics from: the message alone, on stdout."""
+    logger = logging.getLogger("avatarforge.metrics")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+    """A warning in Triton's log (the stub's stderr; Python's own last-resort handler where
+    logging is not configured, as in a user model)."""
+    logging.getLogger("avatarforge.bootstrap").warning(message)
 
 
 # ---------------------------------------------------------------- S3 without boto3

@@ -160,8 +160,9 @@ def test_shutdown_with_a_request_in_flight_is_bounded(mme_source, tmp_path):
 def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
     packaged_users, trained_adapter, tiny_base, tmp_path
 ):
-    # tritonserver and its stubs SIGKILLed while alice's model (and the shared base it starts)
-    # loads; a new server on the same folders loads her and answers, from what is left
+    # tritonserver and its stubs SIGKILLed while alice's model starts the shared base (its
+    # stub is up, the base is being fetched and loaded); a new server on the same folders loads
+    # her and answers, from what is left
     import threading
 
     from avatarforge.mme import MultiModelLoader
@@ -189,9 +190,10 @@ def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
         deadline = time.monotonic() + 60
         while not stub_pids(server.pid, "sd_base_") and time.monotonic() < deadline:
             time.sleep(0.05)  # the user model is up and starting the shared base
+        assert stub_pids(server.pid, "sd_base_"), "the shared base never started"
         os.killpg(server.pid, signal.SIGKILL)
         thread.join(60)
-    assert "error" in outcome, outcome  # killed before the load finished
+    assert outcome, outcome  # alice's load ended (it need not wait for the shared base)
     with sagemaker_triton(tmp_path / "triton", extra_env=env) as server:
         loader = MultiModelLoader(server.sagemaker_url, source, root)
         try:

@@ -102,7 +102,7 @@ def package_users(base, source: Path, work: Path, count: int) -> list[str]:
             text_encoder_alpha=d.text_encoder_alpha,
         )
         hashes.add(read_adapter(adapter).weights_sha256)
-        package_user(user, adapter, source, base=base, device="cpu")
+        package_user(user, adapter, source, base=base)
         targets.append(f"{user}.tar.gz")
     if len(hashes) != count:
         raise RuntimeError(f"{count} users but only {len(hashes)} distinct adapters")

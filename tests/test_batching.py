@@ -23,7 +23,6 @@ from avatarforge.generate import GenArgs, batch_key, from_jpeg_base64, generate_
 from avatarforge.serving.config import ServingConfig, flag
 from avatarforge.serving.handler import Job, RequestError, Row, handle_batched, plan_batches
 from avatarforge.serving.shared_base import SharedBase
-from avatarforge.serving.triton_config import sd_base_config
 from avatarforge.settings import ConfigError
 
 PROMPT = "a photo of <<TOK>> person"
@@ -209,11 +208,12 @@ def test_a_failed_batch_is_retried_row_by_row_and_fails_alone():
     assert abs(red[0] - 40) <= 3 and abs(red[1] - 200) <= 3  # each request got its own rows
 
 
-def test_serving_config_reaches_the_shared_base_params():
+def test_serving_config_reaches_the_shared_base_from_the_instance():
     config = ServingConfig(adapter_cache_mib=512, batching=False, batch_max_images=4)
-    params = sd_base_config("b", "h" * 64, config)["parameters"]
+    env = config.to_env()
     expected = {"ADAPTER_CACHE_MIB": "512", "BATCHING": "false", "BATCH_MAX_IMAGES": "4"}
-    assert {k: params[k]["string_value"] for k in expected} == expected
+    assert {k: env["AVATARFORGE_SERVING_" + k] for k in expected} == expected
+    assert ServingConfig.from_env(env) == config  # what the shared base reads
     assert flag("false", True) is False and flag("", True) is True and flag("1", False) is True
     with pytest.raises(ConfigError, match="true or false"):
         flag("maybe", True)

@@ -75,32 +75,48 @@ def test_a_killed_shared_base_is_restarted_and_the_next_request_served(
         assert new_stub != stub
 
 
-def test_work_nobody_waits_for_is_stopped_and_frees_the_base(trained_adapter, tiny_base, tmp_path):
-    # carol's package says her clients wait 3 s; a request that needs ~40 s of CPU denoising
+def test_work_nobody_waits_for_is_stopped_and_frees_the_base(
+    packaged_users, trained_adapter, tiny_base, tmp_path
+):
+    # the instance says its clients wait 3 s; a request that needs ~40 s of CPU denoising
     # stops between two steps once they have stopped waiting, and the base is free again
     from avatarforge.serving.config import ServingConfig
-    from avatarforge.serving.package import package_user
 
     prompt = f"a photo of {read_adapter(trained_adapter).token} person"
-    serving = ServingConfig(request_timeout_s=3)
-    carol = package_user("carol", trained_adapter, tmp_path / "pkg", base=tiny_base,
-                         device="cpu", serving=serving)  # fmt: skip
-    build_repository(tmp_path / "repo", [carol])
-    env = local_instance_env(tiny_base.path, tmp_path / "shared")
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = local_instance_env(tiny_base.path, tmp_path / "shared",
+                             serving=ServingConfig(request_timeout_s=3))  # fmt: skip
     long = {"steps": 40, "height": 512, "width": 512, "seed": 1}
-    with tritonserver([tmp_path / "repo"], load=["carol"], env=env) as server:
-        client.generate(server.url, "carol", prompt, gen_args=SMALL)  # warm
+    with tritonserver([tmp_path / "repo"], load=["alice"], env=env) as server:
+        warm(server, "alice", prompt)
         started = time.monotonic()
         with pytest.raises(InferenceServerException) as err:
-            server.client().infer("carol", client.build_inputs([prompt], None, [long]))
+            server.client().infer("alice", client.build_inputs([prompt], None, [long]))
         stopped_after = time.monotonic() - started
         assert str(err.value.status()) == "503"
         assert "serving.request_timeout_s" in err.value.message()
         assert "stopped after" in err.value.message()  # between steps, not skipped
         assert stopped_after < 20, stopped_after
+        # free again at once (the 40 steps would take ~40 s more): on 2 busy cores one small
+        # request may itself pass 3 s and be sent again
         started = time.monotonic()
-        assert client.generate(server.url, "carol", prompt, gen_args=SMALL)[0].size == (64, 64)
-        assert time.monotonic() - started < 3
+        warm(server, "alice", prompt, within_s=15)
+        assert time.monotonic() - started < 15
+
+
+def warm(server, user: str, prompt: str, within_s: float = 120.0) -> None:
+    """Send small requests until one is answered: the shared base of a fresh server comes up
+    meanwhile (with a short request timeout a request waits for it only that long, and is
+    answered 503, to be sent again)."""
+    end = time.monotonic() + within_s
+    while True:
+        try:
+            client.generate(server.url, user, prompt, gen_args=SMALL)
+            return
+        except client.ServingError as exc:
+            if "unavailable: " not in str(exc) or time.monotonic() > end:
+                raise
+            time.sleep(0.5)
 
 
 def test_shutdown_with_a_request_in_flight_is_bounded(mme_source, tmp_path):
@@ -144,8 +160,9 @@ def test_shutdown_with_a_request_in_flight_is_bounded(mme_source, tmp_path):
 def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
     packaged_users, trained_adapter, tiny_base, tmp_path
 ):
-    # tritonserver and its stubs SIGKILLed while alice's model (and the shared base it starts)
-    # loads; a new server on the same folders loads her and answers, from what is left
+    # tritonserver and its stubs SIGKILLed while alice's model starts the shared base (its
+    # stub is up, the base is being fetched and loaded); a new server on the same folders loads
+    # her and answers, from what is left
     import threading
 
     from avatarforge.mme import MultiModelLoader
@@ -173,9 +190,10 @@ def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
         deadline = time.monotonic() + 60
         while not stub_pids(server.pid, "sd_base_") and time.monotonic() < deadline:
             time.sleep(0.05)  # the user model is up and starting the shared base
+        assert stub_pids(server.pid, "sd_base_"), "the shared base never started"
         os.killpg(server.pid, signal.SIGKILL)
         thread.join(60)
-    assert "error" in outcome, outcome  # killed before the load finished
+    assert outcome, outcome  # alice's load ended (it need not wait for the shared base)
     with sagemaker_triton(tmp_path / "triton", extra_env=env) as server:
         loader = MultiModelLoader(server.sagemaker_url, source, root)
         try:

@@ -202,6 +202,7 @@ INPUT_CELLS = {
         (1, st.floats(allow_nan=True, allow_infinity=True).map(lambda f: repr(f).encode())),
         (1, CELLS),
     ),
+    "auth": weighted((4, st.just(b"0" * 64)), (1, CELLS)),  # its check is the shared base's
 }
 INPUT_NAMES = [s.name for s in schema.BASE_INPUTS]
 

@@ -50,7 +50,7 @@ def mme_sd_source(trained_adapter, bob_adapter, tiny_base, tmp_path_factory) -> 
     """The MME prefix as a folder: alice.tar.gz and bob.tar.gz, as `avatarforge package` writes."""
     out = tmp_path_factory.mktemp("mme-sd-source")
     for user, adapter in (("alice", trained_adapter), ("bob", bob_adapter)):
-        package_user(user, adapter, out, base=tiny_base, device="cpu")
+        package_user(user, adapter, out, base=tiny_base)
     return out
 
 
@@ -200,10 +200,10 @@ def test_updated_package_is_served_after_reload(
     (bob,), _ = _invoke(sd_loader, BOB, prompt)
     assert pixel_diff(before, bob)[1] > 1.0
     try:  # published again as the packager publishes: one rename, its sha256 with it
-        package_user("alice", bob_adapter, mme_sd_source, base=tiny_base, device="cpu")
+        package_user("alice", bob_adapter, mme_sd_source, base=tiny_base)
         assert sd_loader.unload(ALICE)
         (after,), _ = _invoke(sd_loader, ALICE, prompt)
         assert pixel_diff(after, bob)[0] <= 2, "alice's old adapter was served after her update"
     finally:
-        package_user("alice", trained_adapter, mme_sd_source, base=tiny_base, device="cpu")
+        package_user("alice", trained_adapter, mme_sd_source, base=tiny_base)
         sd_loader.unload(ALICE)

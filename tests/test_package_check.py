@@ -37,9 +37,7 @@ from avatarforge.serving.package_check import (
 
 @pytest.fixture(scope="module")
 def genuine(trained_adapter, tiny_base, tmp_path_factory) -> Path:
-    return package_user(
-        "mallory", trained_adapter, tmp_path_factory.mktemp("pkg"), base=tiny_base, device="cpu"
-    )
+    return package_user("mallory", trained_adapter, tmp_path_factory.mktemp("pkg"), base=tiny_base)
 
 
 def tampered(genuine: Path, out: Path, change: Callable[[Path], None]) -> Path:
@@ -127,9 +125,10 @@ HOSTILE = {
         _shared_base(lambda d: _set(d, "EXECUTION_ENV_PATH", "/x")),
         "shared_base.json is not the one",
     ),
-    "out-of-range setting": (
-        _shared_base(lambda d: _set(d, "ADAPTER_CACHE_SIZE", "0")),
-        "shared_base.json: serving.adapter_cache_size",
+    # the shared base's limits are the instance's: a package carries none
+    "a setting of the shared base": (
+        _shared_base(lambda d: _set(d, "MAX_REQUEST_COST", "1000000")),
+        "shared_base.json is not the one",
     ),
     "adapter weights altered": (
         _flip_byte("1/adapter/pytorch_lora_weights.safetensors"),
@@ -351,7 +350,7 @@ def test_a_republished_package_is_checked_with_its_own_digest_not_a_stale_file(
     genuine, trained_adapter, tiny_base, tmp_path
 ):
     out = tmp_path / "out"
-    first = package_user("mallory", trained_adapter, out, base=tiny_base, device="cpu")
+    first = package_user("mallory", trained_adapter, out, base=tiny_base)
     stale = checksum_path(first).read_text()
     again = package_user(
         "mallory", trained_adapter, out, base=tiny_base, serving=ServingConfig(max_batch_size=2)

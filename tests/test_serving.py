@@ -7,6 +7,7 @@ import http.server
 import json
 import multiprocessing
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -22,7 +23,13 @@ from avatarforge.base.identity import BaseError, BaseInfo, content_hash
 from avatarforge.generate import GenArgs, from_jpeg_base64
 from avatarforge.serving import schema
 from avatarforge.serving.adapter_cache import AdapterCache
-from avatarforge.serving.bootstrap import BootstrapError, Instance, ensure_env, read_user_model
+from avatarforge.serving.bootstrap import (
+    BootstrapError,
+    Instance,
+    SharedBaseModel,
+    ensure_env,
+    read_user_model,
+)
 from avatarforge.serving.config import ServingConfig
 from avatarforge.serving.handler import (
     RequestError,
@@ -36,7 +43,6 @@ from avatarforge.serving.triton_config import (
     checked_in_setup_config,
     parse_pbtxt,
     sd_base_config,
-    setup_model_config,
     to_pbtxt,
     user_model_config,
 )
@@ -57,59 +63,86 @@ def test_user_config_is_rendered_from_the_schema():
     assert set(config["parameters"]) == {"BASE_ID", "BASE_HASH"}
 
 
-def test_shared_base_kind_follows_the_device():
-    kinds = {
-        device: sd_base_config("b", "h" * 64, ServingConfig(device=device))["instance_group"][0]
-        for device in ("auto", "cpu", "cuda")
-    }
-    # "auto" is decided by Triton on the instance, not by the machine that packaged the user
-    assert {d: k["kind"] for d, k in kinds.items()} == {
-        "auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"
-    }  # fmt: skip
-    config = sd_base_config("b", "h" * 64, env_path="/env")
-    assert "adapter" in [i["name"] for i in config["input"]]
-    assert config["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/env"}
-    assert "EXECUTION_ENV_PATH" not in sd_base_config("b", "h" * 64)["parameters"]
+def test_the_shared_base_config_is_the_same_from_every_package(
+    trained_adapter, tiny_base, tmp_path
+):
+    # the shared base is one process per base hash: whichever user model starts it, it must
+    # start the same config (and a package cannot set its limits, placement or environment)
+    config = sd_base_config("b", "h" * 64)
+    assert config["instance_group"] == [{"kind": "KIND_AUTO", "count": 1}]
+    assert set(config["parameters"]) == {"BASE_ID", "BASE_HASH"}
+    assert {"adapter", "deadline", "auth"} <= {i["name"] for i in config["input"]}
+    with_env = sd_base_config("b", "h" * 64, env_path="/env")
+    assert with_env["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/env"}
+    templates = []
+    for rows in (8, 2):
+        tarball = package_user("u1", trained_adapter, tmp_path / str(rows), base=tiny_base,
+                               serving=ServingConfig(max_batch_size=rows))  # fmt: skip
+        with tarfile.open(tarball) as tar:
+            templates.append(json.load(tar.extractfile("u1/1/shared_base.json")))
+    assert templates[0] == templates[1] == sd_base_config(tiny_base.base_id, tiny_base.content_hash)
+    # a template that tries anyway (an older package, an edited one) is started as the instance's
+    hostile = json.loads(json.dumps(templates[0]))
+    hostile["parameters"]["MAX_REQUEST_COST"] = {"string_value": "1000000"}
+    hostile["parameters"]["EXECUTION_ENV_PATH"] = {"string_value": "/tmp/evil.tar.gz"}
+    hostile["instance_group"] = [{"kind": "KIND_GPU", "count": 4}]
+    started = [
+        json.loads(SharedBaseModel.from_template(t, "/envs/serve", tmp_path).config_json)
+        for t in (templates[0], hostile)
+    ]
+    assert started[0] == started[1]
+    assert started[0]["parameters"]["EXECUTION_ENV_PATH"] == {"string_value": "/envs/serve"}
 
 
-def test_serving_settings_travel_as_parameters_and_come_back():
-    custom = ServingConfig(adapter_cache_mib=512, batching=False, batch_max_images=4, device="cpu")
-    params = custom.to_params()
-    assert params["BATCHING"] == "false" and params["ADAPTER_CACHE_MIB"] == "512"
-    assert ServingConfig.from_params({**params, "BASE_HASH": "h"}) == custom
-    assert ServingConfig.from_params({}) == ServingConfig()
-    # what model_setup carries reaches the shared base it starts
-    setup = {k: v["string_value"] for k, v in setup_model_config(custom)["parameters"].items()}
-    assert ServingConfig.from_params(setup) == custom
-    with pytest.raises(ValueError, match="serving.batch_max_images"):
-        ServingConfig.from_params({"BATCH_MAX_IMAGES": "0"})
-    with pytest.raises(ValueError, match="not an integer"):
-        ServingConfig.from_params({"ADAPTER_CACHE_MIB": "lots"})
+def test_the_instance_settings_come_from_its_environment():
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.config import INSTANCE_FIELDS, PACKAGED
+
+    assert ServingConfig.from_env({}) == ServingConfig()
+    custom = ServingConfig(request_timeout_s=5, max_request_cost=50, adapter_cache_mib=512,
+                           batching=False, batch_max_images=4, device="cpu")  # fmt: skip
+    env = custom.to_env()
+    assert env["AVATARFORGE_SERVING_BATCHING"] == "false"
+    assert env["AVATARFORGE_SERVING_REQUEST_TIMEOUT_S"] == "5"
+    assert ServingConfig.from_env(env) == custom
+    # a package's own field is not the instance's to set, nor the other way round
+    assert "AVATARFORGE_SERVING_MAX_BATCH_SIZE" not in env and PACKAGED == ("max_batch_size",)
+    assert ServingConfig.from_env({"AVATARFORGE_SERVING_MAX_BATCH_SIZE": "2"}).max_batch_size == 8
+    assert set(INSTANCE_FIELDS) | set(PACKAGED) == set(ServingConfig.__dataclass_fields__)
+    with pytest.raises(ValueError, match="AVATARFORGE_SERVING_BATCH_MAX_IMAGES"):
+        ServingConfig.from_env({"AVATARFORGE_SERVING_BATCH_MAX_IMAGES": "0"})
+    with pytest.raises(ValueError, match="AVATARFORGE_SERVING_ADAPTER_CACHE_MIB"):
+        ServingConfig.from_env({"AVATARFORGE_SERVING_ADAPTER_CACHE_MIB": "lots"})
+    # the user model reads two of them without the library: the same names and defaults
+    assert ServingConfig.env_name("request_timeout_s") == bootstrap.ENV_REQUEST_TIMEOUT_S
+    assert ServingConfig().request_timeout_s == bootstrap.DEFAULT_REQUEST_TIMEOUT_S
+    assert ServingConfig.env_name("metrics_log_s") == bootstrap.ENV_METRICS_LOG_S
+    assert ServingConfig().metrics_log_s == bootstrap.DEFAULT_METRICS_LOG_S
+    assert bootstrap.Instance(env).request_timeout_s == 5
+    with pytest.raises(BootstrapError, match="AVATARFORGE_SERVING_REQUEST_TIMEOUT_S"):
+        bootstrap.Instance({"AVATARFORGE_SERVING_REQUEST_TIMEOUT_S": "a day"})
 
 
 def test_model_params_are_written_and_read_by_one_type():
     from avatarforge.serving.config import ModelParams
 
-    custom = ServingConfig(request_timeout_s=5, batching=False, device="cpu")
-    shared = ModelParams("tiny@seed0", "a" * 64, "/envs/serve", custom)
-    config = sd_base_config("tiny@seed0", "a" * 64, custom, env_path="/envs/serve")
+    shared = ModelParams("tiny@seed0", "a" * 64, "/envs/serve")
+    config = sd_base_config("tiny@seed0", "a" * 64, env_path="/envs/serve")
     rendered = {k: v["string_value"] for k, v in config["parameters"].items()}
     assert rendered == shared.to_params()
     assert ModelParams.from_params(rendered) == shared
-    # a user model's config: the base only (its settings travel in shared_base.json)
     user = {
         k: v["string_value"]
         for k, v in user_model_config("alice", "b", "c" * 64)["parameters"].items()
     }
-    assert ModelParams.from_params(user, serving=False) == ModelParams("b", "c" * 64)
-    args = {"model_config": json.dumps(config)}
-    assert ModelParams.of_model(args) == shared
+    assert ModelParams.from_params(user) == ModelParams("b", "c" * 64)
+    assert ModelParams.of_model({"model_config": json.dumps(config)}) == shared
 
 
 def test_checked_in_model_setup_config_matches_the_schema(repo_root):
     text = (repo_root / "model_repository" / "model_setup" / "config.pbtxt").read_text()
     assert text == checked_in_setup_config()
-    assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text)["parameters"]  # no machine paths
+    assert "EXECUTION_ENV_PATH" not in parse_pbtxt(text).get("parameters", {})  # no paths
 
 
 # ---------------------------------------------------------------- request handling
@@ -367,8 +400,8 @@ def test_package_layout_is_what_mme_untars(packaged_users, tiny_base):
 
 
 def test_package_bytes_are_reproducible(trained_adapter, tiny_base, tmp_path):
-    one = package_user("u1", trained_adapter, tmp_path / "a", base=tiny_base, device="cpu")
-    two = package_user("u1", trained_adapter, tmp_path / "b", base=tiny_base, device="cpu")
+    one = package_user("u1", trained_adapter, tmp_path / "a", base=tiny_base)
+    two = package_user("u1", trained_adapter, tmp_path / "b", base=tiny_base)
     assert one.read_bytes() == two.read_bytes()
 
 
@@ -571,3 +604,278 @@ def test_a_read_only_shared_dir_with_the_base_present_is_used(base_tarball, tiny
             pass
     finally:
         _subprocess.run(["chattr", "-R", "-i", str(shared)], check=True)
+
+
+# ---------------------------------------------------------------- Triton's answers, any core
+
+
+class _Core:
+    """A stand-in for Triton's module with what model_ready uses (the real one lives only in a
+    python backend stub): is_model_ready as core 2.51-2.69 answers (False) or as cores from
+    mid-2026 do (TritonModelException for a model that is not loaded)."""
+
+    class TritonModelException(Exception):
+        pass
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def is_model_ready(self, name):
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+def test_a_model_that_is_not_loaded_is_not_ready_on_every_core():
+    from avatarforge.serving.bootstrap import model_ready
+
+    unknown = _Core.TritonModelException(
+        "Failed to check model readiness: Failed to process the request for model 'alice_0_0', "
+        "message: Request for unknown model: 'sd_base_x' is not found"
+    )
+    assert model_ready(_Core(True), "sd_base_x") is True
+    assert model_ready(_Core(False), "sd_base_x") is False  # up to 2.69
+    assert model_ready(_Core(unknown), "sd_base_x") is False  # 2.70+ (core 73aad7c)
+    with pytest.raises(_Core.TritonModelException, match="Server not ready"):
+        model_ready(_Core(_Core.TritonModelException("Server not ready")), "sd_base_x")
+
+
+def test_every_answer_to_retry_travels_as_unavailable_and_the_rest_as_what_they_are():
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.handler import DeadlineExceeded, InternalError
+    from avatarforge.serving.shared_base import BaseLoading, error_message
+
+    class Codes:
+        class TritonError:
+            INVALID_ARG, UNAVAILABLE, INTERNAL = "INVALID_ARG", "UNAVAILABLE", "INTERNAL"
+
+    loading = BaseLoading("the shared base model is loading (3 s so far); retry")
+    retry = [bootstrap.BASE_RESTARTED, bootstrap.BASE_STARTING, bootstrap.BASE_NOT_READY,
+             error_message(DeadlineExceeded("stopped after 3 denoising steps")),
+             error_message(loading)]  # fmt: skip
+    for message in retry:
+        assert message.startswith(bootstrap.RETRY_PREFIX), message
+        assert bootstrap.error_code(message, Codes) == "UNAVAILABLE"
+    assert error_message(BaseLoading("the shared base model is loading")).startswith(
+        bootstrap.BASE_LOADING
+    )
+    refused = error_message(RequestError("gen_args.steps: must be >= 1 (got 0)"))
+    assert bootstrap.error_code(refused, Codes) == "INVALID_ARG"
+    assert bootstrap.error_code(error_message(InternalError("internal error")), Codes) == "INTERNAL"
+    counted = {m: bootstrap.outcome(m) for m in (None, refused, retry[3], retry[0], "boom")}
+    assert list(counted.values()) == ["served", "refused", "timed_out", "unavailable", "failed"]
+    # Triton's own words for a dead or missing shared base, bare or wrapped
+    dead = ["Stub process 'sd_base_x_0_0' is not healthy.", "Stub process is not healthy.",
+            "Failed to process the request(s) for model instance 'sd_base_x_0_0', message: "
+            "Stub process 'sd_base_x_0_0' is not healthy."]  # fmt: skip
+    assert all(bootstrap.base_died(m) for m in dead)
+    missing = ["Failed for execute the inference request. Model 'sd_base_x' is not ready.",
+               "Request for unknown model: 'sd_base_x' has no available versions"]  # fmt: skip
+    assert all(bootstrap.base_not_ready(m) for m in missing)
+    # the shared base's own answers never count as Triton's, whatever their text
+    assert not bootstrap.base_not_ready(bootstrap.CLIENT_FAULT_PREFIX + "prompt: is not ready")
+
+
+# ---------------------------------------------------------------- the answer's size
+
+
+def test_the_jpeg_bound_holds_for_noise_at_every_kind_of_size():
+    import base64
+
+    from PIL import Image
+
+    from avatarforge.generate import to_jpeg_base64
+    from avatarforge.serving.handler import JPEG_BYTES_PER_PIXEL, JPEG_HEADER_BYTES
+
+    rng = np.random.default_rng(0)
+    for height, width in ((64, 64), (72, 104), (64, 1024), (1024, 1024)):
+        worst = 0
+        for pixels in (
+            rng.integers(0, 2, (height, width, 3)) * 255,  # each channel 0 or 255: the worst
+            rng.integers(0, 256, (height, width, 3)),
+        ):
+            image = Image.fromarray(pixels.astype(np.uint8))
+            worst = max(worst, len(base64.b64decode(to_jpeg_base64(image))))
+        bound = JPEG_BYTES_PER_PIXEL * height * width + JPEG_HEADER_BYTES
+        assert worst <= bound, (height, width, worst, bound)
+        assert worst > 0.9 * JPEG_BYTES_PER_PIXEL * height * width - JPEG_HEADER_BYTES  # tight
+
+
+def test_a_request_whose_answer_could_pass_6_mb_is_refused_before_any_work():
+    from avatarforge.serving.handler import response_bytes
+
+    def rows(n, size, images):
+        args = json.dumps({"height": size, "width": size, "num_images": images, "steps": 1})
+        return _req(prompt=["a"] * n, gen_args=[args] * n)
+
+    assert response_bytes(parse_request(rows(1, 1024, 2)).rows) < 6 * 2**20  # 4.2 MB
+    assert response_bytes(parse_request(rows(8, 512, 1)).rows) < 6 * 2**20  # 4.2 MB
+    calls: list = []
+    for too_big in (rows(1, 1024, 3), rows(2, 512, 8)):
+        (error,) = handle_requests([too_big], _fake_generate(calls))
+        assert isinstance(error, RequestError) and error.client_fault
+        assert "serving.max_response_bytes" in str(error) and "6291456" in str(error)
+    assert calls == []
+    assert parse_request(rows(1, 1024, 3), max_response_bytes=8 * 2**20)  # an instance may allow
+
+
+def test_the_contract_states_the_answers_limit():
+    assert "6291456" in schema.contract_markdown()
+    assert "AVATARFORGE_SERVING_" in schema.contract_markdown()
+
+
+# ---------------------------------------------------------------- who may call the shared base
+
+
+def _key_in_child(shared: str) -> bytes:
+    from avatarforge.serving.bootstrap import instance_key
+
+    return instance_key(Path(shared))
+
+
+def test_the_instance_key_is_made_once_0600_and_refused_when_others_may_read_it(tmp_path):
+    from avatarforge.serving.bootstrap import KEY_FILE, instance_key, lock_folder
+
+    with multiprocessing.get_context("spawn").Pool(4) as pool:
+        keys = pool.map(_key_in_child, [str(tmp_path)] * 8)
+    assert len(set(keys)) == 1 and len(keys[0]) == 32  # concurrent first readers agree
+    path = lock_folder(tmp_path) / KEY_FILE
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert instance_key(tmp_path) == keys[0]
+    path.chmod(0o644)
+    with pytest.raises(BootstrapError, match="mode 0600"):
+        instance_key(tmp_path)
+
+
+@pytest.fixture
+def served_folder(packaged_users, tmp_path) -> Path:
+    """alice's model folder as the MME unpacks it, with what the stub writes when it loads."""
+    from avatarforge.serving.package import unpack_package
+
+    model = unpack_package(packaged_users["alice"], tmp_path / "opt-ml" / "h" / "model")
+    (model / "1" / "__pycache__").mkdir()
+    (model / "1" / "__pycache__" / "model.cpython-311.pyc").write_bytes(b"\0")
+    return model
+
+
+def test_the_shared_base_takes_calls_only_from_its_user_models(served_folder, tiny_base, tmp_path):
+    from avatarforge.serving.bootstrap import CALLER_REFUSED, CLIENT_FAULT_PREFIX, caller_mac
+    from avatarforge.serving.callers import Callers
+
+    key, now = os.urandom(32), time.time()
+    callers = Callers(lambda: key, tiny_base.content_hash, request_timeout_s=60)
+    adapter = str((served_folder / "1" / "adapter").resolve())
+
+    def request(adapter=adapter, deadline=f"{now + 30:.3f}", auth=None, key=key):
+        auth = auth if auth is not None else caller_mac(key, adapter, deadline)
+        return _req(prompt=["a"], adapter=[adapter], deadline=[deadline], auth=[auth])
+
+    assert callers.check(request()) == "alice"
+    assert callers.check(request()) == "alice"  # remembered: not checked again
+    link = tmp_path / "link"
+    link.symlink_to(served_folder)
+    copy = tmp_path / "copy" / "alice"
+    shutil.copytree(served_folder, copy)
+    (copy / "1" / "model.py").write_text("import os\n")
+    other_base = Callers(lambda: key, "f" * 64, request_timeout_s=60)
+    refusals = {
+        "no auth": {k: v for k, v in request().items() if k != "auth"},
+        "no deadline": {k: v for k, v in request().items() if k != "deadline"},
+        "another key": request(key=os.urandom(32)),
+        "auth for another folder": request(auth=caller_mac(key, "/x/1/adapter", f"{now:.3f}")),
+        "a deadline a day ahead": request(deadline=f"{now + 86400:.3f}"),
+        "not a number": request(deadline="soon"),
+        "through a symlink": request(adapter=str(link / "1" / "adapter")),
+        "a folder that does not exist": request(adapter="/nowhere/1/adapter"),
+        "a model folder with code of its own": request(adapter=str(copy / "1" / "adapter")),
+        "the model folder, not its adapter": request(adapter=str(served_folder)),
+    }
+    for what, inputs in refusals.items():
+        with pytest.raises(RequestError) as err:
+            callers.check(inputs)
+        assert CLIENT_FAULT_PREFIX + str(err.value) == CALLER_REFUSED, what
+        assert err.value.client_fault, what
+    with pytest.raises(RequestError):
+        other_base.check(request())  # alice's adapter is of another base than this one's
+    # a file of the folder changed after it was checked: checked again, and refused
+    (served_folder / "1" / "model.py").write_text("import os\n")
+    with pytest.raises(RequestError):
+        callers.check(request())
+
+
+def test_the_shared_base_answers_loading_until_its_pipeline_is_up_and_retries_a_failed_load():
+    import threading as _threading
+
+    from avatarforge.serving import bootstrap
+    from avatarforge.serving.shared_base import LoadingSharedBase, error_message
+
+    release, attempts = _threading.Event(), []
+    now = [0.0]
+
+    class Model:
+        def handle(self, requests):
+            return ["image"] * len(requests)
+
+    def load():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError("/opt/ml/secret: no base")
+        release.wait(10)
+        return Model()
+
+    loading = LoadingSharedBase(load, clock=lambda: now[0])
+    assert loading.wait(5) is None and loading.error is not None
+    (failed,) = loading.handle([{}])
+    assert error_message(failed).startswith("internal error (reference ")  # no path, no detail
+    now[0] += bootstrap.RESTART_AFTER_S  # a failed load is tried again after a while
+    answers = loading.handle([{}, {}])
+    assert all(error_message(a).startswith(bootstrap.BASE_LOADING) for a in answers)
+    assert "retry" in error_message(answers[0])
+    release.set()
+    assert loading.wait(10) is not None and len(attempts) == 2
+    assert loading.handle([{}]) == ["image"]
+
+
+def test_answers_are_counted_per_user_in_cloudwatch_embedded_metric_format():
+    import io
+
+    from avatarforge.serving.bootstrap import OUTCOMES, RequestCounters
+
+    out, now = io.StringIO(), [1000.0]
+    emit = lambda line: out.write(line + "\n")  # noqa: E731
+    counters = RequestCounters(None, log_every_s=60, emit=emit, clock=lambda: now[0])
+    for user, outcome in [("alice", "served"), ("alice", "served"), ("bob", "refused")]:
+        counters.add(user, outcome)
+    assert out.getvalue() == ""  # once a minute, not per request
+    now[0] += 60
+    counters.add("alice", "timed_out")
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [line["user"] for line in lines] == ["alice", "bob"]
+    alice = lines[0]
+    assert (alice["served"], alice["timed_out"], alice["refused"]) == (2, 1, 0)
+    (directive,) = alice["_aws"]["CloudWatchMetrics"]
+    assert directive["Dimensions"] == [["user"]] and directive["Namespace"] == "avatarforge"
+    assert [m["Name"] for m in directive["Metrics"]] == list(OUTCOMES)
+    assert alice["_aws"]["Timestamp"] == 1060000
+    counters.flush()
+    assert len(out.getvalue().splitlines()) == 2  # nothing new since: no line
+
+
+def test_a_shared_base_that_cannot_start_is_tried_again_only_after_a_while(tmp_path):
+    from avatarforge.serving import bootstrap
+
+    logged = []
+    instance = Instance({"AVATARFORGE_ENV_SOURCE": str(tmp_path / "nowhere.tar.gz"),
+                         "AVATARFORGE_SHARED_DIR": str(tmp_path)})  # fmt: skip
+    starter = bootstrap.BaseStarter({"name": "sd_base_x"}, instance, _Core(False), logged.append)
+    starter.start()
+    deadline = time.monotonic() + 10
+    while starter.state == "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert starter.state == "failed" and "does not exist" in starter.error
+    assert "does not exist" in logged[0]  # the reason, with its path, goes to the log
+    starter.start()
+    assert starter.state == "failed"  # not at once: every request would start it again
+    starter.since -= bootstrap.RESTART_AFTER_S
+    starter.start()
+    assert starter.state in ("starting", "failed") and len(logged) <= 2

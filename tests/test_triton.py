@@ -9,18 +9,24 @@ draws noise, on which JPEG alone costs ~24 dB PSNR.
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 import time
+import urllib.request
 
 import numpy as np
 import pytest
 from fixtures.images import pixels
+from fixtures.serving import thin_env_tarball
+from fixtures.triton_core import standin_backend, standin_env
+from tritonclient.utils import InferenceServerException
 
 from avatarforge.adapter import load_adapter, read_adapter
 from avatarforge.base.pipeline import load_pipeline
 from avatarforge.generate import GenArgs, from_jpeg_base64, generate_images, to_jpeg_base64
-from avatarforge.serving import client
-from avatarforge.serving.config import local_instance_env
+from avatarforge.serving import bootstrap, client
+from avatarforge.serving.config import ServingConfig, local_instance_env
 from avatarforge.serving.repository import build_repository
 from avatarforge.serving.triton_config import sd_base_name
 from avatarforge.tritonserver.launch import tritonserver
@@ -39,10 +45,13 @@ def prompt(trained_adapter) -> str:
 def server(packaged_users, tiny_base, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("triton")
     names = build_repository(tmp / "repo", list(packaged_users.values()))
-    env = local_instance_env(tiny_base.path, tmp / "shared")
+    # counts are logged for CloudWatch every second (default: a minute)
+    env = local_instance_env(tiny_base.path, tmp / "shared",
+                             serving=ServingConfig(metrics_log_s=1))  # fmt: skip
     with tritonserver(
-        [tmp / "repo"], load=["model_setup", *names], env=env, log_path=tmp / "triton.log"
-    ) as running:
+        [tmp / "repo"], load=["model_setup", *names], env=env, log_path=tmp / "triton.log",
+        metrics_port=0,
+    ) as running:  # fmt: skip
         print(f"\ntritonserver + model_setup + {names} ready in {running.started_s:.1f} s")
         yield running
 
@@ -209,3 +218,201 @@ def test_a_server_that_cannot_start_the_shared_base_says_how_to_start_it(
                                                   log_path=log):  # fmt: skip
         pass
     assert "needs --model-control-mode=explicit" in log.read_text()
+
+
+# ---------------------------------------------------------------- the shared base, from outside
+
+
+def _text(name: str, value: str, rows: int = 1):
+    import tritonclient.http as httpclient
+
+    tensor = httpclient.InferInput(name, [rows, 1], "BYTES")
+    tensor.set_data_from_numpy(np.array([[value.encode()]] * rows, dtype=object))
+    return tensor
+
+
+def test_the_shared_base_answers_only_this_instances_user_models(server, prompt, tiny_base):
+    # tritonserver's port serves the shared base like any model: a caller from outside with
+    # bob's adapter folder (or any folder) gets one answer that says nothing, and no image
+    client.generate(server.url, "alice", prompt, gen_args=SMALL)  # the shared base is up
+    base = sd_base_name(tiny_base.content_hash)
+    repo = server.log_path.parent / "repo"
+    bob = str((repo / "bob" / "1" / "adapter").resolve())
+    soon = f"{time.time() + 30:.3f}"
+    forged = bootstrap.caller_mac(b"\0" * 32, bob, soon)
+    deadline = [_text("deadline", soon), _text("auth", forged)]
+    attempts = {
+        "bob's adapter, no auth, no deadline": [_text("adapter", bob)],
+        "bob's adapter, a forged auth": [_text("adapter", bob), *deadline],
+        "a folder that does not exist": [_text("adapter", "/nowhere/1/adapter"), *deadline],
+        "the repository's model folder": [_text("adapter", str(repo / "bob"))],
+        "no adapter at all": [],
+    }
+    messages = set()
+    for what, extra in attempts.items():
+        inputs = [*client.build_inputs([prompt], None, [SMALL]), *extra]
+        with pytest.raises(InferenceServerException) as err:
+            server.client().infer(base, inputs)
+        assert str(err.value.status()) == "400", what
+        messages.add(err.value.message())
+    assert messages == {bootstrap.CALLER_REFUSED}
+    # a secret of the instance stands behind it: 0600, in its lock folder
+    key = bootstrap.lock_folder(server.log_path.parent / "shared") / bootstrap.KEY_FILE
+    assert key.stat().st_mode & 0o777 == 0o600
+    # and bob's own model still answers
+    assert client.generate(server.url, "bob", prompt, gen_args=SMALL)[0].size == (64, 64)
+
+
+def test_requests_are_counted_per_user_on_the_metrics_endpoint(server, prompt):
+    # Triton's own nv_inference_request_success counts a request its model answered with an
+    # error inside a response as a success; ours count what the user got
+    def counts() -> dict[tuple[str, str], float]:
+        text = urllib.request.urlopen(server.metrics_url, timeout=30).read().decode()
+        found = {}
+        for line in text.splitlines():
+            if line.startswith("avatarforge_requests_total{"):
+                labels, value = line[len("avatarforge_requests_total{") :].split("} ")
+                pairs = dict(p.split("=", 1) for p in labels.split(","))
+                found[pairs["user"].strip('"'), pairs["outcome"].strip('"')] = float(value)
+        return found
+
+    before = counts()
+    client.generate(server.url, "alice", prompt, gen_args=SMALL)
+    with pytest.raises(client.ServingError):
+        client.generate(server.url, "alice", prompt, gen_args={"steps": 0})
+    after = counts()
+    for outcome in ("served", "refused"):
+        assert after[("alice", outcome)] == before.get(("alice", outcome), 0) + 1, outcome
+    # and where CloudWatch sees them on SageMaker (no metrics port there): the log, in embedded
+    # metric format, once a metrics_log_s (here 1 s) with requests
+    time.sleep(1.1)
+    client.generate(server.url, "alice", prompt, gen_args=SMALL)
+    lines = [json.loads(line) for line in server.log_path.read_text().splitlines()
+             if line.startswith('{"_aws"')]  # fmt: skip
+    alice = [line for line in lines if line["user"] == "alice"]
+    assert sum(line["served"] for line in alice) >= 1 and sum(line["refused"] for line in alice)
+    assert alice[-1]["_aws"]["CloudWatchMetrics"][0]["Namespace"] == "avatarforge"
+
+
+def test_an_answer_over_the_response_limit_is_refused_before_any_work(server, prompt):
+    # SageMaker drops a response Body over 6 MB: 3 images of 1024 px (within the work budget)
+    # could take 6.3 MB as base64 JPEGs of noise (2 of them, 4.2 MB, would be answered)
+    big = {"height": 1024, "width": 1024, "steps": 2, "num_images": 3}
+    started = time.monotonic()
+    with pytest.raises(InferenceServerException) as err:
+        server.client().infer("alice", client.build_inputs([prompt], None, [big]))
+    assert str(err.value.status()) == "400"
+    assert "serving.max_response_bytes" in err.value.message()
+    assert time.monotonic() - started < 10
+
+
+# ---------------------------------------------------------------- other cores, fresh instances
+
+
+def test_a_core_that_raises_for_unknown_models_starts_the_shared_base(
+    packaged_users, tiny_base, prompt, tmp_path
+):
+    # Triton cores from mid-2026 raise from is_model_ready for a model that is not loaded
+    # (up to 2.69 it is False): a fresh instance's first user model must start the shared
+    # base all the same
+    backend = standin_backend(tmp_path / "backends")
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = {**local_instance_env(tiny_base.path, tmp_path / "shared"),
+           **standin_env(raise_unknown=True)}  # fmt: skip
+    args = [f"--backend-directory={backend}"]
+    with tritonserver([tmp_path / "repo"], load=["alice"], env=env, extra_args=args,
+                      log_path=tmp_path / "triton.log") as running:  # fmt: skip
+        assert client.generate(running.url, "alice", prompt, gen_args=SMALL)[0].size == (64, 64)
+
+
+def test_readiness_misses_of_the_shared_base_are_waited_out(
+    packaged_users, tiny_base, prompt, tmp_path
+):
+    # Triton 2.51's BLS sometimes finds a loaded shared base "not ready" while another model
+    # loads or unloads (make reliability met it once in 100 requests); here every other BLS
+    # request meets it: each request is sent again at once and answered with its image
+    backend = standin_backend(tmp_path / "backends")
+    build_repository(tmp_path / "repo", [packaged_users["alice"], packaged_users["bob"]])
+    env = {**local_instance_env(tiny_base.path, tmp_path / "shared"),
+           **standin_env(miss_every=2)}  # fmt: skip
+    args = [f"--backend-directory={backend}"]
+    with tritonserver([tmp_path / "repo"], load=["alice", "bob"], env=env,
+                      extra_args=args) as running:  # fmt: skip
+        for user in ("alice", "bob", "alice", "bob"):
+            assert client.generate(running.url, user, prompt, gen_args=SMALL)[0].size == (64, 64)
+        http = running.client()
+        pending = [http.async_infer(u, client.build_inputs([prompt], None, [SMALL]))
+                   for u in ("alice", "bob") * 3]  # fmt: skip
+        for p in pending:
+            assert p.get_result().as_numpy("generated_image").shape == (1, 1)
+
+
+class _GatedS3(http.server.BaseHTTPRequestHandler):
+    """One object, held back until ``gate`` is set (a slow first download, on demand)."""
+
+    body: bytes = b""
+    gate = threading.Event()
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.gate.wait(120)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+
+def test_a_fresh_instance_loads_a_user_at_once_and_answers_503_until_the_base_is_up(
+    packaged_users, tiny_base, prompt, tmp_path
+):
+    # the serving env's download (from S3) is held back: the user model loads anyway, and a
+    # request meanwhile waits 90% of the request timeout, then gets a 503 to retry; once the
+    # download ends, the shared base starts and the same request is served
+    from avatarforge.testing.aws_local import dummy_aws_env
+
+    class Gated(_GatedS3):
+        body = thin_env_tarball(tmp_path).read_bytes()
+        gate = threading.Event()
+
+    s3 = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gated)
+    threading.Thread(target=s3.serve_forever, daemon=True).start()
+    build_repository(tmp_path / "repo", [packaged_users["alice"]])
+    env = {
+        **local_instance_env(tiny_base.path, tmp_path / "shared", "s3://deploy/serve-env.tar.gz"),
+        **dummy_aws_env(f"http://127.0.0.1:{s3.server_address[1]}"),
+        "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S": "4",
+    }  # fmt: skip
+    try:
+        with tritonserver([tmp_path / "repo"], env=env) as running:
+            loading = threading.Thread(target=running.load, args=("alice",), daemon=True)
+            started = time.monotonic()
+            loading.start()
+            loading.join(20)
+            loaded_after = time.monotonic() - started
+            if loading.is_alive():  # the load waits for the download: let it end, and fail
+                Gated.gate.set()
+                loading.join(120)
+            assert loaded_after < 20, "the user model's load waited for the shared base"
+            started = time.monotonic()
+            with pytest.raises(InferenceServerException) as err:
+                running.client().infer("alice", client.build_inputs([prompt], None, [SMALL]))
+            waited = time.monotonic() - started
+            assert str(err.value.status()) == "503"
+            assert err.value.message().startswith(bootstrap.BASE_STARTING)
+            assert "retry" in err.value.message()
+            assert 3.0 <= waited < 4.5, waited  # 90% of the request timeout, then the answer
+            Gated.gate.set()
+            deadline = time.monotonic() + 180
+            while True:  # what a client does with a 503: send it again
+                try:
+                    image = client.generate(running.url, "alice", prompt, gen_args=SMALL)[0]
+                    break
+                except client.ServingError as exc:
+                    assert "unavailable: " in str(exc) and time.monotonic() < deadline, exc
+                    time.sleep(0.5)
+            assert image.size == (64, 64)
+    finally:
+        Gated.gate.set()
+        s3.shutdown()

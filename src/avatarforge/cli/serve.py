@@ -9,14 +9,16 @@ from pathlib import Path
 import typer
 
 from ..paths import build_dir
-from ..serving.config import ServingConfig
+from ..serving.config import INSTANCE_FIELDS, ServingConfig
 from .common import config_options, console, fail
 from .servers import instance_env, port_in_use, say, stop_on_sigterm, usable_port
 
 serve_app = typer.Typer(help="Serve packaged users from tritonserver.", no_args_is_help=True)
 
 
-@config_options(ServingConfig)
+# a package sets its rows per request only; the shared base's settings are the instance's
+# (AVATARFORGE_SERVING_<FIELD>), so no package sets them for every user
+@config_options(ServingConfig, skip=INSTANCE_FIELDS)
 def package(
     user: str = typer.Option(..., "--user", help="user name: the Triton model name"),
     adapter: Path = typer.Option(

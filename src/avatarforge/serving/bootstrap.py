@@ -16,6 +16,12 @@ start, and nothing more, so a resident user model stays a ~20 MB process:
 3. start the one shared base model (``pb_utils.load_model``) in that environment unless it is
    running; the shared base fetches and checks the base weights itself, with the full library.
 
+Steps 2 and 3 run in a thread of the user model (:class:`BaseStarter`), so the model loads in a
+second; its requests wait for the shared base up to 90% of the instance's request timeout and
+are then answered "unavailable: ... retry" (:class:`UserModel`). Every request to the shared
+base carries the instance's proof that one of its user models sent it (:func:`caller_mac`), and
+every answer is counted per user and outcome (:class:`RequestCounters`).
+
 It must run on any Python a Triton image ships (3.10 on 24.10 and older, 3.12 after): no
 syntax newer than 3.8 (annotations are strings), imports of the standard library only.
 """
@@ -29,8 +35,11 @@ import fcntl
 import hashlib
 import hmac
 import json
+import logging
 import os
+import stat
 import sys
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -43,6 +52,13 @@ ENV_BASE_SOURCE = "AVATARFORGE_BASE_SOURCE"  # base weights: folder, tarball or 
 ENV_ENV_SOURCE = "AVATARFORGE_ENV_SOURCE"  # serving env: folder, tar.gz or s3:// URI
 ENV_ENV_SHA256 = "AVATARFORGE_ENV_SHA256"  # sha256 of the env tarball (checked after fetch)
 ENV_ENV_PYTHON = "AVATARFORGE_ENV_PYTHON"  # "3.12": must be the Python of the Triton stub
+# serving.request_timeout_s of the instance (avatarforge.serving.config.ServingConfig, where it
+# is documented: the user model reads it here, without the library; a test keeps them equal)
+ENV_REQUEST_TIMEOUT_S = "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S"
+DEFAULT_REQUEST_TIMEOUT_S = 60
+ENV_METRICS_LOG_S = "AVATARFORGE_SERVING_METRICS_LOG_S"  # likewise serving.metrics_log_s
+DEFAULT_METRICS_LOG_S = 60
+MAX_SECONDS = 86400  # the bound of both
 
 # Files of a packaged user model, beside its model.py.
 SHARED_BASE_FILE = "shared_base.json"  # the shared base's config, written by the packager
@@ -60,9 +76,31 @@ RETRY_PREFIX = "unavailable: "
 # What a request that met a dead shared base process answers: the process is started again at
 # once, so the same request succeeds when sent again.
 BASE_RESTARTED = RETRY_PREFIX + "the shared base model's process died and was restarted; retry"
+# What the shared base answers while its pipeline loads (the user model waits and sends again),
+# and what a user model answers when the shared base is not up within its wait.
+BASE_LOADING = RETRY_PREFIX + "the shared base model is loading"
+BASE_STARTING = RETRY_PREFIX + "the shared base model is starting on this instance"
+BASE_NOT_READY = RETRY_PREFIX + "the shared base model is not ready"
+# A request waits at most this share of the request timeout for the shared base to come up,
+# so that its answer (a retry) reaches the client before the client stops waiting.
+WAIT_SHARE = 0.9
+RESTART_AFTER_S = 30.0  # a shared base that failed to start is tried again after this long
 # The shared base's input with the time (unix seconds, as text) after which the calling user
 # model's client no longer waits: the user model's arrival time + serving.request_timeout_s.
 DEADLINE_INPUT = "deadline"
+# The shared base's input proving that a user model of this instance sent the request:
+# caller_mac() over its adapter folder and deadline, with the instance's key (KEY_FILE).
+AUTH_INPUT = "auth"
+KEY_FILE = "bls.key"  # in the lock folder, mode 0600: read by the instance's processes only
+# The one answer to a request the shared base refuses as not from this instance's user models
+# (no auth, a wrong one, no deadline, an adapter folder that is not a served user model's):
+# it says nothing about why, so it cannot tell a caller whether a path exists.
+CALLER_REFUSED = CLIENT_FAULT_PREFIX + "the shared base answers only this instance's user models"
+# Triton's own words for "no such model, or not ready": 2.51's BLS says "Model 'x' is not
+# ready." (its readiness check can miss a loaded model while another model loads: an unlocked
+# read of the model map, core ModelRepositoryManager::FindModelIdentifier); cores from mid-2026
+# raise "Request for unknown model: 'x' ..." from is_model_ready instead of returning False.
+UNKNOWN_MODEL = "Request for unknown model"
 # The shared base's model.py, as handed to pb_utils.load_model: it runs in the serving env,
 # where avatarforge is installed, so it always matches the library there.
 SHARED_BASE_MODEL_PY = (
@@ -96,6 +134,21 @@ class Instance:
         self.env_source = env.get(ENV_ENV_SOURCE, "")
         self.env_sha256 = env.get(ENV_ENV_SHA256, "").lower()
         self.env_python = env.get(ENV_ENV_PYTHON, "")
+        self.request_timeout_s = _seconds(env, ENV_REQUEST_TIMEOUT_S, DEFAULT_REQUEST_TIMEOUT_S, 1)
+        self.metrics_log_s = _seconds(env, ENV_METRICS_LOG_S, DEFAULT_METRICS_LOG_S, 0)
+
+
+def _seconds(env, name: str, default: int, least: int) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return float(default)
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not least <= value <= MAX_SECONDS:
+        raise BootstrapError(f"{name}={text!r}: whole seconds from {least} to {MAX_SECONDS}")
+    return float(value)
 
 
 def check_env_python(env_python: str, source: str) -> None:
@@ -330,7 +383,58 @@ def file_lock(shared_dir: Path, name: str, timeout: float = LOCK_TIMEOUT_S):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+# ---------------------------------------------------------------- the instance's key
+
+
+def instance_key(shared_dir: Path) -> bytes:
+    """The instance's secret for :func:`caller_mac`: 32 random bytes in ``KEY_FILE`` under the
+    lock folder, mode 0600, made by the first process that asks (written whole under another
+    name, then linked into place: a reader never sees half a key). Only processes of the
+    instance read it (tritonserver and its stubs run as one user); a key file that another
+    user owns or may read is refused."""
+    folder = lock_folder(shared_dir)
+    path = folder / KEY_FILE
+    if not path.exists():
+        tmp = folder / f".{KEY_FILE}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        fd = os.open(str(tmp), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(os.urandom(32))
+            with contextlib.suppress(FileExistsError):  # another process was first: use its
+                os.link(str(tmp), str(path))
+        finally:
+            tmp.unlink()
+    fd = os.open(str(path), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        info = os.fstat(handle.fileno())
+        key = handle.read(64)
+    if info.st_uid != os.getuid() or info.st_mode & 0o077 or not stat.S_ISREG(info.st_mode):
+        raise BootstrapError(f"{path}: not a key file of this user with mode 0600; remove it")
+    if len(key) != 32:
+        raise BootstrapError(f"{path}: not a key (expected 32 bytes); remove it")
+    return key
+
+
+def caller_mac(key: bytes, adapter: str, deadline: str) -> str:
+    """What a user model sends as ``auth``: HMAC-SHA256 over its adapter folder and deadline."""
+    message = f"{adapter}\n{deadline}".encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
 # ---------------------------------------------------------------- the shared base
+
+
+def model_ready(pb_utils, name: str) -> bool:
+    """``pb_utils.is_model_ready(name)``, where a model that is not loaded is False on every
+    Triton: up to 2.69 it answers False; cores from mid-2026 (triton-inference-server/core
+    73aad7c, 2026-06-09) raise TritonModelException("... Request for unknown model: 'x' is not
+    found") from TRITONSERVER_ServerModelIsReady. Other errors ("Server not ready") are raised."""
+    try:
+        return bool(pb_utils.is_model_ready(name))
+    except pb_utils.TritonModelException as exc:
+        if UNKNOWN_MODEL in str(exc):
+            return False
+        raise
 
 
 class SharedBaseModel:
@@ -341,32 +445,27 @@ class SharedBaseModel:
         self.config_json = config_json
         self.lock_dir = lock_dir
 
-    @property
-    def request_timeout_s(self) -> float:
-        """serving.request_timeout_s of the package (0: none), as the packager wrote it."""
-        params = json.loads(self.config_json).get("parameters", {})
-        return float(params.get("REQUEST_TIMEOUT_S", {}).get("string_value") or 0)
-
     @classmethod
     def from_template(cls, template: dict, env_path: str, lock_dir: Path) -> SharedBaseModel:
-        """The packaged config of the shared base, given this instance's environment path."""
+        """The shared base's config from a packaged template and this instance's environment
+        path. Of the template only the schema and the base are kept: parameters and placement
+        are the instance's, so every user model starts the same config (a second user's
+        ``load_model`` of a running base then changes nothing, and no package sets limits)."""
         config = json.loads(json.dumps(template))  # a deep copy of plain JSON
-        params = config.setdefault("parameters", {})
-        params.pop("EXECUTION_ENV_PATH", None)
+        params = config.get("parameters", {})
+        config["parameters"] = {k: params[k] for k in ("BASE_ID", "BASE_HASH") if k in params}
         if env_path:
-            params["EXECUTION_ENV_PATH"] = {"string_value": env_path}
+            config["parameters"]["EXECUTION_ENV_PATH"] = {"string_value": env_path}
+        config["instance_group"] = [{"kind": "KIND_AUTO", "count": 1}]
         return cls(config["name"], json.dumps(config, sort_keys=True), Path(lock_dir))
 
     def ensure_loaded(self, pb_utils) -> None:
         """Start the shared base unless it is ready (``pb_utils``: the caller's Triton module).
-
-        The lock makes concurrent first loads start it once; models call this per batch, so
-        the shared base comes back if something unloaded it.
-        """
-        if pb_utils.is_model_ready(self.name):
+        The lock makes concurrent first loads start it once."""
+        if model_ready(pb_utils, self.name):
             return
         with file_lock(self.lock_dir, self.name, timeout=600):
-            if not pb_utils.is_model_ready(self.name):
+            if not model_ready(pb_utils, self.name):
                 self._load(pb_utils)
 
     def restart(self, pb_utils, failed_at: float) -> None:
@@ -384,7 +483,7 @@ class SharedBaseModel:
                     return
             pb_utils.unload_model(self.name)  # returns at once; the unload goes on
             deadline = time.monotonic() + 120
-            while pb_utils.is_model_ready(self.name) and time.monotonic() < deadline:
+            while model_ready(pb_utils, self.name) and time.monotonic() < deadline:
                 time.sleep(0.1)
             self._load(pb_utils)
             marker.touch()
@@ -395,6 +494,57 @@ class SharedBaseModel:
             config=self.config_json,
             files={"file:1/model.py": SHARED_BASE_MODEL_PY},
         )
+
+
+class BaseStarter:
+    """Makes the serving environment present and starts the shared base, in a thread.
+
+    A user model's ``initialize()`` only starts it, so the model loads in a second; the env
+    download and ``load_model`` (which holds this stub's GIL until the shared base's own
+    ``initialize()`` returns: seconds, it loads its pipeline in a thread too) go on meanwhile.
+    ``state``: "idle", "starting", "ready" or "failed" (``error`` says why); a failed start is
+    tried again by :meth:`start` once RESTART_AFTER_S have passed.
+    """
+
+    def __init__(self, template: dict, instance: Instance, pb_utils, log=None) -> None:
+        self.name = template["name"]
+        self.template, self.instance, self.pb_utils = template, instance, pb_utils
+        self.log = log or _log
+        self.base = None  # the SharedBaseModel, once the environment is present
+        self.state, self.error, self.since = "idle", "", time.monotonic()
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        with self._lock:
+            if self.state in ("starting", "ready"):
+                return
+            if self.state == "failed" and time.monotonic() - self.since < RESTART_AFTER_S:
+                return
+            self.state, self.error, self.since = "starting", "", time.monotonic()
+        threading.Thread(target=self._run, name="avatarforge-base-start", daemon=True).start()
+
+    def lost(self) -> None:
+        """The shared base is not loaded although it was (unloaded behind our back): start it
+        again."""
+        with self._lock:
+            if self.state == "ready":
+                self.state = "idle"
+        self.start()
+
+    def _run(self) -> None:
+        try:
+            if self.base is None:
+                env_path = ensure_env(self.instance)
+                self.base = SharedBaseModel.from_template(
+                    self.template, env_path, self.instance.shared_dir
+                )
+            self.base.ensure_loaded(self.pb_utils)
+            state, error = "ready", ""
+        except Exception as exc:  # the next request after RESTART_AFTER_S tries again
+            state, error = "failed", f"{type(exc).__name__}: {exc}"
+            self.log(f"avatarforge: the shared base {self.name} could not start: {error}")
+        with self._lock:
+            self.state, self.error, self.since = state, error, time.monotonic()
 
 
 def server_cmdline() -> list | None:
@@ -480,32 +630,317 @@ def error_code(message: str, pb_utils) -> int:
     return pb_utils.TritonError.INTERNAL
 
 
+def outcome(message: str | None) -> str:
+    """What a request's answer counts as (:class:`RequestCounters`): None is a success."""
+    if message is None:
+        return "served"
+    if message.startswith(CLIENT_FAULT_PREFIX):
+        return "refused"
+    if message.startswith(RETRY_PREFIX + TIMED_OUT):
+        return "timed_out"
+    if message.startswith(RETRY_PREFIX):
+        return "unavailable"
+    return "failed"
+
+
 def base_died(message: str) -> bool:
-    """Whether a BLS error says the shared base's process is gone (Triton's own words)."""
-    return message.startswith("Stub process") and "is not healthy" in message
+    """Whether a BLS error says the shared base's process is gone (Triton's own words, bare or
+    inside "Failed to process the request(s) for model instance ..., message: ...")."""
+    return "Stub process" in message and "is not healthy" in message
 
 
-def start(version_dir: Path, params: dict, pb_utils, environ: dict | None = None):
-    """Everything a user model's ``initialize()`` does: returns (adapter folder, shared base).
+def base_not_ready(message: str) -> bool:
+    """Whether a BLS error is Triton refusing to reach the shared base as not (yet, or at this
+    instant) ready: not one of the shared base's own answers, which carry our prefixes."""
+    if message.startswith((CLIENT_FAULT_PREFIX, RETRY_PREFIX)):
+        return False
+    return "is not ready" in message or UNKNOWN_MODEL in message
 
-    ``params``: the model config's parameters as plain strings.
-    """
+
+def start(
+    version_dir: Path, model_config_json: str, pb_utils, text_tensor, environ: dict | None = None
+) -> UserModel:
+    """Everything a user model's ``initialize()`` does: what can be checked at once is (the
+    server's control mode, the adapter against the config's base, the env's Python), then the
+    shared base is started in a thread (at the first request when the server loads this model
+    as it starts). ``text_tensor(name, text, rows)``: a BYTES input of ``rows`` rows."""
     version_dir = Path(version_dir)
     cmdline = server_cmdline()
     check_control_mode(cmdline)
+    params = model_params(model_config_json)
     adapter = read_user_model(version_dir, params.get("BASE_HASH", ""))
     instance = Instance(environ)
+    if instance.env_source:
+        check_env_python(instance.env_python, instance.env_source)
     template = json.loads((version_dir / SHARED_BASE_FILE).read_text())
-    base = SharedBaseModel.from_template(template, ensure_env(instance), instance.shared_dir)
-    if not loaded_at_start(version_dir.parent.name, cmdline):
-        base.ensure_loaded(pb_utils)
-    return adapter, base
+    starter = BaseStarter(template, instance, pb_utils)
+    user = version_dir.parent.name  # the packaged folder: the user id, on SageMaker too
+    config = json.loads(model_config_json)
+    model = UserModel(
+        user, str(adapter), starter, instance_key(instance.shared_dir), instance,
+        Triton(pb_utils, [i["name"] for i in config["input"]], config["output"][0]["name"],
+               text_tensor),
+        RequestCounters(pb_utils, instance.metrics_log_s),
+    )  # fmt: skip
+    if not loaded_at_start(user, cmdline):
+        starter.start()
+    return model
 
 
 def model_params(model_config_json: str) -> dict:
     """A model config's parameters as plain strings (Triton's string_value form)."""
     config = json.loads(model_config_json)
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+
+# ---------------------------------------------------------------- a user model's requests
+
+# DeadlineExceeded's words (avatarforge.serving.handler), after RETRY_PREFIX
+TIMED_OUT = "not done within serving.request_timeout_s"
+
+
+class Triton:
+    """What of Triton a user model uses: its module (``pb_utils``), its config's input names and
+    output name, and how to make a BYTES input (numpy lives in model.py, not here)."""
+
+    def __init__(self, pb_utils, inputs: list, output: str, text_tensor) -> None:
+        self.pb_utils, self.inputs, self.output, self.text_tensor = (
+            pb_utils,
+            inputs,
+            output,
+            text_tensor,
+        )
+
+
+class UserModel:
+    """A user model's requests: each forwarded to the shared base over BLS with the user's
+    adapter folder, deadline and :func:`caller_mac`, and answered with the shared base's
+    answer. While the shared base starts or loads, or when Triton's readiness check misses it
+    for an instant, the request waits and is sent again, for at most WAIT_SHARE of the request
+    timeout; then it is answered UNAVAILABLE ("unavailable: ... retry"), never an error that
+    looks final. A dead shared base process is replaced (:meth:`SharedBaseModel.restart`)."""
+
+    def __init__(
+        self,
+        user: str,
+        adapter: str,
+        starter: BaseStarter,
+        key: bytes,
+        instance: Instance,
+        triton: Triton,
+        counters: RequestCounters,
+    ) -> None:
+        self.user, self.adapter, self.starter, self.key = user, adapter, starter, key
+        self.timeout_s = instance.request_timeout_s
+        self.triton, self.counters = triton, counters
+
+    async def execute(self, requests) -> list:
+        """The responses to ``requests``, in order."""
+        import asyncio
+
+        pb_utils, output = self.triton.pb_utils, self.triton.output
+        sent, started = time.time(), time.monotonic()
+        self.starter.start()  # no-op when running; the first request of a model loaded at start
+        give_up = started + self.timeout_s * WAIT_SHARE
+        deadline = f"{sent + self.timeout_s:.3f}"
+        auth = caller_mac(self.key, self.adapter, deadline)
+        answers: dict = {}
+        pending = list(range(len(requests)))
+        pause, misses, reason = 0.05, 0, BASE_STARTING
+        while pending:
+            if self.starter.state != "ready":
+                reason = await self._await_start(give_up)
+                if reason:
+                    break
+            calls = [self._forward(requests[i], deadline, auth) for i in pending]
+            results = await asyncio.gather(*(c.async_exec() for c in calls))
+            again = []
+            for i, result in zip(pending, results):
+                message = result.error().message() if result.has_error() else None
+                if message is None:
+                    answers[i] = pb_utils.get_output_tensor_by_name(result, output)
+                elif base_died(message):
+                    answers[i] = BASE_RESTARTED
+                elif message.startswith(BASE_LOADING) or base_not_ready(message):
+                    again.append(i)
+                    reason = message if message.startswith(RETRY_PREFIX) else BASE_NOT_READY
+                else:
+                    answers[i] = message
+            if any(a == BASE_RESTARTED for a in answers.values()) and self.starter.base:
+                self.starter.base.restart(pb_utils, failed_at=sent)
+            pending = again
+            if not pending or time.monotonic() + pause > give_up:
+                break
+            if reason == BASE_NOT_READY:
+                misses += 1
+                if misses >= 3 and self._gone(pb_utils):
+                    self.starter.lost()  # really gone, not a missed lookup: start it again
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
+        for i in pending:
+            answers[i] = self._waited(reason, started)
+        return [self._response(answers[i], pb_utils) for i in range(len(requests))]
+
+    def _gone(self, pb_utils) -> bool:
+        try:
+            return not model_ready(pb_utils, self.starter.name)
+        except Exception:  # e.g. "Server not ready" while it stops: nothing to start
+            return False
+
+    async def _await_start(self, give_up: float) -> str:
+        """ "" once the shared base is up; else, at ``give_up`` or on a failed start, what the
+        request is answered."""
+        import asyncio
+
+        while self.starter.state == "starting" and time.monotonic() < give_up:
+            await asyncio.sleep(0.1)
+        if self.starter.state == "ready":
+            return ""
+        if self.starter.state == "failed":  # why, with the instance's paths: in the log only
+            return (
+                "the shared base model could not start on this instance (the server's log says "
+                f"why); it is tried again {RESTART_AFTER_S:.0f} s after the failure"
+            )
+        return BASE_STARTING
+
+    def _waited(self, reason: str, started: float) -> str:
+        if not reason.startswith(RETRY_PREFIX):
+            return reason  # a failed start: the operator's to fix, not the client's to retry
+        waited = time.monotonic() - started
+        return f"{reason.split(';')[0]} (waited {waited:.0f} s); retry in a few seconds"
+
+    def _forward(self, request, deadline: str, auth: str):
+        t = self.triton
+        tensors = [t.pb_utils.get_input_tensor_by_name(request, n) for n in t.inputs]
+        tensors = [x for x in tensors if x is not None]  # omitted optional inputs stay omitted
+        rows = tensors[0].as_numpy().shape[0]
+        for name, text in ((ADAPTER_INPUT, self.adapter), (DEADLINE_INPUT, deadline),
+                           (AUTH_INPUT, auth)):  # fmt: skip
+            tensors.append(t.text_tensor(name, text, rows))
+        return t.pb_utils.InferenceRequest(
+            model_name=self.starter.name, inputs=tensors, requested_output_names=[t.output]
+        )
+
+    def _response(self, answer, pb_utils):
+        if not isinstance(answer, str):
+            return pb_utils.InferenceResponse(output_tensors=[answer])
+        if _own(answer):  # the shared base counts its own answers
+            self.counters.add(self.user, outcome(answer))
+        return pb_utils.InferenceResponse(
+            error=pb_utils.TritonError(answer, error_code(answer, pb_utils))
+        )
+
+
+def _own(message: str) -> bool:
+    """Whether an error answer is the user model's own, not the shared base's."""
+    own = (BASE_STARTING, BASE_NOT_READY, BASE_LOADING, BASE_RESTARTED, "the shared base model")
+    return message.startswith(own)
+
+
+# ---------------------------------------------------------------- request counts
+
+METRIC_FAMILY = "avatarforge_requests_total"
+OUTCOMES = ("served", "refused", "timed_out", "failed", "unavailable")
+EMF_NAMESPACE = "avatarforge"
+
+
+class RequestCounters:
+    """Requests answered, per user and outcome (OUTCOMES), where people look: counters on
+    Triton's Prometheus endpoint (``pb_utils.MetricFamily``: /metrics, label ``user`` and
+    ``outcome``), and every ``log_every_s`` one line per user in CloudWatch embedded metric
+    format on stdout (SageMaker sends the container's output to CloudWatch Logs, which makes
+    metrics of it; its Triton runs without a metrics port). Counting never fails a request."""
+
+    def __init__(self, pb_utils=None, log_every_s: float = 60.0, emit=None, clock=time.time):
+        self.log_every_s, self.clock = log_every_s, clock
+        self.emit = emit or _emf_logger().info  # one line, as CloudWatch Logs reads it
+        self._family = None
+        if pb_utils is not None:
+            try:
+                self._family = pb_utils.MetricFamily(
+                    name=METRIC_FAMILY,
+                    description="avatarforge requests answered, per user and outcome",
+                    kind=pb_utils.MetricFamily.COUNTER,
+                )
+            except Exception as exc:  # a Triton without custom metrics: the log lines remain
+                _log(f"avatarforge: no Prometheus counters ({exc})")
+        self._metrics: dict = {}
+        self._pending: dict = {}
+        self._flushed = clock()
+        self._lock = threading.Lock()
+
+    def add(self, user: str, outcome: str, n: int = 1) -> None:
+        with self._lock:
+            counts = self._pending.setdefault(user, dict.fromkeys(OUTCOMES, 0))
+            counts[outcome] += n
+            metric = self._metric(user, outcome)
+            due = self.log_every_s > 0 and self.clock() - self._flushed >= self.log_every_s
+        if metric is not None:
+            with contextlib.suppress(Exception):
+                metric.increment(n)
+        if due:
+            self.flush()
+
+    def _metric(self, user: str, outcome: str):
+        if self._family is None:
+            return None
+        key = (user, outcome)
+        if key not in self._metrics:
+            try:
+                self._metrics[key] = self._family.Metric(labels={"user": user, "outcome": outcome})
+            except Exception:
+                self._metrics[key] = None
+        return self._metrics[key]
+
+    def flush(self) -> None:
+        """Write the counts since the last flush as embedded-metric-format lines."""
+        with self._lock:
+            pending, self._pending, self._flushed = self._pending, {}, self.clock()
+        if self.log_every_s <= 0:
+            return
+        for line in emf_lines(pending, self.clock()):
+            with contextlib.suppress(Exception):
+                self.emit(line)
+
+
+def emf_lines(counts: dict, now: float) -> list:
+    """One CloudWatch embedded-metric-format line per user: its counts per outcome."""
+    lines = []
+    for user, outcomes in sorted(counts.items()):
+        record = {
+            "_aws": {
+                "Timestamp": int(now * 1000),
+                "CloudWatchMetrics": [
+                    {
+                        "Namespace": EMF_NAMESPACE,
+                        "Dimensions": [["user"]],
+                        "Metrics": [{"Name": o, "Unit": "Count"} for o in OUTCOMES],
+                    }
+                ],
+            },
+            "user": user,
+            **{o: outcomes.get(o, 0) for o in OUTCOMES},
+        }
+        lines.append(json.dumps(record, sort_keys=True))
+    return lines
+
+
+def _emf_logger() -> logging.Logger:
+    """The lines CloudWatch reads metrics from: the message alone, on stdout."""
+    logger = logging.getLogger("avatarforge.metrics")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
+def _log(message: str) -> None:
+    """A warning in Triton's log (the stub's stderr; Python's own last-resort handler where
+    logging is not configured, as in a user model)."""
+    logging.getLogger("avatarforge.bootstrap").warning(message)
 
 
 # ---------------------------------------------------------------- S3 without boto3

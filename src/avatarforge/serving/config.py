@@ -2,22 +2,24 @@
 
 Two kinds of settings, kept apart on purpose:
 
-- **per model**, packaged with it (:class:`ServingConfig`, rendered into config.pbtxt and the
-  shared base's config by :mod:`.triton_config`): rows per request, the shared base's adapter
-  caches (LoRA slots, host memory in MiB), cross-user batching, the shared base's device. Plus
-  what identifies the model: the base id and hash its adapter was trained on. No machine
-  paths: a package runs on any instance.
-- **per instance**, from the server's process environment only (see
-  :mod:`avatarforge.serving.bootstrap`: AVATARFORGE_SHARED_DIR, AVATARFORGE_BASE_SOURCE,
-  AVATARFORGE_ENV_SOURCE, ...): where the shared files live and where they come from. A tarball
-  in the MME prefix cannot redirect them. :func:`local_instance_env` makes that environment for
-  the servers we start on this machine.
+- **per package**: what identifies a user model (the base id and hash its adapter was trained
+  on) and its rows per request (``serving.max_batch_size``), rendered into its config.pbtxt
+  by :mod:`.triton_config`. No machine paths: a package runs on any instance.
+- **per instance**, from the server's process environment only: where the shared files live
+  and where they come from (see :mod:`avatarforge.serving.bootstrap`: AVATARFORGE_SHARED_DIR,
+  AVATARFORGE_BASE_SOURCE, ...), and every other field of :class:`ServingConfig`, the shared
+  base's limits and resources (``AVATARFORGE_SERVING_<FIELD>``: :meth:`ServingConfig.from_env`).
+  The shared base is one process per base hash that serves every user: a package must not set
+  its limits (a request budget of 1e6, a timeout of a day) for everyone, nor where its files
+  come from. :func:`local_instance_env` makes that environment for the servers we start here.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,24 +31,34 @@ from . import bootstrap, schema
 P_ENV_PATH = "EXECUTION_ENV_PATH"  # Triton's own: the Python environment of a model
 P_BASE_ID = "BASE_ID"
 P_BASE_HASH = "BASE_HASH"
-# ServingConfig's fields travel as parameters named by the field, upper case (to_params).
 
 SD_BASE_PREFIX = SHARED_BASE_PREFIX  # + base hash: one shared process per base
 MAX_REQUEST_COST = 600  # see ServingConfig.max_request_cost
-REQUEST_TIMEOUT_S = 60  # see ServingConfig.request_timeout_s
+REQUEST_TIMEOUT_S = bootstrap.DEFAULT_REQUEST_TIMEOUT_S  # the user model reads it too
+# InvokeEndpoint's response Body limit (and its request Body's): 6 MB
+MAX_RESPONSE_BYTES = 6 * 1024 * 1024
 ADAPTER_CACHE_SIZE = 16  # adapters loaded the old way (the slots' fallback), unless configured
 # 1024 default-rank SD 2.1 adapters (6.11 MiB each in fp16) page-locked for a GPU, where torch
 # rounds each pinned block up to a power of two (8 MiB); 1340 of them on a CPU
 ADAPTER_CACHE_MIB = 8192
 BATCH_MAX_IMAGES = 8  # images per batched pipeline call, and LoRA slots on the shared base
+ENV_PREFIX = "AVATARFORGE_SERVING_"  # + field name, upper case: the instance's settings
+PACKAGED = ("max_batch_size",)  # the fields a package sets; every other is the instance's
 
 
 @dataclass
 class ServingConfig(Settings):
+    """The serving settings: ``max_batch_size`` is a package's (its user model's config);
+    every other field is the instance's, read from ``AVATARFORGE_SERVING_<FIELD>``
+    (:meth:`from_env`) by the shared base and, for the timeout, by the user models."""
+
     section = "serving"
     # at most the shared base's batch size: a user model forwards whole requests to it
     max_batch_size: int = setting(
-        schema.MAX_BATCH_SIZE, "rows per request", ge=1, le=schema.MAX_BATCH_SIZE
+        schema.MAX_BATCH_SIZE,
+        "rows per request (per package: the user model's config)",
+        ge=1,
+        le=schema.MAX_BATCH_SIZE,
     )
     max_request_cost: int = setting(
         MAX_REQUEST_COST,
@@ -64,6 +76,14 @@ class ServingConfig(Settings):
         "where clients wait longer (a CPU serving full-size SD)",
         ge=1,
         le=86400,
+    )
+    max_response_bytes: int = setting(
+        MAX_RESPONSE_BYTES,
+        "largest answer a request may ask for, in bytes of KServe v2 JSON (SageMaker's "
+        "InvokeEndpoint response limit is 6 MB); bounded before any work by rows x num_images "
+        "x the largest base64 JPEG of that size (measured on noise at quality 95)",
+        ge=65536,
+        le=2**31,
     )
     adapter_cache_size: int = setting(
         ADAPTER_CACHE_SIZE,
@@ -106,44 +126,58 @@ class ServingConfig(Settings):
         "auto (on CUDA; off on a CPU, where compiling takes minutes and saves little), on, off",
         choices=("auto", "on", "off"),
     )
+    metrics_log_s: int = setting(
+        60,
+        "seconds between the shared base's log lines of request counts per user in CloudWatch "
+        "embedded metric format (SageMaker sends the container's log to CloudWatch; its "
+        "metrics port is off); 0: none",
+        ge=0,
+        le=86400,
+    )
 
     def validate(self) -> None:
         if not isinstance(self.batching, bool):
             raise ConfigError(f"serving.batching: must be true or false (got {self.batching!r})")
 
-    def to_params(self) -> dict[str, str]:
-        """Every field as a config parameter (``ADAPTER_CACHE_MIB``: "8192", ``BATCHING``:
-        "true"): how the settings reach the shared base and model_setup."""
-        return {
-            f.name.upper(): str(v).lower()
-            if isinstance(v := getattr(self, f.name), bool)
-            else str(v)
-            for f in dataclasses.fields(self)
-        }
+    @staticmethod
+    def env_name(field: str) -> str:
+        """``request_timeout_s`` -> ``AVATARFORGE_SERVING_REQUEST_TIMEOUT_S``."""
+        return ENV_PREFIX + field.upper()
 
     @classmethod
-    def from_params(cls, params: dict[str, str]) -> ServingConfig:
-        """The settings a model's config parameters carry (what :meth:`to_params` wrote; other
-        parameters are ignored, missing ones take the defaults); bounds checked as always."""
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ServingConfig:
+        """The instance's settings from ``AVATARFORGE_SERVING_<FIELD>`` (defaults for the
+        rest; a package's fields are not read); a bad value is a ConfigError naming it."""
+        environ = os.environ if environ is None else environ
         values: dict[str, object] = {}
         for f in dataclasses.fields(cls):
-            text = params.get(f.name.upper())
-            if text is None or not text.strip():
+            text = environ.get(cls.env_name(f.name))
+            if f.name in PACKAGED or text is None or not text.strip():
                 continue
-            if isinstance(f.default, bool):
-                values[f.name] = flag(text, f.default)
-            elif isinstance(f.default, int):
-                try:
+            try:
+                if isinstance(f.default, bool):
+                    values[f.name] = flag(text, f.default)
+                elif isinstance(f.default, int):
                     values[f.name] = int(text)
-                except ValueError:
-                    raise ConfigError(f"serving.{f.name}: not an integer ({text!r})") from None
-            else:
-                values[f.name] = text
+                else:
+                    values[f.name] = text.strip()
+                cls(**{f.name: values[f.name]})  # its bounds, named by the variable
+            except (ValueError, ConfigError) as exc:
+                raise ConfigError(f"{cls.env_name(f.name)}={text!r}: {exc}") from None
         return cls(**values)
+
+    def to_env(self) -> dict[str, str]:
+        """The instance environment that :meth:`from_env` reads back as this config."""
+        return {
+            self.env_name(f.name): str(v).lower() if isinstance(v := getattr(self, f.name), bool)
+            else str(v)
+            for f in dataclasses.fields(self)
+            if f.name not in PACKAGED
+        }  # fmt: skip
 
 
 def flag(text: str | None, default: bool) -> bool:
-    """A boolean config parameter (Triton's string_value): true/false, 1/0, yes/no, on/off."""
+    """A boolean setting's text: true/false, 1/0, yes/no, on/off."""
     if text is None or not text.strip():
         return default
     value = text.strip().lower()
@@ -151,7 +185,7 @@ def flag(text: str | None, default: bool) -> bool:
         return True
     if value in ("false", "0", "no", "off"):
         return False
-    raise ConfigError(f"config parameter: {text!r} is not true or false")
+    raise ConfigError(f"{text!r} is not true or false")
 
 
 @dataclass(frozen=True)
@@ -160,31 +194,23 @@ class ModelParams:
     (:meth:`to_params`, which :mod:`.triton_config` renders into config.pbtxt and the shared
     base's config) and read back (:meth:`from_params`: a running model, the package check).
     A user model reads its BASE_HASH itself (:func:`.bootstrap.model_params`: it runs under the
-    image's bare Python, without avatarforge)."""
+    image's bare Python, without avatarforge). No serving settings: those are the instance's
+    (:meth:`ServingConfig.from_env`), so no config a package carries can set them."""
 
     base_id: str = ""
     base_hash: str = ""
     env_path: str = ""  # EXECUTION_ENV_PATH: the instance's serving environment, never packaged
-    # the shared base's and model_setup's settings; None for a user model (its own travel in
-    # the shared base's config packaged beside it)
-    serving: ServingConfig | None = None
 
     def to_params(self) -> dict[str, str]:
         """Parameter name -> text; empty values are left out (Triton's configs omit them)."""
         params = {P_ENV_PATH: self.env_path, P_BASE_ID: self.base_id, P_BASE_HASH: self.base_hash}
-        if self.serving is not None:
-            params |= self.serving.to_params()
         return {k: v for k, v in params.items() if v != ""}
 
     @classmethod
-    def from_params(cls, params: dict[str, str], *, serving: bool = True) -> ModelParams:
-        """What :meth:`to_params` wrote (``serving``: read the settings too, bounds checked)."""
-        return cls(
-            params.get(P_BASE_ID, ""),
-            params.get(P_BASE_HASH, ""),
-            params.get(P_ENV_PATH, ""),
-            ServingConfig.from_params(params) if serving else None,
-        )
+    def from_params(cls, params: dict[str, str]) -> ModelParams:
+        """What :meth:`to_params` wrote (other parameters are ignored)."""
+        get = params.get
+        return cls(get(P_BASE_ID, ""), get(P_BASE_HASH, ""), get(P_ENV_PATH, ""))
 
     @classmethod
     def of_model(cls, args: dict[str, str]) -> ModelParams:
@@ -193,13 +219,22 @@ class ModelParams:
 
 
 def local_instance_env(
-    base_source: str | Path, shared_dir: str | Path, env_source: str | Path | None = None
+    base_source: str | Path,
+    shared_dir: str | Path,
+    env_source: str | Path | None = None,
+    serving: ServingConfig | None = None,
 ) -> dict[str, str]:
     """The instance environment of a server we start here: shared files under ``shared_dir``,
     the base from ``base_source``, the shared base's Python environment ``env_source`` (default:
-    this interpreter's, which has avatarforge and torch)."""
+    this interpreter's, which has avatarforge and torch), and ``serving``'s instance settings
+    (default: none set, the defaults apply)."""
     return {
         bootstrap.ENV_SHARED_DIR: str(shared_dir),
         bootstrap.ENV_BASE_SOURCE: str(base_source),
         bootstrap.ENV_ENV_SOURCE: str(env_source or sys.prefix),
+        **(serving.to_env() if serving is not None else {}),
     }
+
+
+# the instance's fields of ServingConfig (every field but the PACKAGED ones)
+INSTANCE_FIELDS = tuple(f.name for f in dataclasses.fields(ServingConfig) if f.name not in PACKAGED)

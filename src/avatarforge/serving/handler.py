@@ -25,14 +25,27 @@ from ..errors import AvatarforgeError
 from ..generate import GenArgs, batch_key, to_jpeg_base64
 from ..settings import ConfigError
 from . import schema
-from .config import MAX_REQUEST_COST
+from .bootstrap import TIMED_OUT
+from .config import MAX_REQUEST_COST, MAX_RESPONSE_BYTES
 
 log = logging.getLogger(__name__)
 
 # Longest text a request may carry per row. CLIP reads 77 tokens of a prompt; a longer text is
 # tokenised whole before that cut, so an unbounded one is work the server does for nothing.
 MAX_TEXT_CHARS = {"prompt": 2000, "negative_prompt": 2000, "gen_args": 4096, "adapter": 4096,
-                  "deadline": 32}  # fmt: skip
+                  "deadline": 32, "auth": 64}  # fmt: skip
+
+# The largest JPEG (quality 95, to_jpeg_base64's) of an image of N pixels is at most
+# JPEG_BYTES_PER_PIXEL * N + JPEG_HEADER_BYTES. Measured on what compresses worst, noise (each
+# channel 0 or 255 at random, uniform noise, clipped Gaussian, a random search over 8x8
+# blocks): 1.432 bytes a pixel at 256 px and up, 1.57 at 64x64 (6,420 bytes, headers
+# included); test_serving checks the bound on noise at the smallest, largest and oddest sizes.
+JPEG_BYTES_PER_PIXEL = 1.5
+JPEG_HEADER_BYTES = 1024
+# KServe v2 JSON around the images (model name, output name, datatype, shape), and around
+# each image: its quotes and comma
+RESPONSE_ENVELOPE_BYTES = 1024
+PER_IMAGE_JSON_BYTES = 3
 
 
 class RequestError(AvatarforgeError, ValueError):
@@ -63,9 +76,9 @@ class DeadlineExceeded(RequestError):
 
     def __init__(self, detail: str = "") -> None:
         super().__init__(
-            "not done within serving.request_timeout_s of its arrival "
-            f"({detail or 'skipped'}): the server was busy and the client has stopped "
-            "waiting; retry later, or raise the package's --request-timeout-s"
+            f"{TIMED_OUT} of its arrival ({detail or 'skipped'}): the server was busy and the "
+            "client has stopped waiting; retry later (the instance's limit: "
+            "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S)"
         )
 
 
@@ -117,15 +130,28 @@ def request_cost(rows: Sequence[Row]) -> float:
     )
 
 
+def response_bytes(rows: Sequence[Row]) -> int:
+    """The most bytes the answer to these rows can take as KServe v2 JSON: every image a base64
+    JPEG as large as noise makes it (JPEG_BYTES_PER_PIXEL)."""
+    total = RESPONSE_ENVELOPE_BYTES
+    for r in rows:
+        jpeg = math.ceil(JPEG_BYTES_PER_PIXEL * r.args.height * r.args.width) + JPEG_HEADER_BYTES
+        total += r.args.num_images * (4 * math.ceil(jpeg / 3) + PER_IMAGE_JSON_BYTES)
+    return total
+
+
 def parse_request(
     inputs: Mapping[str, np.ndarray | None],
     specs: Sequence[schema.TensorSpec] = schema.BASE_INPUTS,
     *,
     max_cost: float = MAX_REQUEST_COST,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> ParsedRequest:
-    """Validate one request's inputs; raises RequestError naming the field. A request whose
-    :func:`request_cost` is over ``max_cost`` is refused before any work: one in-bounds request
-    (8 rows x 8 images x 1024 px x 150 steps) would hold the shared base for many minutes."""
+    """Validate one request's inputs; raises RequestError naming the field. Refused before any
+    work: a request whose :func:`request_cost` is over ``max_cost`` (one in-bounds request, 8
+    rows x 8 images x 1024 px x 150 steps, would hold the shared base for many minutes), and one
+    whose answer could be larger than ``max_response_bytes`` (:func:`response_bytes`:
+    SageMaker's InvokeEndpoint drops a response Body over 6 MB)."""
     texts: dict[str, list[str] | None] = {}
     rows = None
     for spec in specs:
@@ -164,6 +190,13 @@ def parse_request(
             f"request: asks for {cost:.0f} 512x512 denoising steps (rows x num_images x steps x "
             f"height x width / 512^2), over this server's {max_cost:.0f} "
             "(serving.max_request_cost): send fewer rows, images or steps, or smaller images"
+        )
+    if (size := response_bytes(parsed)) > max_response_bytes:
+        raise RequestError(
+            f"request: its images could take up to {size} bytes as base64 JPEGs (rows x "
+            "num_images x height x width at 1.5 bytes a pixel, base64), over the "
+            f"{max_response_bytes}-byte limit of an answer (serving.max_response_bytes: "
+            "SageMaker's 6 MB): ask for fewer or smaller images"
         )
     if len({r.args.num_images for r in parsed}) > 1:
         raise RequestError("gen_args.num_images: must be the same for every row of one request")
@@ -209,12 +242,15 @@ def handle_requests(
     client_errors: tuple[type[Exception], ...] = CLIENT_ERRORS,
     *,
     max_cost: float = MAX_REQUEST_COST,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> list[np.ndarray | RequestError]:
     """One result per request, in order: the output array or the RequestError to send."""
     results: list[np.ndarray | RequestError] = []
     for inputs in requests:
         try:
-            parsed = parse_request(inputs, specs, max_cost=max_cost)
+            parsed = parse_request(
+                inputs, specs, max_cost=max_cost, max_response_bytes=max_response_bytes
+            )
             if parsed.expired():
                 raise DeadlineExceeded()
             results.append(answer(parsed, generate))
@@ -290,6 +326,7 @@ def handle_batched(
     max_images: int = 8,
     max_adapters: int = 8,
     max_cost: float = MAX_REQUEST_COST,
+    max_response_bytes: int = MAX_RESPONSE_BYTES,
 ) -> list[np.ndarray | RequestError]:
     """As :func:`handle_requests`, with the rows of all requests run in as few pipeline calls as
     their settings allow. Each adapter is prepared once, before anything runs, so a broken one
@@ -299,7 +336,9 @@ def handle_batched(
     parsed: dict[int, ParsedRequest] = {}
     for i, inputs in enumerate(requests):
         try:
-            parsed[i] = parse_request(inputs, specs, max_cost=max_cost)
+            parsed[i] = parse_request(
+                inputs, specs, max_cost=max_cost, max_response_bytes=max_response_bytes
+            )
         except Exception as exc:
             errors[i] = as_request_error(exc, client_errors)
     together: dict[str | None, bool] = {}

@@ -64,17 +64,19 @@ def package_user(
     out_dir: Path | None = None,
     *,
     base: BaseInfo,
-    device: str = "auto",
     serving: ServingConfig | None = None,
 ) -> Path:
-    """Write ``out_dir/<user>.tar.gz`` (default build/package/) and return its path."""
+    """Write ``out_dir/<user>.tar.gz`` (default build/package/) and return its path.
+
+    Of ``serving`` only ``max_batch_size`` is packaged: every other setting is the instance's
+    (:meth:`.ServingConfig.from_env`)."""
     check_user_name(user)
     meta = read_adapter(adapter_dir)
     check_same_base(meta.to_dict(), base)  # an adapter only works on its own base
-    serving = serving or ServingConfig(device=device)
+    serving = serving or ServingConfig()
     text = to_pbtxt(user_model_config(user, base.base_id, base.content_hash, serving))
     _check_config(text, user)
-    shared_base = sd_base_config(base.base_id, base.content_hash, serving)
+    shared_base = sd_base_config(base.base_id, base.content_hash)
     out_dir = Path(out_dir or build_dir() / "package")
     with tempfile.TemporaryDirectory(prefix=f".{user}-", dir=_mkdir(out_dir)) as tmp:
         model = Path(tmp) / user

@@ -11,8 +11,9 @@ is what this installation would write for the values it declares:
 - ``model.py`` and the bootstrap are byte for byte this installation's (a package carries no
   code of its own; one from another avatarforge version is repackaged, not served);
 - ``config.pbtxt`` and ``shared_base.json`` are re-rendered from the base id, base hash and
-  serving settings they declare (bounds checked) and must come out identical: no other
-  backend, file name, parameter or environment path can pass;
+  ``max_batch_size`` they declare (bounds checked) and must come out identical: no other
+  backend, file name, parameter, setting or environment path can pass (the shared base's
+  settings are the instance's, never a package's);
 - the adapter's weights match the sha256 in its metadata, on the base the config names.
 
 The archive itself is checked first against the sha256 published with it (S3: the object's
@@ -81,9 +82,11 @@ def write_checksum(archive: Path, digest: str | None = None) -> Path:
     return path
 
 
-def check_package(model_dir: Path, name: str | None = None) -> None:
+def check_package(model_dir: Path, name: str | None = None, *, loaded: bool = False) -> None:
     """Refuse the extracted model folder ``model_dir`` unless it is exactly what the packager
-    writes for the user it names (``name``: the user it must be, when the caller knows)."""
+    writes for the user it names (``name``: the user it must be, when the caller knows).
+    ``loaded``: the folder of a model Triton has loaded, where Python's bytecode cache of its
+    two modules (``1/__pycache__/*.pyc``) is allowed besides."""
     model_dir = Path(model_dir)
     user = model_dir.name
     where = f"package {user!r}"
@@ -93,12 +96,12 @@ def check_package(model_dir: Path, name: str | None = None) -> None:
         raise PackageRefusedError(str(exc)) from None
     if name is not None and user != name:
         raise PackageRefusedError(f"{where}: expected the folder {name}/ in its archive")
-    _check_files(model_dir, where)
+    _check_files(model_dir, where, loaded)
     version = model_dir / VERSION_DIR
     _check_same(version / "model.py", triton_models.source("user.py"), where)
     _check_same(version / BOOTSTRAP_FILE, triton_models.bootstrap_source(), where)
-    base_id, base_hash, serving = _check_config(model_dir / "config.pbtxt", user, where)
-    _check_shared_base(version / bootstrap.SHARED_BASE_FILE, base_id, base_hash, serving, where)
+    base_id, base_hash = _check_config(model_dir / "config.pbtxt", user, where)
+    _check_shared_base(version / bootstrap.SHARED_BASE_FILE, base_id, base_hash, where)
     try:
         meta = read_adapter(version / bootstrap.ADAPTER_SUBDIR)
     except AdapterError as exc:  # its paths, relative to the package: no server folder
@@ -111,8 +114,11 @@ def check_package(model_dir: Path, name: str | None = None) -> None:
         )
 
 
-def _check_files(model_dir: Path, where: str) -> None:
+def _check_files(model_dir: Path, where: str, loaded: bool = False) -> None:
     found = {p.relative_to(model_dir).as_posix() for p in model_dir.rglob("*") if p.is_file()}
+    if loaded:  # what the stub writes when it imports model.py and the bootstrap
+        cache = re.compile(rf"{VERSION_DIR}/__pycache__/[\w.-]+\.pyc")
+        found = {f for f in found if not cache.fullmatch(f)}
     if extra := sorted(found - PACKAGE_FILES):
         raise PackageRefusedError(
             f"{where}: holds files the packager never writes: {', '.join(extra[:5])}"
@@ -136,14 +142,14 @@ def _check_same(path: Path, expected: bytes, where: str) -> None:
         )
 
 
-def _check_config(path: Path, user: str, where: str) -> tuple[str, str, ServingConfig]:
+def _check_config(path: Path, user: str, where: str) -> tuple[str, str]:
     text = path.read_text(errors="replace")
     try:
         config = parse_pbtxt(text)
     except (ValueError, RecursionError) as exc:
         raise PackageRefusedError(f"{where}: {exc}") from None
     params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
-    declared = ModelParams.from_params(params, serving=False)
+    declared = ModelParams.from_params(params)
     base_id, base_hash = declared.base_id, declared.base_hash
     try:
         serving = ServingConfig(max_batch_size=int(config.get("max_batch_size", 0)))
@@ -155,25 +161,21 @@ def _check_config(path: Path, user: str, where: str) -> tuple[str, str, ServingC
             f"{where}: config.pbtxt is not the one the packager writes for it (only the base "
             "and max_batch_size may vary: no other backend, file name, parameter or env path)"
         )
-    return base_id, base_hash, serving
+    return base_id, base_hash
 
 
-def _check_shared_base(
-    path: Path, base_id: str, base_hash: str, serving: ServingConfig, where: str
-) -> None:
+def _check_shared_base(path: Path, base_id: str, base_hash: str, where: str) -> None:
+    # no settings of its own: the shared base's are the instance's (ServingConfig.from_env)
     try:
         data = json.loads(path.read_text())
-        params = {k: v["string_value"] for k, v in data["parameters"].items()}
-        settings = ModelParams.from_params(params).serving
-    except (ValueError, KeyError, TypeError, AttributeError, ConfigError) as exc:
+    except ValueError as exc:
         raise PackageRefusedError(f"{where}: {bootstrap.SHARED_BASE_FILE}: {exc}") from None
     except RecursionError:
         raise PackageRefusedError(
             f"{where}: {bootstrap.SHARED_BASE_FILE}: nested too deeply to be the packager's"
         ) from None
-    expected = sd_base_config(base_id, base_hash, settings)
-    if data != expected:
+    if data != sd_base_config(base_id, base_hash):
         raise PackageRefusedError(
             f"{where}: {bootstrap.SHARED_BASE_FILE} is not the one the packager writes for its "
-            "base and settings (no environment path, parameter or backend of its own)"
+            "base (no environment path, parameter, setting or backend of its own)"
         )

@@ -14,7 +14,6 @@ from ..names import SETUP_MODEL, InvalidNameError, check_user_id
 from ..tritonserver.control_key import headers
 from ..tritonserver.launch import ServerError
 from . import triton_models
-from .config import ServingConfig
 from .package import unpack_package
 from .triton_config import setup_model_config, to_pbtxt
 
@@ -22,7 +21,6 @@ from .triton_config import setup_model_config, to_pbtxt
 def build_repository(
     out: Path,
     packages: Sequence[Path] = (),
-    serving: ServingConfig | None = None,
     *,
     env_path: str | None = None,
 ) -> list[str]:
@@ -33,7 +31,7 @@ def build_repository(
     setup = out / SETUP_MODEL
     (setup / "1").mkdir(parents=True)
     (setup / "config.pbtxt").write_text(
-        to_pbtxt(setup_model_config(serving, env_path=env_path or sys.prefix))
+        to_pbtxt(setup_model_config(env_path=env_path or sys.prefix))
     )
     (setup / "1" / "model.py").write_bytes(triton_models.source("model_setup.py"))
     users = []

@@ -13,7 +13,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .bootstrap import ADAPTER_INPUT, DEADLINE_INPUT
+from .bootstrap import ADAPTER_INPUT, AUTH_INPUT, DEADLINE_INPUT
 
 MAX_BATCH_SIZE = 8  # rows per Triton request; every row is answered
 
@@ -47,9 +47,13 @@ DEADLINE = TensorSpec(
     DEADLINE_INPUT, "unix time after which the user model's client has stopped waiting",
     optional=True,
 )  # fmt: skip
+# Optional in the config so that a request without it reaches the shared base's one refusal.
+AUTH = TensorSpec(
+    AUTH_INPUT, "HMAC proving that a user model of this instance sent the request", optional=True
+)
 
 INPUTS: tuple[TensorSpec, ...] = (PROMPT, NEGATIVE_PROMPT, GEN_ARGS)
-BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER, DEADLINE)
+BASE_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, ADAPTER, DEADLINE, AUTH)
 
 GENERATED_IMAGE = TensorSpec(
     "generated_image", "base64 JPEGs: one per image (num_images per row)", dims=(-1,)
@@ -148,7 +152,11 @@ def contract_markdown() -> str:
     import typing
 
     from ..generate import GenArgs
-    from .config import MAX_REQUEST_COST  # here: config imports this module
+    from .config import (  # here: config imports this module
+        MAX_REQUEST_COST,
+        MAX_RESPONSE_BYTES,
+        REQUEST_TIMEOUT_S,
+    )
 
     rows = [
         f"| `{s.name}` | `{s.wire_type}` | `{_shape(s)}` | {'no' if s.optional else 'yes'} "
@@ -187,12 +195,21 @@ def contract_markdown() -> str:
             "may allow fewer: `serving.max_batch_size`), one prompt per row, every row answered "
             "in order; send every input with the same number of rows, shape `[rows, 1]` (a shape "
             "of `[1]` is refused). Text is UTF-8. An omitted optional input takes its defaults; "
-            "all rows of one request ask for the same `num_images`. A request's work is bounded: "
-            "rows x num_images x steps x height x width / 512² at most "
-            f"{MAX_REQUEST_COST} (`serving.max_request_cost`, set per package). A bad row fails "
-            'its request with HTTP 400 and an error that names the field (`{"error": '
-            '"invalid request: gen_args.steps: must be >= 1 (got 0)"}`); a failure of the '
-            "server is a 500 with a reference to its log.",
+            "all rows of one request ask for the same `num_images`. Before any work a request is "
+            "held to limits of the instance (`AVATARFORGE_SERVING_<FIELD>`; no package changes "
+            "them): its work, rows x num_images x steps x height x width / 512², at most "
+            f"{MAX_REQUEST_COST} (`serving.max_request_cost`), and its answer, rows x num_images "
+            "base64 JPEGs at up to 1.5 bytes a pixel (what noise takes at quality 95) plus JSON, "
+            f"at most {MAX_RESPONSE_BYTES} bytes (`serving.max_response_bytes`: the 6 MB of "
+            "SageMaker's InvokeEndpoint response), e.g. two 1024 x 1024 images or eight of "
+            "512 x 512, not three of 1024. A bad row fails its request with HTTP 400 and an "
+            'error that names the field (`{"error": "invalid request: gen_args.steps: must be '
+            '>= 1 (got 0)"}`). What passes is UNAVAILABLE, `unavailable: ...` (HTTP 503 from '
+            "tritonserver; through an MME front, 503 with Retry-After): send the request again "
+            "a few seconds later. It is the answer while a fresh instance starts the shared base "
+            f"(a request waits for it up to 90% of `serving.request_timeout_s`, {REQUEST_TIMEOUT_S}"
+            " s), when the shared base restarts, and for work not done within that timeout. A "
+            "failure of the server is a 500 with a reference to its log.",
             "",
             "`gen_args` is a JSON object; every field is optional:",
             "",

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from ..base.identity import BaseInfo
 from . import bootstrap
-from .config import ModelParams, ServingConfig
 from .shared_files import ensure_base
 from .triton_config import sd_base_config
 
@@ -39,12 +38,12 @@ class SetupPlan:
         )
 
 
-def plan_shared_base(params: ModelParams, environ: dict | None = None) -> SetupPlan:
+def plan_shared_base(environ: dict | None = None) -> SetupPlan:
     """Make the base present at the instance's shared path and say how to start its model."""
     bootstrap.check_control_mode(bootstrap.server_cmdline())
     instance = bootstrap.Instance(environ)
     base = ensure_base(instance.base_source, instance.shared_dir)
-    template = sd_base_config(base.base_id, base.content_hash, params.serving or ServingConfig())
+    template = sd_base_config(base.base_id, base.content_hash)
     shared_base = bootstrap.SharedBaseModel.from_template(
         template, bootstrap.ensure_env(instance), instance.shared_dir
     )

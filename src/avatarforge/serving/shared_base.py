@@ -2,6 +2,11 @@
 shared base's Triton model, ``triton_models/shared_base.py``, runs; starting that model is
 :class:`.bootstrap.SharedBaseModel`'s).
 
+Its settings are the instance's (:meth:`.ServingConfig.from_env`), never a package's; it answers
+only this instance's user models (:class:`.callers.Callers`) and counts every answer per user
+(:class:`.bootstrap.RequestCounters`). :class:`LoadingSharedBase` loads the pipeline in a
+thread, so the model is up in seconds and answers "loading, retry" until the pipeline is.
+
 Adapters are activated by a copy into preallocated LoRA slots (:class:`SlotAdapterCache`);
 with ``batching`` on, the rows of a Triton batch that share size, steps, scheduler, guidance and
 num_images run as one pipeline call with a LoRA per row (:func:`handler.handle_batched`), and a
@@ -10,28 +15,39 @@ row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one 
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from collections.abc import Callable
+
 from ..adapter import AdapterError
 from ..base.identity import BaseError
 from ..generate import GenArgs, GenerationStopped, generate_batch, generate_images
 from . import bootstrap, schema
 from .adapter_cache import SlotAdapterCache
+from .callers import Callers
 from .config import (
     ADAPTER_CACHE_MIB,
     ADAPTER_CACHE_SIZE,
     BATCH_MAX_IMAGES,
     MAX_REQUEST_COST,
+    MAX_RESPONSE_BYTES,
     ModelParams,
     ServingConfig,
 )
 from .handler import (
     CLIENT_ERRORS,
     DeadlineExceeded,
+    InternalError,
     Job,
     RequestError,
+    as_request_error,
     handle_batched,
     handle_requests,
     past,
 )
+
+log = logging.getLogger(__name__)
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
 BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
@@ -48,10 +64,15 @@ class SharedBase:
         batching: bool = True,
         batch_max_images: int = BATCH_MAX_IMAGES,
         max_request_cost: int = MAX_REQUEST_COST,
+        max_response_bytes: int = MAX_RESPONSE_BYTES,
+        callers: Callers | None = None,
+        counters: bootstrap.RequestCounters | None = None,
     ) -> None:
         self.pipe, self.base = pipe, base
         self.compile_seconds = 0.0  # the UNet's compile at start (from_params)
-        self.max_request_cost = max_request_cost
+        self.max_request_cost, self.max_response_bytes = max_request_cost, max_response_bytes
+        # None: anyone may call (a SharedBase in this process, as the tests and benches use it)
+        self.callers, self.counters = callers, counters
         self.batching, self.batch_max_images = batching, batch_max_images
         self.cache = SlotAdapterCache(
             pipe,
@@ -63,15 +84,23 @@ class SharedBase:
 
     @classmethod
     def from_params(
-        cls, params: ModelParams, instance_kind: str, device_id: str = "0", environ=None
+        cls,
+        params: ModelParams,
+        instance_kind: str,
+        device_id: str = "0",
+        environ=None,
+        pb_utils=None,
     ):
         """From its config parameters and the instance's environment: the base is fetched from
         AVATARFORGE_BASE_SOURCE into the shared dir if not there yet, and must have the hash
-        the config names (Triton's instance kind decides the device)."""
+        the config names; the settings are the instance's (serving.device: Triton's instance
+        kind decides where "auto" runs). ``pb_utils``: Triton's module, for its /metrics."""
         from ..base.pipeline import INDUCTOR_CACHE, load_pipeline, prepare_for_serving
         from .shared_files import ensure_base
 
         instance = bootstrap.Instance(environ)
+        serving = ServingConfig.from_env(environ)
+        started = time.monotonic()
         base = ensure_base(
             instance.base_source,
             instance.shared_dir,
@@ -79,16 +108,26 @@ class SharedBase:
             base_id=params.base_id,
             verify=True,  # once per start of the shared base: every byte it will serve
         )
-        device = f"cuda:{device_id}" if instance_kind.upper() == "GPU" else "cpu"
-        serving = params.serving or ServingConfig()
+        present = time.monotonic()
+        log.info("base %s present and verified in %.1f s", base.base_id, present - started)
+        device = _device(serving.device, instance_kind, device_id)
+        pipe = load_pipeline(base, device)
+        log.info("pipeline loaded on %s in %.1f s", device, time.monotonic() - present)
         shared = cls(
-            load_pipeline(base, device),
+            pipe,
             base,
             serving.adapter_cache_size,
             cache_mib=serving.adapter_cache_mib,
             batching=serving.batching,
             batch_max_images=serving.batch_max_images,
             max_request_cost=serving.max_request_cost,
+            max_response_bytes=serving.max_response_bytes,
+            callers=Callers(
+                lambda: bootstrap.instance_key(instance.shared_dir),
+                base.content_hash,
+                serving.request_timeout_s,
+            ),
+            counters=bootstrap.RequestCounters(pb_utils, serving.metrics_log_s),
         )
         # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
         # warmed up with the bare base's plan (the graph of every user); the kernels cached
@@ -127,13 +166,32 @@ class SharedBase:
             raise DeadlineExceeded(str(exc)) from None
 
     def handle(self, requests) -> list:
+        """One result per request, in order (the output array or the RequestError to send);
+        requests not from this instance's user models are refused before anything else."""
+        users: list[str] = []
+        accepted, results = [], {}
+        for i, inputs in enumerate(requests):
+            try:
+                users.append(self.callers.check(inputs) if self.callers else "")
+                accepted.append(i)
+            except RequestError as exc:
+                users.append("unknown")
+                results[i] = exc
+        for i, result in zip(accepted, self._handle([requests[i] for i in accepted]), strict=True):
+            results[i] = result
+        out = [results[i] for i in range(len(requests))]
+        if self.counters is not None:
+            for user, result in zip(users, out, strict=True):
+                self.counters.add(user, bootstrap.outcome(error_message(result)))
+        return out
+
+    def _handle(self, requests) -> list:
+        if not requests:
+            return []
+        limits = {"max_cost": self.max_request_cost, "max_response_bytes": self.max_response_bytes}
         if not self.batching:
             return handle_requests(
-                requests,
-                self.generate,
-                schema.BASE_INPUTS,
-                BASE_CLIENT_ERRORS,
-                max_cost=self.max_request_cost,
+                requests, self.generate, schema.BASE_INPUTS, BASE_CLIENT_ERRORS, **limits
             )
         return handle_batched(
             requests,
@@ -143,8 +201,92 @@ class SharedBase:
             BASE_CLIENT_ERRORS,
             max_images=self.batch_max_images,
             max_adapters=self.cache.slots.count,
-            max_cost=self.max_request_cost,
+            **limits,
         )
 
 
-__all__ = ["RequestError", "SharedBase"]
+def _device(setting: str, instance_kind: str, device_id: str) -> str:
+    """The torch device of the shared base: serving.device, "auto" as Triton placed it."""
+    on_gpu = instance_kind.upper() == "GPU"
+    if setting == "cpu" or (setting == "auto" and not on_gpu):
+        return "cpu"
+    return f"cuda:{device_id if on_gpu else 0}"
+
+
+def error_message(result) -> str | None:
+    """A result's error message as it travels (None: images): the caller's mistake starts with
+    CLIENT_FAULT_PREFIX (INVALID_ARG, HTTP 400), a condition to retry with RETRY_PREFIX
+    (UNAVAILABLE, 503), ours with neither (INTERNAL, 500). Triton 2.51's BLS hands every error
+    of the shared base to the user model as INTERNAL, so the prefix carries the code."""
+    if not isinstance(result, Exception):
+        return None
+    if getattr(result, "client_fault", False):
+        return bootstrap.CLIENT_FAULT_PREFIX + str(result)
+    if getattr(result, "status", 500) == 503:
+        return bootstrap.RETRY_PREFIX + str(result)
+    return str(result)
+
+
+class BaseLoading(RequestError):
+    """The pipeline is still loading: retry (the user model waits and sends again)."""
+
+    status = 503
+    client_fault = False
+
+
+class LoadingSharedBase:
+    """A :class:`SharedBase` made by ``load()`` in a thread: until it is made, every request is
+    answered :class:`BaseLoading` (``bootstrap.BASE_LOADING``); a failed load is an internal
+    error (the reason in the log) and is tried again RESTART_AFTER_S after the failure."""
+
+    def __init__(self, load: Callable[[], SharedBase], clock=time.monotonic) -> None:
+        self._load, self.clock = load, clock
+        self.model: SharedBase | None = None
+        self.error: InternalError | None = None
+        self._lock = threading.Lock()
+        self._start()
+
+    def _start(self) -> None:
+        self.error, self.since = None, self.clock()
+        threading.Thread(target=self._run, name="shared-base-load", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            model = self._load()
+        except Exception as exc:
+            log.error("the shared base could not load its pipeline")
+            failed = as_request_error(exc, ())  # logged once, with the reference it answers
+            with self._lock:
+                self.error, self.since = failed, self.clock()
+            return
+        with self._lock:
+            self.model = model
+        log.info("the shared base is ready (%.1f s)", self.clock() - self.since)
+
+    def wait(self, timeout: float | None = None) -> SharedBase | None:
+        """The model once loaded (None: still loading after ``timeout``, or failed)."""
+        end = None if timeout is None else self.clock() + timeout
+        while self.model is None and self.error is None:
+            if end is not None and self.clock() >= end:
+                break
+            time.sleep(0.05)
+        return self.model
+
+    def handle(self, requests) -> list:
+        if self.model is not None:
+            return self.model.handle(requests)
+        with self._lock:
+            error = self.error
+            if error is not None and self.clock() - self.since >= bootstrap.RESTART_AFTER_S:
+                self._start()
+                error = None
+        if error is not None:
+            return [error] * len(requests)
+        loading = BaseLoading(
+            bootstrap.BASE_LOADING.removeprefix(bootstrap.RETRY_PREFIX)
+            + f" ({self.clock() - self.since:.0f} s so far); retry"
+        )
+        return [loading] * len(requests)
+
+
+__all__ = ["LoadingSharedBase", "RequestError", "SharedBase"]

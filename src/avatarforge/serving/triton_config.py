@@ -3,7 +3,8 @@ JSON) and its config.pbtxt text (what a repository holds), checked by Triton's o
 
 Three models: a user's (packaged; forwards to the shared base), the shared base (started by
 the first model that needs it; its config is packaged with every user as a template the
-instance completes with its environment path) and model_setup (local repository only).
+instance completes with its environment path: the same config from every package, so a second
+user's load of it changes nothing) and model_setup (local repository only).
 """
 
 from __future__ import annotations
@@ -14,14 +15,6 @@ from typing import Any
 from ..names import SETUP_MODEL
 from . import schema
 from .config import SD_BASE_PREFIX, ModelParams, ServingConfig
-
-_KINDS = {"auto": "KIND_AUTO", "cpu": "KIND_CPU", "cuda": "KIND_GPU"}
-
-
-def instance_kind(device: str = "auto") -> str:
-    """Triton's instance kind: "auto" lets the server put the model on a GPU where it has one
-    (decided on the instance, not on the machine that packaged the model)."""
-    return _KINDS[device]
 
 
 def _tensors(specs: tuple[schema.TensorSpec, ...], *, inputs: bool) -> list[dict[str, Any]]:
@@ -72,25 +65,23 @@ def sd_base_name(base_hash: str) -> str:
     return SD_BASE_PREFIX + base_hash[:12]
 
 
-def sd_base_config(
-    base_id: str, base_hash: str, serving: ServingConfig | None = None, *, env_path: str = ""
-) -> dict[str, Any]:
+def sd_base_config(base_id: str, base_hash: str, *, env_path: str = "") -> dict[str, Any]:
     """The shared base's config; ``env_path`` is the instance's serving environment (empty in
-    the template packaged with each user: the instance fills it in)."""
-    serving = serving or ServingConfig()
-    params = ModelParams(base_id, base_hash, env_path, serving).to_params()
+    the template packaged with each user: the instance fills it in). No settings: the shared
+    base reads the instance's (:meth:`.ServingConfig.from_env`), and Triton places it
+    (KIND_AUTO: on a GPU where the instance has one; ``serving.device`` may keep it on the
+    CPU)."""
+    params = ModelParams(base_id, base_hash, env_path).to_params()
     return _config(
         sd_base_name(base_hash), schema.BASE_INPUTS, schema.OUTPUTS,
-        max_batch=schema.MAX_BATCH_SIZE, kind=instance_kind(serving.device), params=params,
-        batching=True,
+        max_batch=schema.MAX_BATCH_SIZE, kind="KIND_AUTO", params=params, batching=True,
     )  # fmt: skip
 
 
-def setup_model_config(serving: ServingConfig | None = None, *, env_path: str = "") -> dict:
+def setup_model_config(*, env_path: str = "") -> dict:
     """model_setup's config; without ``env_path`` it is the portable form checked in as
     model_repository/model_setup/config.pbtxt."""
-    serving = serving or ServingConfig()
-    params = ModelParams(env_path=env_path, serving=serving).to_params()
+    params = ModelParams(env_path=env_path).to_params()
     return _config(
         SETUP_MODEL, schema.SETUP_INPUTS, schema.SETUP_OUTPUTS, max_batch=0,
         kind="KIND_CPU", params=params, batching=False,

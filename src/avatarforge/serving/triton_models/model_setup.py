@@ -11,7 +11,6 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from avatarforge.serving.config import ModelParams
 from avatarforge.serving.setup_plan import plan_shared_base
 
 
@@ -19,7 +18,7 @@ class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
         self.output = config["output"][0]["name"]
-        self.plan = plan_shared_base(ModelParams.of_model(args))
+        self.plan = plan_shared_base()
         self.plan.ensure_loaded(pb_utils, args["model_name"])
 
     def execute(self, requests):

@@ -119,16 +119,16 @@ def test_the_static_plan_gives_the_pixels_of_the_single_slot_plan(adapters, refe
         cache.clear()
 
 
-def test_torch_compile_setting_is_off_on_a_cpu_and_round_trips_as_a_parameter():
+def test_torch_compile_setting_is_off_on_a_cpu_and_round_trips_through_the_instance_env():
     assert ServingConfig().torch_compile == "auto"
     assert base_pipeline.wants_compile("auto", "cuda:0")
     assert not base_pipeline.wants_compile("auto", "cpu")
     assert base_pipeline.wants_compile("on", "cpu") and not base_pipeline.wants_compile(
         "off", "cuda"
     )
-    params = ServingConfig(torch_compile="off").to_params()
-    assert params["TORCH_COMPILE"] == "off"
-    assert ServingConfig.from_params(params).torch_compile == "off"
+    env = ServingConfig(torch_compile="off").to_env()  # an instance's setting, not a package's
+    assert env["AVATARFORGE_SERVING_TORCH_COMPILE"] == "off"
+    assert ServingConfig.from_env(env).torch_compile == "off"
     from avatarforge.settings import ConfigError
 
     with pytest.raises(ConfigError, match="torch_compile"):

@@ -539,7 +539,7 @@ def measure_repair(ctx) -> dict[str, Any]:
     stub = r.shared_base_stub()
     if stub is None:
         raise RuntimeError("no shared base process found among the server's stubs")
-    from avatarforge.mme.loader import InvokeError
+    from avatarforge.mme.loader import ModelUnavailableError
 
     os.kill(stub.pid, signal.SIGKILL)
     t0 = time.perf_counter()
@@ -549,8 +549,8 @@ def measure_repair(ctx) -> dict[str, Any]:
         try:
             r.invoke(target)
             break
-        except InvokeError as exc:
-            statuses.append(exc.triton_status)
+        except ModelUnavailableError as exc:  # what the MME answers 503 + Retry-After
+            statuses.append(exc.status)
             if time.perf_counter() > deadline:
                 raise
             time.sleep(0.2)

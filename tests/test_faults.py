@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
+from fixtures.processes import children
 from tritonclient.utils import InferenceServerException
 
 from avatarforge.adapter import read_adapter
@@ -28,23 +28,6 @@ pytestmark = pytest.mark.integration
 SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 7}
 
 
-def stub_pids(server_pid: int, model: str) -> list[int]:
-    """The python backend stubs of ``model`` under tritonserver ``server_pid`` (from /proc)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == server_pid and any(model.encode() in part for part in cmdline):
-            found.append(int(entry.name))
-    return found
-
-
 def test_a_killed_shared_base_is_restarted_and_the_next_request_served(
     packaged_users, trained_adapter, tiny_base, tmp_path
 ):
@@ -56,7 +39,7 @@ def test_a_killed_shared_base_is_restarted_and_the_next_request_served(
         [tmp_path / "repo"], load=["alice", "bob"], env=env, log_path=tmp_path / "triton.log"
     ) as server:
         before = client.generate(server.url, "alice", prompt, gen_args=SMALL)
-        (stub,) = stub_pids(server.process.pid, base)
+        (stub,) = children(server.process.pid, base)
         os.kill(stub, signal.SIGKILL)
         time.sleep(0.5)
         # the request that meets the dead process: a clear, retryable error, not a hang
@@ -71,7 +54,7 @@ def test_a_killed_shared_base_is_restarted_and_the_next_request_served(
         after = client.generate(server.url, "alice", prompt, gen_args=SMALL)
         assert after[0].tobytes() == before[0].tobytes()
         assert client.generate(server.url, "bob", prompt, gen_args=SMALL)[0].size == (64, 64)
-        (new_stub,) = stub_pids(server.process.pid, base)
+        (new_stub,) = children(server.process.pid, base)
         assert new_stub != stub
 
 
@@ -188,9 +171,9 @@ def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
         thread = threading.Thread(target=load, daemon=True)
         thread.start()
         deadline = time.monotonic() + 60
-        while not stub_pids(server.pid, "sd_base_") and time.monotonic() < deadline:
+        while not children(server.pid, "sd_base_") and time.monotonic() < deadline:
             time.sleep(0.05)  # the user model is up and starting the shared base
-        assert stub_pids(server.pid, "sd_base_"), "the shared base never started"
+        assert children(server.pid, "sd_base_"), "the shared base never started"
         os.killpg(server.pid, signal.SIGKILL)
         thread.join(60)
     assert outcome, outcome  # alice's load ended (it need not wait for the shared base)

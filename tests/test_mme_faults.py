@@ -17,10 +17,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 from fixtures.mme import output_of, scale_request
+from fixtures.processes import children
 
 from avatarforge.mme import MMEConfig, MultiModelLoader, model_hash
 from avatarforge.mme.front import EndpointError, invoke_endpoint, mme_front
@@ -28,22 +28,6 @@ from avatarforge.netutil import free_port
 from avatarforge.tritonserver.sagemaker import sagemaker_triton
 
 pytestmark = pytest.mark.integration
-
-
-def children(pid: int, text: str) -> list[int]:
-    """Live processes whose parent is ``pid`` and whose command line holds ``text``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes()  # empty for a zombie
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and text.encode() in cmdline:
-            found.append(int(entry.name))
-    return found
 
 
 def _kill_and_wait(pid: int, parent: int, text: str) -> None:

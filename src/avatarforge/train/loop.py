@@ -217,10 +217,11 @@ def train(
             losses.append(total)
             done = step + 1
             step_times.append(time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{total:.4f}", step_s=f"{step_times[-1]:.2f}")
-            bar.update(1)
+            # told before the bar shows it: a stop signal the bar prompts finds the step counted
             if on_step is not None:
                 on_step(StepInfo(done, config.steps, total, step_times[-1]))
+            bar.set_postfix(loss=f"{total:.4f}", step_s=f"{step_times[-1]:.2f}")
+            bar.update(1)
             stop_now = done < config.steps and should_stop is not None and should_stop()
             minutes = (time.monotonic() - last_saved) / 60
             due = done % config.checkpoint_every == 0 or (

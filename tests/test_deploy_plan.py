@@ -518,12 +518,17 @@ def test_dry_run_prints_a_complete_plan_with_no_aws_account(no_aws, deploy_confi
     assert "InferenceAmiVersion al2023-ami-sagemaker-inference-gpu-4-1" in text
 
 
-def test_dry_run_with_nothing_configured_lists_what_is_missing(no_aws, fake_base):
+def test_dry_run_with_nothing_configured_lists_what_is_missing_and_fails(no_aws, fake_base):
     result = runner.invoke(app, ["deploy", "mme", "--dry-run", "--base", str(fake_base)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # issue 23: CI can gate on a dry run
     text = " ".join(result.output.split())
     assert "deploy.bucket is empty" in text and "serving env tarball" in text
     assert "no IAM role" in text and '"s3:GetObject"' in text  # the policy is printed
+    assert "error: deploy mme --dry-run: 3 blocker(s) stand" in text
+    result = runner.invoke(app, ["deploy", "training", "--dry-run", "--json", "--base",
+                                 str(fake_base), "--bucket", TEST_BUCKET])  # fmt: skip
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["blockers"]  # the plan is still printed whole
 
 
 def test_config_file_values_are_overridden_only_by_options_given(no_aws, deploy_config, tmp_path):

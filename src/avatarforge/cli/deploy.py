@@ -287,6 +287,10 @@ def _run(
         show = dry_run or any("IAM role" in b for b in plan.blockers)
         print_plan(plan, out, show_policies=show)
     if dry_run:
+        if plan.blockers:  # CI can gate on a dry run; with --json, stdout stays the plan alone
+            count = len(plan.blockers)
+            out.print(f"[bold red]error:[/] deploy {command} --dry-run: {count} blocker(s) stand")
+            raise typer.Exit(1)
         return
     if plan.blockers:
         fail(f"deploy {command} stopped before changing anything: {plan.blockers[0]}")

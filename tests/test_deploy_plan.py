@@ -432,6 +432,7 @@ def test_kms_key_and_vpc_reach_every_resource_they_protect(deploy_config):
     plan = plan_mme(given, assets)
     assert _by_kind(plan, "kms_key") == []  # used, never made or changed
     assert _by_kind(plan, "endpoint_config")[0].attrs["KmsKeyId"] == KEY_ARN
+    assert "cloudwatch.amazonaws.com" in " ".join(plan.notes)  # what its policy must allow
     # neither set: no new field in a model or endpoint config, so their names stay as before
     plain = plan_mme(deploy_config, assets)
     assert "VpcConfig" not in _by_kind(plain, "sagemaker_model")[0].attrs

@@ -170,6 +170,7 @@ def plan_mme(
     notes = [
         f"user models go to {cfg.models_prefix}<user>.tar.gz; the endpoint loads one on its "
         "first request (TargetModel=<user>.tar.gz)",
+        *security.notes(cfg),
     ]
     plan = Plan("mme", cfg.name, cfg.region, account, resources, facts, blockers, notes)
     return finish(plan, cfg, state, "mme")

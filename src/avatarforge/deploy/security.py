@@ -161,3 +161,20 @@ def facts(config: DeployConfig, component: str, instance_type: str) -> dict[str,
         "network_isolation_why": why,
         "internet": NO_INTERNET,
     }
+
+
+def notes(config: DeployConfig) -> list[str]:
+    """What the operator must arrange where deploy does not make the thing itself."""
+    out = []
+    if config.kms_key and config.kms_key != KMS_CREATE:
+        out.append(
+            "the given kms_key's policy must let the endpoint roles use it and let "
+            "cloudwatch.amazonaws.com use it (kms:Decrypt, kms:GenerateDataKey*), or alarms "
+            "cannot notify the encrypted alarm topic"
+        )
+    if any(protocol == "sqs" for protocol, _ in config.subscriptions):
+        out.append(
+            f"an SQS subscriber's queue policy must let sns.amazonaws.com send to it from "
+            f"{config.alarm_topic_name} (and its KMS key, if any, let SNS use it)"
+        )
+    return out

@@ -218,6 +218,7 @@ def plan_training(
         f"clients send InvocationTimeoutSeconds={cfg.training_timeout_s} and "
         f"RequestTTLSeconds={cfg.training_request_ttl_s} with each job (InvokeEndpointAsync "
         "takes them per request; the endpoint config has no such fields)",
+        *security.notes(cfg),
     ]
     plan = Plan("training", cfg.name, cfg.region, account, resources, facts, blockers, notes)
     return finish(plan, cfg, state, "training")

@@ -58,7 +58,9 @@ def test_mme_deploy_creates_everything_then_is_a_no_op_then_updates_in_place(
 ):
     cfg = deploy_config
     done, _ = deploy("mme", cfg)
-    assert len(done) == 8, done  # bucket, 2 objects, model, config, endpoint, target, policy
+    # bucket, lifecycle rules, 2 objects, log group, model, config, endpoint, target, policy,
+    # the alarm topic and 5 alarms
+    assert len(done) == 16, done
 
     s3 = boto3.client("s3")
     shared = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="avatarforge/shared/")["Contents"]
@@ -113,7 +115,7 @@ def test_mme_deploy_creates_everything_then_is_a_no_op_then_updates_in_place(
     assert tracking["PredefinedMetricSpecification"]["PredefinedMetricType"] == (
         "SageMakerVariantInvocationsPerInstance"
     )
-    assert tracking["TargetValue"] == 60
+    assert tracking["TargetValue"] == 15  # 75% of an A10G's estimated 20.1 images a minute
 
     # the same deployment again: everything unchanged, and no call that changes anything
     again, clients = deploy("mme", cfg)
@@ -215,9 +217,9 @@ def test_training_deploy_async_endpoint_scales_to_zero(deploy_aws, deploy_config
     assert step["StepScalingPolicyConfiguration"]["StepAdjustments"] == [
         {"MetricIntervalLowerBound": 0.0, "ScalingAdjustment": 1}
     ]
-    (alarm,) = boto3.client("cloudwatch").describe_alarms(AlarmNamePrefix="avatarforge-")[
-        "MetricAlarms"
-    ]
+    (alarm,) = boto3.client("cloudwatch").describe_alarms(
+        AlarmNamePrefix="avatarforge-training-has-backlog"
+    )["MetricAlarms"]
     assert alarm["MetricName"] == "HasBacklogWithoutCapacity"
     assert (alarm["ComparisonOperator"], alarm["Threshold"]) == (
         "GreaterThanOrEqualToThreshold",
@@ -362,3 +364,189 @@ def test_destroy_delete_data_removes_the_bucket_deploy_created(deploy_aws, deplo
     result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET, "--delete-data"])
     assert result.exit_code == 0, result.output
     assert boto3.client("s3").list_buckets()["Buckets"] == []
+
+
+# ---------------------------------------------------------------- retention, operations, security
+
+SUBNETS = "subnet-0123456789abcdef0,subnet-0123456789abcdef1"
+GROUPS = "sg-0123456789abcdef0"
+MME_LOGS = "/aws/sagemaker/Endpoints/avatarforge-mme"
+TRAINING_LOGS = "/aws/sagemaker/Endpoints/avatarforge-training"
+TAG = {"avatarforge:deployment": "avatarforge"}
+
+
+def _lifecycle(s3) -> dict[str, dict]:
+    rules = s3.get_bucket_lifecycle_configuration(Bucket=TEST_BUCKET)["Rules"]
+    return {r["ID"]: r for r in rules}
+
+
+def _log_group(logs, name: str) -> dict | None:
+    found = logs.describe_log_groups(logGroupNamePrefix=name)["logGroups"]
+    return next((g for g in found if g["logGroupName"] == name), None)
+
+
+def test_retention_log_groups_alarms_and_subscriptions_are_kept_in_step(deploy_aws, deploy_config):
+    s3, logs, sns = boto3.client("s3"), boto3.client("logs"), boto3.client("sns")
+    # the operator's bucket, with a rule of its own; SageMaker made the MME's log group before
+    # deploy set retentions (an older deployment): it keeps events for ever
+    s3.create_bucket(Bucket=TEST_BUCKET)
+    owners = {"ID": "owners-rule", "Filter": {"Prefix": "logs/"}, "Status": "Enabled",
+              "Expiration": {"Days": 90}}  # fmt: skip
+    s3.put_bucket_lifecycle_configuration(
+        Bucket=TEST_BUCKET, LifecycleConfiguration={"Rules": [owners]}
+    )
+    logs.create_log_group(logGroupName=MME_LOGS)
+    sqs = boto3.client("sqs")
+    queue = sqs.create_queue(QueueName="alarms")["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"][
+        "QueueArn"
+    ]
+    cfg = dataclasses.replace(deploy_config, alarm_subscriptions=f"ops@example.com,{queue_arn}")
+    deploy("mme", cfg)
+    deploy("training", cfg)
+
+    rules = _lifecycle(s3)
+    assert rules["owners-rule"]["Expiration"] == {"Days": 90}  # theirs, untouched
+    ours = {k: v for k, v in rules.items() if k.startswith("avatarforge:avatarforge:")}
+    assert sorted(r["Filter"]["Prefix"] for r in ours.values()) == [
+        "avatarforge/async/failed/", "avatarforge/async/out/", "avatarforge/jobs/",
+        "avatarforge/photos/",
+    ]  # fmt: skip
+    assert {r["Expiration"]["Days"] for r in ours.values()} == {7}
+    for name in (MME_LOGS, TRAINING_LOGS):
+        group = _log_group(logs, name)
+        assert group["retentionInDays"] == 30
+        tags = logs.list_tags_for_resource(resourceArn=group["logGroupArn"])["tags"]
+        assert tags == TAG  # the MME's, made by SageMaker, is the deployment's from now on
+
+    cw = boto3.client("cloudwatch")
+    topic = f"arn:aws:sns:us-east-1:{ACCOUNT}:avatarforge-alarms"
+    alarms = {a["AlarmName"]: a for a in cw.describe_alarms(AlarmNamePrefix="avatarforge-")[
+        "MetricAlarms"]}  # fmt: skip
+    notifying = sorted(n for n, a in alarms.items() if a["AlarmActions"] == [topic])
+    assert notifying == [
+        "avatarforge-mme-5xx-errors", "avatarforge-mme-gpu-memory", "avatarforge-mme-memory",
+        "avatarforge-mme-model-latency", "avatarforge-mme-model-loading-wait",
+        "avatarforge-training-backlog-age", "avatarforge-training-failed-jobs",
+    ]  # fmt: skip
+    assert alarms["avatarforge-mme-model-latency"]["ExtendedStatistic"] == "p90"
+    assert alarms["avatarforge-mme-memory"]["OKActions"] == [topic]
+    subscribed = sorted(
+        (s["Protocol"], s["Endpoint"])
+        for s in sns.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+    )
+    assert subscribed == [("email", "ops@example.com"), ("sqs", queue_arn)]
+
+    # a week longer, logs for 90 days, the email dropped: exactly those changes are made
+    changed = dataclasses.replace(
+        cfg, retention_days=14, log_retention_days=90, alarm_subscriptions=queue_arn
+    )
+    done, clients = deploy("training", changed)
+    assert sorted(done) == [
+        "delete sns_subscription email:ops@example.com",
+        f"update log_group {TRAINING_LOGS}",
+        f"update s3_lifecycle s3://{TEST_BUCKET}/avatarforge/",
+    ]
+    assert "CreateEndpointConfig" not in clients.mutations
+    rules = _lifecycle(s3)
+    assert rules["owners-rule"]["Expiration"] == {"Days": 90}
+    assert rules["avatarforge:avatarforge:avatarforge/photos/"]["Expiration"] == {"Days": 14}
+    assert _log_group(logs, TRAINING_LOGS)["retentionInDays"] == 90
+    assert [s["Protocol"] for s in sns.list_subscriptions_by_topic(TopicArn=topic)[
+        "Subscriptions"]] == ["sqs"]  # fmt: skip
+
+    # destroy: what protects or holds data stays (log groups, the rules that expire it)
+    result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert f"log group {MME_LOGS} kept" in text and "lifecycle rules" in text
+    assert cw.describe_alarms(AlarmNamePrefix="avatarforge-")["MetricAlarms"] == []
+    assert sns.list_topics()["Topics"] == []  # subscriptions went with the topic
+    assert _log_group(logs, MME_LOGS) and len(_lifecycle(s3)) == 5
+    # with the data: the log groups and the deployment's rules go; the owner's rule stays
+    result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET, "--delete-data"])
+    assert result.exit_code == 0, result.output
+    assert _log_group(logs, MME_LOGS) is None and _log_group(logs, TRAINING_LOGS) is None
+    assert list(_lifecycle(s3)) == ["owners-rule"]
+
+
+def test_a_kms_key_deploy_makes_encrypts_everything_and_goes_only_with_the_data(
+    deploy_aws, deploy_config
+):
+    cfg = dataclasses.replace(
+        deploy_config, role_arn="", kms_key="create", vpc_subnets=SUBNETS,
+        vpc_security_groups=GROUPS,
+    )  # fmt: skip
+    deploy("mme", cfg, create_role=True)
+    deploy("training", cfg, create_role=True)
+    kms, s3, sm, sns = (boto3.client(s) for s in ("kms", "s3", "sagemaker", "sns"))
+    key = kms.describe_key(KeyId="alias/avatarforge/avatarforge")["KeyMetadata"]
+    assert key["KeyState"] == "Enabled"
+    assert {"TagKey": "avatarforge:deployment", "TagValue": "avatarforge"} in (
+        kms.list_resource_tags(KeyId=key["KeyId"])["Tags"]
+    )
+    default = s3.get_bucket_encryption(Bucket=TEST_BUCKET)["ServerSideEncryptionConfiguration"]
+    assert default["Rules"][0]["ApplyServerSideEncryptionByDefault"] == {
+        "SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key["Arn"]}  # fmt: skip
+    shared = s3.list_objects_v2(Bucket=TEST_BUCKET, Prefix="avatarforge/shared/")["Contents"]
+    head = s3.head_object(Bucket=TEST_BUCKET, Key=shared[0]["Key"])
+    assert head["SSEKMSKeyId"] == key["Arn"]  # uploaded after the bucket's default was set
+    for name in ("avatarforge-mme", "avatarforge-training"):
+        ec = sm.describe_endpoint_config(
+            EndpointConfigName=sm.describe_endpoint(EndpointName=name)["EndpointConfigName"]
+        )
+        assert ec["KmsKeyId"] == key["Arn"]
+        model = sm.describe_model(ModelName=ec["ProductionVariants"][0]["ModelName"])
+        assert model["VpcConfig"]["Subnets"] == cfg.subnets
+        assert model["VpcConfig"]["SecurityGroupIds"] == [GROUPS]
+        assert model.get("EnableNetworkIsolation") in (None, False)  # see the plan's reason
+    assert ec["AsyncInferenceConfig"]["OutputConfig"]["KmsKeyId"] == key["Arn"]
+    for topic in sns.list_topics()["Topics"]:
+        attributes = sns.get_topic_attributes(TopicArn=topic["TopicArn"])["Attributes"]
+        assert attributes["KmsMasterKeyId"] == key["Arn"]
+    policy = boto3.client("iam").get_role_policy(
+        RoleName="avatarforge-training", PolicyName="avatarforge-least-privilege"
+    )["PolicyDocument"]
+    (use,) = [s for s in policy["Statement"] if s["Sid"] == "UseTheDeploymentKey"]
+    assert use["Resource"] == [key["Arn"]]  # the reference resolved to the key made
+    again, clients = deploy("mme", cfg, create_role=True)
+    assert again == [] and clients.mutations == []
+
+    result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET])
+    assert result.exit_code == 0, result.output
+    assert "KMS key alias/avatarforge/avatarforge kept" in " ".join(result.output.split())
+    assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "Enabled"
+    result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET, "--delete-data"])
+    assert result.exit_code == 0, result.output
+    assert s3.list_buckets()["Buckets"] == []
+    assert kms.describe_key(KeyId=key["KeyId"])["KeyMetadata"]["KeyState"] == "PendingDeletion"
+    assert kms.list_aliases(KeyId=key["KeyId"])["Aliases"] == []  # a new deploy makes a new key
+
+
+def test_a_foreign_buckets_encryption_and_a_given_key_are_never_changed(deploy_aws, deploy_config):
+    kms, s3 = boto3.client("kms"), boto3.client("s3")
+    mine = kms.create_key(Description="the operator's")["KeyMetadata"]
+    s3.create_bucket(Bucket=TEST_BUCKET)
+    s3.put_bucket_encryption(
+        Bucket=TEST_BUCKET,
+        ServerSideEncryptionConfiguration={
+            "Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]
+        },
+    )
+    cfg = dataclasses.replace(deploy_config, kms_key=mine["Arn"])
+    plan = make_plan("mme", cfg, RecordingClients())
+    (blocker,) = plan.blockers
+    assert f"s3_bucket_encryption {TEST_BUCKET}" in blocker and "its owner's" in blocker
+    s3.put_bucket_encryption(  # the owner sets the key as the bucket's default: deploy goes on
+        Bucket=TEST_BUCKET,
+        ServerSideEncryptionConfiguration={"Rules": [{
+            "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "aws:kms",
+                                                   "KMSMasterKeyID": mine["Arn"]},
+            "BucketKeyEnabled": True}]},
+    )  # fmt: skip
+    done, clients = deploy("mme", cfg)
+    assert "PutBucketEncryption" not in clients.mutations and not any("kms" in d for d in done)
+    result = runner.invoke(app, ["deploy", "destroy", "--bucket", TEST_BUCKET, "--delete-data"])
+    assert result.exit_code == 0, result.output
+    assert kms.describe_key(KeyId=mine["KeyId"])["KeyMetadata"]["KeyState"] == "Enabled"
+    assert s3.get_bucket_encryption(Bucket=TEST_BUCKET)  # the bucket is the operator's: it stays

@@ -155,13 +155,28 @@ def _resources(statement) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
+SUBNETS = "subnet-0123456789abcdef0,subnet-0123456789abcdef1"
+GROUPS = "sg-0123456789abcdef0"
+KEY_ARN = f"arn:aws:kms:us-east-1:{ACCOUNT}:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+
+
+@pytest.mark.parametrize("secured", [False, True])
 @pytest.mark.parametrize("account", ["*", ACCOUNT])
 @pytest.mark.parametrize("which", ["mme", "training"])
-def test_policies_are_least_privilege_in_shape(which, account, deploy_config):
+def test_policies_are_least_privilege_in_shape(which, account, secured, deploy_config):
+    if secured:
+        deploy_config = dataclasses.replace(
+            deploy_config, kms_key="create", vpc_subnets=SUBNETS, vpc_security_groups=GROUPS
+        )
     policy = (mme_policy if which == "mme" else training_policy)(deploy_config, account)
     assert policy["Version"] == "2012-10-17"
     endpoint = f"avatarforge-{which}"
     ours = (
+        "${kms_key:alias/avatarforge/avatarforge}",  # the key deploy makes: its ARN once made
+        *(
+            f"arn:aws:ec2:us-east-1:{account}:{t}"
+            for t in ("network-interface/*", "subnet/subnet-0", "security-group/sg-0")
+        ),
         f"arn:aws:s3:::{TEST_BUCKET}/avatarforge/",  # objects only under our prefix
         f"arn:aws:s3:::{TEST_BUCKET}",  # ListBucket, limited by an s3:prefix condition below
         f"arn:aws:sns:us-east-1:{account}:avatarforge-training-",
@@ -185,8 +200,11 @@ def test_policies_are_least_privilege_in_shape(which, account, deploy_config):
     actions = {a for s in policy["Statement"] for a in s["Action"]}
     if which == "mme":
         assert "s3:PutObject" not in actions  # serving only reads
+        assert "kms:GenerateDataKey" not in actions  # nor encrypts
     else:
         assert {"s3:PutObject", "sns:Publish"} <= actions
+    assert ("kms:Decrypt" in actions) == secured
+    assert ("ec2:CreateNetworkInterface" in actions) == secured
     trust = trust_policy()["Statement"][0]
     assert trust["Principal"] == {"Service": "sagemaker.amazonaws.com"}
 
@@ -259,6 +277,188 @@ def test_a_failed_endpoint_or_a_foreign_one_blocks_the_plan(deploy_config):
     assert "not tagged avatarforge:deployment=avatarforge" in foreign.blockers[0]
 
 
+def _by_kind(plan, kind: str) -> list:
+    return [r for r in plan.resources if r.kind == kind]
+
+
+def test_mme_scaling_target_comes_from_measured_throughput_with_its_source(deploy_config):
+    assets = _assets(deploy_config)
+    plan = plan_mme(deploy_config, assets)
+    (policy,) = _by_kind(plan, "scaling_policy")
+    tracking = policy.attrs["TargetTrackingScalingPolicyConfiguration"]
+    # an A10G: 4 x the H200's 0.7465 s an image = 2.986 s, 20.1 images a minute; 75% of it
+    assert tracking["TargetValue"] == 15.0
+    scaling = plan.facts["scaling"]
+    assert scaling["from"] == "75% of 20.1 images/min"
+    throughput = scaling["throughput"]
+    assert throughput["estimate"] and throughput["gpu"] == "NVIDIA A10G"
+    assert throughput["source"].startswith("bench/results/gpu-h200-2026-11-26.json")
+    cost = plan.facts["cost"]["per_images"]  # $1.515/h / (20.1 images/min x 60)
+    assert cost == {"usd_per_1000_images": 1.26, "usd_per_1000_images_at_target": 1.68}
+    job = plan_training(deploy_config, assets.base).facts["cost"]["per_job"]
+    assert (job["minutes_per_job"], job["usd_per_job"]) == (20.9, 0.53)  # 4 x 5.22 min
+    assert job["estimate"] and "ESTIMATE" in job["basis"]
+
+    given = plan_mme(dataclasses.replace(deploy_config, mme_invocations_per_instance=40), assets)
+    assert given.facts["scaling"]["from"] == "deploy.mme_invocations_per_instance"
+    (policy,) = _by_kind(given, "scaling_policy")
+    assert policy.attrs["TargetTrackingScalingPolicyConfiguration"]["TargetValue"] == 40.0
+    # a GPU with no figure: no number is made up
+    t4 = plan_mme(dataclasses.replace(deploy_config, mme_instance_type="ml.g4dn.xlarge"), assets)
+    (blocker,) = t4.blockers
+    assert "no measured throughput for ml.g4dn.xlarge" in blocker
+    assert "mme_invocations_per_instance" in blocker
+
+
+def test_throughput_figures_are_the_bench_results_they_cite(repo_root):
+    from avatarforge.deploy import throughput
+
+    source = json.loads((repo_root / throughput.SOURCE).read_text())["results"]
+    assert source["environment"]["gpu"] == throughput.MEASURED_GPU
+    generation = source["measurements"]["generation"]
+    assert generation["workload"] == "512x512, 30 DDIM steps, guidance 7.5, batch 1"
+    figure = generation["figures"][throughput.GENERATION_FIGURE.split(": ", 1)[1]]
+    assert figure == {"value": throughput.SECONDS_PER_IMAGE, "unit": "s/image"}
+    training = source["measurements"]["training"]["figures"]
+    job = training[throughput.TRAINING_FIGURE.split(": ", 1)[1]]
+    assert (job["value"], job["unit"]) == (throughput.TRAINING_JOB_MINUTES, "min")
+    bench = (repo_root / "bench" / "gpu.py").read_text()
+    assert f"A10G_FACTOR = {throughput.A10G_FACTOR} " in bench  # one estimate, everywhere
+    gen_args = pytest.importorskip("avatarforge.generate").GenArgs()
+    assert (gen_args.steps, gen_args.width, gen_args.height, gen_args.num_images) == (
+        30,
+        512,
+        512,
+        1,
+    )  # fmt: skip  (the workload measured is the serving defaults)
+
+
+def test_retention_lifecycle_and_log_retention_are_in_both_plans(deploy_config):
+    assets = _assets(deploy_config)
+    for plan in (plan_mme(deploy_config, assets), plan_training(deploy_config, assets.base)):
+        (lifecycle,) = _by_kind(plan, "s3_lifecycle")
+        rules = lifecycle.attrs["Rules"]
+        assert [r["Filter"]["Prefix"] for r in rules] == [
+            "avatarforge/photos/",
+            "avatarforge/jobs/",
+            "avatarforge/async/out/",
+            "avatarforge/async/failed/",
+        ]  # fmt: skip  (models/ and shared/ stay)
+        assert {r["Expiration"]["Days"] for r in rules} == {7}
+        assert {r["NoncurrentVersionExpiration"]["NoncurrentDays"] for r in rules} == {1}
+        (group,) = _by_kind(plan, "log_group")
+        assert group.attrs["retentionInDays"] == 30
+        endpoint = plan.facts["endpoint"]
+        assert group.name == f"/aws/sagemaker/Endpoints/{endpoint}"
+        kinds = [r.kind for r in plan.resources]
+        assert kinds.index("log_group") < kinds.index("endpoint")  # made before SageMaker does
+    off = plan_training(
+        dataclasses.replace(deploy_config, retention_days=0, log_retention_days=0), assets.base
+    )
+    assert _by_kind(off, "s3_lifecycle")[0].attrs["Rules"] == []
+    assert _by_kind(off, "log_group")[0].attrs["retentionInDays"] is None
+
+
+def test_alarms_of_both_endpoints_notify_the_alarm_topic_and_its_subscribers(deploy_config):
+    cfg = dataclasses.replace(
+        deploy_config,
+        alarm_subscriptions=f"ops@example.com, https://hooks.example.com/a,"
+        f"arn:aws:sqs:us-east-1:{ACCOUNT}:alarms",
+    )
+    assets = _assets(cfg)
+    mme, training = plan_mme(cfg, assets), plan_training(cfg, assets.base)
+    metrics = {
+        plan.command: {
+            r.attrs["MetricName"]: r.attrs
+            for r in _by_kind(plan, "cloudwatch_alarm")
+            if r.attrs.get("AlarmActions") == ["${sns_topic:avatarforge-alarms}"]
+        }
+        for plan in (mme, training)
+    }
+    assert sorted(metrics["mme"]) == [
+        "GPUMemoryUtilization", "Invocation5XXErrors", "MemoryUtilization", "ModelLatency",
+        "ModelLoadingWaitTime",
+    ]  # fmt: skip
+    assert sorted(metrics["training"]) == ["ApproximateAgeOfOldestRequest", "InvocationFailures"]
+    assert metrics["mme"]["ModelLatency"]["ExtendedStatistic"] == "p90"
+    assert metrics["mme"]["ModelLatency"]["Threshold"] == 45e6  # microseconds: 3/4 of 60 s
+    assert metrics["mme"]["MemoryUtilization"]["Namespace"] == "/aws/sagemaker/Endpoints"
+    assert metrics["training"]["ApproximateAgeOfOldestRequest"]["Threshold"] == 3600  # TTL / 2
+    for plan in (mme, training):
+        subs = [
+            (r.attrs["Protocol"], r.attrs["Endpoint"]) for r in _by_kind(plan, "sns_subscription")
+        ]
+        assert subs == [
+            ("email", "ops@example.com"), ("https", "https://hooks.example.com/a"),
+            ("sqs", f"arn:aws:sqs:us-east-1:{ACCOUNT}:alarms"),
+        ]  # fmt: skip
+        assert "avatarforge-alarms" in [r.name for r in _by_kind(plan, "sns_topic")]
+
+
+def test_kms_key_and_vpc_reach_every_resource_they_protect(deploy_config):
+    cfg = dataclasses.replace(
+        deploy_config, kms_key="create", vpc_subnets=SUBNETS, vpc_security_groups=GROUPS
+    )
+    assets = _assets(cfg)
+    key = "${kms_key:alias/avatarforge/avatarforge}"
+    mme, training = plan_mme(cfg, assets), plan_training(cfg, assets.base)
+    for plan in (mme, training):
+        (made,) = _by_kind(plan, "kms_key")
+        assert made.name == "alias/avatarforge/avatarforge"
+        cloudwatch = made.attrs["Policy"]["Statement"][1]
+        assert cloudwatch["Principal"] == {"Service": "cloudwatch.amazonaws.com"}
+        (encryption,) = _by_kind(plan, "s3_bucket_encryption")
+        default = encryption.attrs["Rules"][0]["ApplyServerSideEncryptionByDefault"]
+        assert default == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": key}
+        (endpoint_config,) = _by_kind(plan, "endpoint_config")
+        assert endpoint_config.attrs["KmsKeyId"] == key
+        (model,) = _by_kind(plan, "sagemaker_model")
+        assert model.attrs["VpcConfig"] == {
+            "SecurityGroupIds": ["sg-0123456789abcdef0"],
+            "Subnets": ["subnet-0123456789abcdef0", "subnet-0123456789abcdef1"],
+        }
+        assert "EnableNetworkIsolation" not in model.attrs
+        assert {r.attrs["KmsMasterKeyId"] for r in _by_kind(plan, "sns_topic")} == {key}
+        security = plan.facts["security"]
+        assert security["network_isolation"] is False
+        assert security["vpc"]["subnets"] == cfg.subnets
+    (endpoint_config,) = _by_kind(training, "endpoint_config")
+    assert endpoint_config.attrs["AsyncInferenceConfig"]["OutputConfig"]["KmsKeyId"] == key
+    assert "serving env" in mme.facts["security"]["network_isolation_why"]
+    assert "photos" in training.facts["security"]["network_isolation_why"]
+    assert "local NVMe" in mme.facts["security"]["volumes"]  # ml.g5: KmsKeyId does not cover it
+
+    given = dataclasses.replace(deploy_config, kms_key=KEY_ARN)
+    plan = plan_mme(given, assets)
+    assert _by_kind(plan, "kms_key") == []  # used, never made or changed
+    assert _by_kind(plan, "endpoint_config")[0].attrs["KmsKeyId"] == KEY_ARN
+    assert "cloudwatch.amazonaws.com" in " ".join(plan.notes)  # what its policy must allow
+    # neither set: no new field in a model or endpoint config, so their names stay as before
+    plain = plan_mme(deploy_config, assets)
+    assert "VpcConfig" not in _by_kind(plain, "sagemaker_model")[0].attrs
+    assert "KmsKeyId" not in _by_kind(plain, "endpoint_config")[0].attrs
+    assert _by_kind(plain, "kms_key") == _by_kind(plain, "s3_bucket_encryption") == []
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"vpc_subnets": "subnet-0123456789abcdef0", "vpc_security_groups": GROUPS},
+         "at least two"),
+        ({"vpc_subnets": SUBNETS}, "set both or neither"),
+        ({"vpc_subnets": "subnet-1,subnet-2", "vpc_security_groups": GROUPS}, "not such an id"),
+        ({"kms_key": "alias/mine"}, "an alias cannot scope IAM policies"),
+        ({"kms_key": KEY_ARN.replace("us-east-1", "eu-west-1")}, "the key is in eu-west-1"),
+        ({"alarm_subscriptions": "http://hooks.example.com"}, "use https://"),
+        ({"alarm_subscriptions": "ops"}, "no email address"),
+        ({"log_retention_days": 10}, "CloudWatch's values"),
+    ],
+)  # fmt: skip
+def test_security_and_operations_settings_are_checked_where_they_enter(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        DeployConfig(**fields)
+
+
 # ---------------------------------------------------------------- the dry run, no AWS at all
 
 
@@ -288,8 +488,9 @@ def test_dry_run_prints_a_complete_plan_with_no_aws_account(no_aws, deploy_confi
     assert plan["account"] == "" and plan["blockers"] == []
     kinds = [r["kind"] for r in plan["resources"]]
     assert kinds == [
-        "s3_bucket", "s3_object", "s3_object", "sagemaker_model", "endpoint_config", "endpoint",
-        "scalable_target", "scaling_policy",
+        "s3_bucket", "s3_lifecycle", "s3_object", "s3_object", "log_group", "sagemaker_model",
+        "endpoint_config", "endpoint", "scalable_target", "scaling_policy", "sns_topic",
+        *["cloudwatch_alarm"] * 5,
     ]  # fmt: skip
     assert {r["action"] for r in plan["resources"]} == {"create"}
     image = plan["facts"]["image"]
@@ -318,12 +519,17 @@ def test_dry_run_prints_a_complete_plan_with_no_aws_account(no_aws, deploy_confi
     assert "InferenceAmiVersion al2023-ami-sagemaker-inference-gpu-4-1" in text
 
 
-def test_dry_run_with_nothing_configured_lists_what_is_missing(no_aws, fake_base):
+def test_dry_run_with_nothing_configured_lists_what_is_missing_and_fails(no_aws, fake_base):
     result = runner.invoke(app, ["deploy", "mme", "--dry-run", "--base", str(fake_base)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # issue 23: CI can gate on a dry run
     text = " ".join(result.output.split())
     assert "deploy.bucket is empty" in text and "serving env tarball" in text
     assert "no IAM role" in text and '"s3:GetObject"' in text  # the policy is printed
+    assert "error: deploy mme --dry-run: 3 blocker(s) stand" in text
+    result = runner.invoke(app, ["deploy", "training", "--dry-run", "--json", "--base",
+                                 str(fake_base), "--bucket", TEST_BUCKET])  # fmt: skip
+    assert result.exit_code == 1
+    assert json.loads(result.stdout)["blockers"]  # the plan is still printed whole
 
 
 def test_config_file_values_are_overridden_only_by_options_given(no_aws, deploy_config, tmp_path):

@@ -198,8 +198,8 @@ def test_every_aws_command_without_aws_settings_prints_one_line_saying_what_to_s
 
 def test_a_deploy_plan_needs_no_aws_settings(tmp_path):
     _, done = _run_without_aws(["deploy", "mme", "--dry-run"], {}, tmp_path)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "dry run: planned against nothing" in done.stdout
+    assert done.returncode == 1, done.stdout + done.stderr  # blockers (no bucket): not 0 (#23)
+    assert "dry run: planned against nothing" in done.stdout and "blocker:" in done.stdout
 
 
 def test_aws_hint_names_what_to_do_for_refused_credentials_and_nothing_else():

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from ..deploy import DeployConfig, Plan, execute, make_clients, make_plan
+from ..deploy.security import KEY_DELETION_WINDOW_DAYS
 from ..settings import ConfigError
 from .common import config_options, console, fail
 
@@ -86,9 +87,34 @@ def _detail(r) -> str:
                 return f"target {metric} = {body['TargetValue']:g}"
             return "step +1 instance when the alarm fires"
         case "cloudwatch_alarm" if "MetricName" in a:
-            return f"{a['MetricName']} >= {a['Threshold']:g} for {a['EvaluationPeriods']} min"
+            stat = a.get("ExtendedStatistic") or a.get("Statistic")
+            span = a["Period"] * a["EvaluationPeriods"]
+            limit = f"{a['Threshold']:g}"
+            if a["MetricName"].endswith(("Latency", "WaitTime")):  # microseconds
+                limit = f"{a['Threshold'] / 1e6:g} s"
+            return f"{stat} {a['MetricName']} >= {limit} over {span} s"
         case "s3_prefix":
             return f"{a['objects']} objects"
+        case "s3_lifecycle" if "Rules" in a:
+            if not a["Rules"]:
+                return "no expiry" if r.action != "delete" else "this deployment's rules only"
+            days = a["Rules"][0]["Expiration"]["Days"]
+            folders = ", ".join(x["Filter"]["Prefix"] for x in a["Rules"])
+            return f"{folders} expire {days} days after they are written"
+        case "log_group" if "logGroupName" in a:
+            days = a["retentionInDays"]
+            return f"events expire after {days} days" if days else "events never expire"
+        case "kms_key" if "AliasName" in a:
+            return "S3 objects, endpoint volumes, SNS topics"
+        case "kms_key":
+            return f"deletion scheduled in {KEY_DELETION_WINDOW_DAYS} days, alias removed"
+        case "s3_bucket_encryption" if "Rules" in a:
+            return "default encryption SSE-KMS with the deployment's key, S3 bucket key"
+        case "sns_topic" if a.get("KmsMasterKeyId"):
+            return "encrypted with the deployment's key"
+        case "sns_subscription" if "Protocol" in a:
+            pending = " (email and https: pending until confirmed)" if r.action == "create" else ""
+            return f"{a['Protocol']} {a['Endpoint']}{pending}"
     return ""
 
 
@@ -124,18 +150,10 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
             f"base; 'ready' would fail the instance), --log-verbose={triton['log_verbose']}",
             soft_wrap=True,
         )
+    if scaling := facts.get("scaling"):
+        _print_scaling(scaling, out)
     if cost := facts.get("cost"):
-        price = cost["usd_per_instance_hour"]
-        if price is None:
-            out.print(f"cost: no price on record for {cost['instance_type']}")
-        else:
-            out.print(
-                f"cost: {cost['instance_type']} ≈ ${price:.3f}/h per instance: "
-                f"${cost['usd_per_hour_at_min']:g}/h at {cost['min_instances']}, "
-                f"${cost['usd_per_hour_at_max']:g}/h at {cost['max_instances']} instances "
-                f"({cost['as_of']})",
-                soft_wrap=True,
-            )
+        _print_cost(cost, out)
     if "invocation_timeout_s" in facts:
         out.print(
             f"training jobs: timeout {facts['invocation_timeout_s']} s per invocation, expire "
@@ -143,6 +161,10 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
             f"deadline {facts['service_deadline_s']} s",
             soft_wrap=True,
         )
+    if security := facts.get("security"):
+        _print_security(security, out)
+    if retention := facts.get("retention"):
+        _print_retention(retention, facts.get("alarms", {}), out)
     for note in plan.notes:
         out.print(f"note: {note}", soft_wrap=True)
     if show_policies:
@@ -155,6 +177,89 @@ def print_plan(plan: Plan, out: Console, *, show_policies: bool) -> None:
         out.print(f"[bold red]blocker:[/] {blocker}", soft_wrap=True)
     changes = len(plan.changes)
     out.print(f"{changes} change(s), {len(plan.resources) - changes} unchanged")
+
+
+def _print_scaling(scaling: dict, out: Console) -> None:
+    throughput = scaling["throughput"]
+    if scaling["target"] is None:
+        out.print("scaling: no target (see the blocker)")
+        return
+    line = (
+        f"scaling: target {scaling['target']} invocations/min per instance, from {scaling['from']}"
+    )
+    if throughput:
+        label = " (ESTIMATE)" if throughput["estimate"] else ""
+        line += (
+            f"; throughput {throughput['images_per_minute']} images/min per instance"
+            f"{label}: {throughput['basis']}, at {throughput['workload']}; "
+            f"source {throughput['source']}"
+        )
+    out.print(line, soft_wrap=True, highlight=False)
+
+
+def _print_cost(cost: dict, out: Console) -> None:
+    price = cost["usd_per_instance_hour"]
+    if price is None:
+        out.print(f"cost: no price on record for {cost['instance_type']}")
+        return
+    out.print(
+        f"cost: {cost['instance_type']} ≈ ${price:.3f}/h per instance: "
+        f"${cost['usd_per_hour_at_min']:g}/h at {cost['min_instances']}, "
+        f"${cost['usd_per_hour_at_max']:g}/h at {cost['max_instances']} instances "
+        f"({cost['as_of']})",
+        soft_wrap=True,
+    )
+    if images := cost.get("per_images"):
+        line = f"cost per 1,000 images ≈ ${images['usd_per_1000_images']:.2f} on busy instances"
+        if "usd_per_1000_images_at_target" in images:
+            line += f", ${images['usd_per_1000_images_at_target']:.2f} at the scaling target"
+        out.print(line + " (the throughput above)", soft_wrap=True)
+    if job := cost.get("per_job"):
+        label = " (ESTIMATE)" if job["estimate"] else ""
+        usd = "" if job["usd_per_job"] is None else f" ≈ ${job['usd_per_job']:.2f}"
+        out.print(
+            f"cost per training job{usd}: {job['minutes_per_job']} min on an {job['gpu']}"
+            f"{label}, alone on an instance ({job['basis']}; source {job['source']}); a job "
+            "after idle also pays the instance's start and its scale-in wait",
+            soft_wrap=True,
+            highlight=False,
+        )
+
+
+def _print_security(security: dict, out: Console) -> None:
+    out.print(f"encryption: KMS key {security['kms_key']}; volumes: {security['volumes']}",
+              soft_wrap=True)  # fmt: skip
+    vpc = security["vpc"]
+    where = (
+        f"VPC subnets {', '.join(vpc['subnets'])}, security groups "
+        f"{', '.join(vpc['security_groups'])}"
+        if vpc
+        else "no VPC (SageMaker's network, with internet access)"
+    )
+    out.print(
+        f"network: {where}; EnableNetworkIsolation {security['network_isolation_why']}; "
+        f"{security['internet']}",
+        soft_wrap=True,
+    )
+
+
+def _print_retention(retention: dict, alarms: dict, out: Console) -> None:
+    if retention["days"]:
+        expire = ", ".join(retention["expire"])
+        line = f"retention: {expire} expire after {retention['days']} days (S3 lifecycle)"
+    else:
+        line = "retention: none (retention_days 0): photos and job files stay until forget"
+    line += f"; {', '.join(retention['kept'])} stay until forget"
+    days = retention["log_retention_days"]
+    line += f"; endpoint logs expire after {days} days" if days else "; endpoint logs never expire"
+    out.print(line, soft_wrap=True)
+    if alarms:
+        subscribers = ", ".join(alarms["subscriptions"]) or "nobody (alarm_subscriptions)"
+        out.print(
+            f"alarms: {len(alarms['names'])} notify SNS {alarms['topic']}, subscribed: "
+            f"{subscribers}",
+            soft_wrap=True,
+        )
 
 
 def _run(
@@ -182,6 +287,10 @@ def _run(
         show = dry_run or any("IAM role" in b for b in plan.blockers)
         print_plan(plan, out, show_policies=show)
     if dry_run:
+        if plan.blockers:  # CI can gate on a dry run; with --json, stdout stays the plan alone
+            count = len(plan.blockers)
+            out.print(f"[bold red]error:[/] deploy {command} --dry-run: {count} blocker(s) stand")
+            raise typer.Exit(1)
         return
     if plan.blockers:
         fail(f"deploy {command} stopped before changing anything: {plan.blockers[0]}")

@@ -6,6 +6,9 @@
 - :func:`plan_mme`, :func:`plan_training`, :func:`plan_destroy` — the pure planners.
 - :func:`mme_policy`, :func:`training_policy`, :func:`trust_policy` — IAM policy documents.
 - :func:`triton_image_uri`, :func:`triton_python`, :func:`lmi_image_uri` — image table.
+- :mod:`.security` (KMS key, VPC, why no network isolation), :mod:`.operations` (S3 lifecycle,
+  log retention, alarms and their SNS subscriptions), :mod:`.throughput` (the measured images
+  per minute behind the MME's scaling target and the plan's costs).
 """
 
 from .assets import AssetError, MMEAssets, base_asset, env_asset, inspect_env_tarball

@@ -12,9 +12,11 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from .aws import Clients, DeployError
+from .aws import Clients, DeployError, lifecycle_rules
 from .config import DeployConfig
+from .operations import lifecycle_rule_ids
 from .plan import RESCALE_NOTE, SCALABLE_DIMENSION, Plan, Resource, variant_resource_id
+from .security import KEY_DELETION_WINDOW_DAYS
 
 Progress = Callable[[str], None]
 ENDPOINT_WAIT = {"Delay": 30, "MaxAttempts": 120}  # endpoints take minutes; give up after 1 h
@@ -113,7 +115,7 @@ class _Run:
         iam.put_role_policy(
             RoleName=r.name,
             PolicyName=r.attrs["PolicyName"],
-            PolicyDocument=json.dumps(r.attrs["PolicyDocument"]),
+            PolicyDocument=json.dumps(self.resolve(r.attrs["PolicyDocument"])),
         )
 
     def sagemaker_model(self, r: Resource) -> None:
@@ -124,7 +126,7 @@ class _Run:
         deadline = time.monotonic() + ROLE_PROPAGATION_S
         while True:
             try:
-                sm.create_model(**r.attrs, Tags=self.tags)
+                sm.create_model(**self.resolve(r.attrs), Tags=self.tags)
                 return
             except Exception as exc:  # a just-made role is not assumable for a while
                 fresh_role = any(
@@ -141,7 +143,7 @@ class _Run:
         if r.action == "delete":
             sm.delete_endpoint_config(EndpointConfigName=r.name)
             return
-        sm.create_endpoint_config(**r.attrs, Tags=self.tags)
+        sm.create_endpoint_config(**self.resolve(r.attrs), Tags=self.tags)
 
     def _wait_in_service(self, name: str) -> None:
         from botocore.exceptions import WaiterError
@@ -227,10 +229,85 @@ class _Run:
     def sns_topic(self, r: Resource) -> None:
         sns = self.clients("sns")
         if r.action == "delete":
-            sns.delete_topic(TopicArn=r.arn)
+            sns.delete_topic(TopicArn=r.arn)  # its subscriptions go with it
             return
-        made = sns.create_topic(Name=r.name, Tags=self.tags)
-        self.arns[(r.kind, r.name)] = made["TopicArn"]
+        key = self.resolve(r.attrs.get("KmsMasterKeyId", ""))
+        if r.action == "create":
+            attributes = {"KmsMasterKeyId": key} if key else {}
+            made = sns.create_topic(Name=r.name, Attributes=attributes, Tags=self.tags)
+            self.arns[(r.kind, r.name)] = made["TopicArn"]
+        else:  # '' turns server-side encryption off
+            sns.set_topic_attributes(
+                TopicArn=r.arn, AttributeName="KmsMasterKeyId", AttributeValue=key
+            )
+
+    def sns_subscription(self, r: Resource) -> None:
+        sns = self.clients("sns")
+        if r.action == "delete":
+            sns.unsubscribe(SubscriptionArn=r.arn)
+            return
+        sns.subscribe(
+            TopicArn=self.resolve(r.attrs["TopicArn"]),
+            Protocol=r.attrs["Protocol"],
+            Endpoint=r.attrs["Endpoint"],
+            ReturnSubscriptionArn=True,  # email and https: pending until confirmed
+        )
+
+    def kms_key(self, r: Resource) -> None:
+        kms = self.clients("kms")
+        key = r.arn.rsplit("/", 1)[-1]  # the key id (moto 5.2.5 takes no ARN where AWS does)
+        if r.action == "delete":
+            kms.delete_alias(AliasName=r.name)  # a later deploy makes a new key
+            kms.schedule_key_deletion(KeyId=key, PendingWindowInDays=KEY_DELETION_WINDOW_DAYS)
+            return
+        policy = json.dumps(r.attrs["Policy"])
+        if r.action == "create":
+            made = kms.create_key(
+                Description=r.attrs["Description"],
+                Policy=policy,
+                Tags=[{"TagKey": t["Key"], "TagValue": t["Value"]} for t in self.tags],
+            )["KeyMetadata"]
+            kms.create_alias(AliasName=r.name, TargetKeyId=made["KeyId"])
+            self.arns[(r.kind, r.name)] = made["Arn"]
+            return
+        kms.put_key_policy(KeyId=key, PolicyName="default", Policy=policy)
+        kms.update_key_description(KeyId=key, Description=r.attrs["Description"])
+
+    def s3_bucket_encryption(self, r: Resource) -> None:
+        self.clients("s3").put_bucket_encryption(
+            Bucket=r.attrs["Bucket"],
+            ServerSideEncryptionConfiguration={"Rules": self.resolve(r.attrs["Rules"])},
+        )
+
+    def s3_lifecycle(self, r: Resource) -> None:
+        """Replace this deployment's rules (by ID) and keep every other rule of the bucket."""
+        s3 = self.clients("s3")
+        ours = set(lifecycle_rule_ids(self.config))
+        now = lifecycle_rules(s3, r.attrs["Bucket"])
+        rules = [x for x in now if x.get("ID") not in ours]
+        rules += [] if r.action == "delete" else r.attrs["Rules"]
+        if rules:
+            s3.put_bucket_lifecycle_configuration(
+                Bucket=r.attrs["Bucket"], LifecycleConfiguration={"Rules": rules}
+            )
+        elif now:
+            s3.delete_bucket_lifecycle(Bucket=r.attrs["Bucket"])
+
+    def log_group(self, r: Resource) -> None:
+        logs = self.clients("logs")
+        name = r.name
+        if r.action == "delete":
+            logs.delete_log_group(logGroupName=name)
+            return
+        tags = {t["Key"]: t["Value"] for t in self.tags}
+        if r.action == "create":
+            logs.create_log_group(logGroupName=name, tags=tags)
+        elif r.arn:  # made by SageMaker before deploy set a retention: ours from now on
+            logs.tag_resource(resourceArn=r.arn, tags=tags)
+        if r.attrs["retentionInDays"]:
+            logs.put_retention_policy(logGroupName=name, retentionInDays=r.attrs["retentionInDays"])
+        elif r.action == "update":
+            logs.delete_retention_policy(logGroupName=name)  # 0: never expire
 
     def cloudwatch_alarm(self, r: Resource) -> None:
         cw = self.clients("cloudwatch")

@@ -65,13 +65,22 @@ def is_missing(exc: Exception) -> bool:
     """Is this ClientError the service's way of saying 'no such resource'?"""
     code = error_code(exc)
     message = str(exc)
-    return code in {"404", "NoSuchBucket", "NoSuchKey", "NoSuchEntity", "NotFound"} or (
-        code in {"ValidationException", "ResourceNotFound"} and "Could not find" in message
+    missing = {"404", "NoSuchBucket", "NoSuchKey", "NoSuchEntity", "NotFound", "NotFoundException"}
+    return (
+        code in missing
+        or code == "ResourceNotFoundException"
+        or (code in {"ValidationException", "ResourceNotFound"} and "Could not find" in message)
     )
 
 
 def tag_dict(tags: list[dict[str, str]] | None) -> dict[str, str]:
-    return {t.get("Key", t.get("key")): t.get("Value", t.get("value")) for t in tags or []}
+    """Tags as a dict, from any service's list shape (Key/Value, key/value, KMS's TagKey)."""
+    return {
+        t.get("Key", t.get("key", t.get("TagKey"))): t.get(
+            "Value", t.get("value", t.get("TagValue"))
+        )
+        for t in tags or []
+    }
 
 
 def policy_doc(value: Any) -> Any:
@@ -79,3 +88,13 @@ def policy_doc(value: Any) -> Any:
     if isinstance(value, str):
         return json.loads(urllib.parse.unquote(value))
     return value
+
+
+def lifecycle_rules(s3: Any, bucket: str) -> list[dict]:
+    """Every lifecycle rule of ``bucket`` ([] when it has none)."""
+    try:
+        return s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    except Exception as exc:
+        if error_code(exc) != "NoSuchLifecycleConfiguration":
+            raise
+        return []

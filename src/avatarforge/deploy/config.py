@@ -26,6 +26,37 @@ from .images import parse_ecr_uri, triton_version
 _NAME = re.compile(r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,40}$")  # SageMaker names, with room for suffixes
 MIN_TRAINING_TIMEOUT_S = 180
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+KMS_CREATE = "create"
+_KMS_KEY_ARN = re.compile(
+    r"^arn:aws:kms:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):key/(?P<id>(mrk-)?[0-9a-f-]{32,36})$"
+)
+_SUBNET = re.compile(r"^subnet-[0-9a-f]{8,17}$")
+_SECURITY_GROUP = re.compile(r"^sg-[0-9a-f]{8,17}$")
+_EMAIL = re.compile(r"^[^@\s,]+@[^@\s,]+\.[^@\s,]+$")
+_SQS_ARN = re.compile(r"^arn:aws:sqs:[a-z0-9-]+:\d{12}:[A-Za-z0-9_-]{1,80}(\.fifo)?$")
+# CloudWatch Logs' retention values (botocore's logs model, shape Days)
+LOG_RETENTION_DAYS = (1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827,
+                      2192, 2557, 2922, 3288, 3653)  # fmt: skip
+
+
+def _items(value: str | list | tuple) -> list[str]:
+    """A comma-separated setting (a JSON list is taken too) as its non-empty items."""
+    parts = value if isinstance(value, list | tuple) else str(value).split(",")
+    return [p.strip() for p in parts if str(p).strip()]
+
+
+def _subscription(item: str) -> tuple[str, str]:
+    if item.startswith("https://") and len(item) > len("https://"):
+        return "https", item
+    if _SQS_ARN.match(item):
+        return "sqs", item
+    if _EMAIL.match(item):
+        return "email", item
+    why = " (plain HTTP sends alarms unencrypted: use https://)" if item.startswith("http:") else ""
+    raise ConfigError(
+        f"deploy.alarm_subscriptions: {item!r} is no email address, https:// URL or SQS queue "
+        f"ARN{why}"
+    )
 
 
 @dataclass
@@ -45,7 +76,10 @@ class DeployConfig(Settings):
     mme_min_instances: int = setting(1, "MME autoscaling minimum (>= 1: it serves real time)", ge=1)
     mme_max_instances: int = setting(4, "MME autoscaling maximum", ge=1, le=100)
     mme_invocations_per_instance: int = setting(
-        60, "target of SageMakerVariantInvocationsPerInstance (per minute) for MME scaling", ge=1
+        0,
+        "target of SageMakerVariantInvocationsPerInstance (per minute) for MME scaling; 0: "
+        "derived from the measured images per minute of the instance's GPU (the plan shows it)",
+        ge=0,
     )
     triton_image_tag: str = setting(
         "25.09-py3", "tag of the SageMaker Triton image (its stub's Python decides the env's)"
@@ -92,6 +126,40 @@ class DeployConfig(Settings):
     training_role_arn: str = setting(
         "", "IAM role of the training endpoint (empty: role_arn; least privilege: its own role)"
     )
+    retention_days: int = setting(
+        7,
+        "photos, job records and work files, async outputs and failures (photos/, jobs/, "
+        "async/) expire this many days after they are written, by S3 lifecycle rules; user "
+        "models stay until forgotten; 0: no expiry",
+        ge=0,
+        le=3650,
+    )
+    log_retention_days: int = setting(
+        30,
+        "retention of the endpoints' CloudWatch log groups (they hold user and job ids): one of "
+        "CloudWatch's values (1, 3, 5, 7, 14, 30, 60, 90, ... 3653); 0: never expire",
+        ge=0,
+        le=3653,
+    )
+    kms_key: str = setting(
+        "",
+        "KMS key for S3 objects, endpoint volumes and SNS topics: '' none (S3's own "
+        "encryption), 'create' (deploy makes one; destroy --delete-data schedules its deletion) "
+        "or an existing key's ARN in the deployment's region (used, never changed)",
+    )
+    vpc_subnets: str = setting(
+        "",
+        "comma-separated subnet ids (at least two, in different availability zones) both "
+        "endpoints run in; '' runs them outside your VPC",
+    )
+    vpc_security_groups: str = setting(
+        "", "comma-separated security group ids of both endpoints (with vpc_subnets)"
+    )
+    alarm_subscriptions: str = setting(
+        "",
+        "comma-separated endpoints subscribed to the alarms' SNS topic: email addresses, "
+        "https:// URLs, SQS queue ARNs",
+    )
 
     def validate(self) -> None:
         if self.region.startswith("cn-"):
@@ -119,6 +187,74 @@ class DeployConfig(Settings):
         triton_version(self.triton_image_tag)
         if self.training_image_uri:
             parse_ecr_uri(self.training_image_uri)
+        if self.log_retention_days and self.log_retention_days not in LOG_RETENTION_DAYS:
+            raise ConfigError(
+                f"deploy.log_retention_days: one of 0, {', '.join(map(str, LOG_RETENTION_DAYS))} "
+                f"(CloudWatch's values; got {self.log_retention_days})"
+            )
+        self._validate_kms_key()
+        self._validate_vpc()
+        self.subscriptions  # noqa: B018 (each one parses, or the error names it)
+
+    def _validate_kms_key(self) -> None:
+        if self.kms_key in ("", KMS_CREATE):
+            return
+        match = _KMS_KEY_ARN.match(self.kms_key)
+        if not match:
+            raise ConfigError(
+                f"deploy.kms_key: '', 'create' or a key ARN (arn:aws:kms:<region>:<account>:"
+                f"key/<id>; an alias cannot scope IAM policies) (got {self.kms_key!r})"
+            )
+        if match["region"] != self.region:
+            raise ConfigError(
+                f"deploy.kms_key: the key is in {match['region']}, the deployment in "
+                f"{self.region} (S3, SageMaker and SNS use keys of their own region)"
+            )
+
+    def _validate_vpc(self) -> None:
+        subnets, groups = self.subnets, self.security_groups
+        if bool(subnets) != bool(groups):
+            raise ConfigError(
+                "deploy.vpc_subnets and deploy.vpc_security_groups: set both or neither"
+            )
+        if subnets and len(subnets) < 2:
+            raise ConfigError(
+                "deploy.vpc_subnets: at least two, in different availability zones (SageMaker "
+                f"hosting needs them even for one instance; got {len(subnets)})"
+            )
+        for name, values, pattern, most in (
+            ("vpc_subnets", subnets, _SUBNET, 16),
+            ("vpc_security_groups", groups, _SECURITY_GROUP, 5),
+        ):
+            if len(values) > most:
+                raise ConfigError(f"deploy.{name}: at most {most} (got {len(values)})")
+            for value in values:
+                if not pattern.match(value):
+                    raise ConfigError(f"deploy.{name}: {value!r} is not such an id")
+
+    # ------------------------------------------------------------ lists and derived settings
+
+    @property
+    def subnets(self) -> list[str]:
+        return _items(self.vpc_subnets)
+
+    @property
+    def security_groups(self) -> list[str]:
+        return _items(self.vpc_security_groups)
+
+    @property
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """(protocol, endpoint) of each alarm subscription: email, https or sqs."""
+        return [_subscription(item) for item in _items(self.alarm_subscriptions)]
+
+    @property
+    def kms_alias(self) -> str:
+        """The alias of the key deploy makes (kms_key 'create')."""
+        return f"alias/avatarforge/{self.name}"
+
+    @property
+    def alarm_topic_name(self) -> str:
+        return f"{self.name}-alarms"
 
     # ------------------------------------------------------------ derived names and paths
 

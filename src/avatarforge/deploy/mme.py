@@ -12,6 +12,7 @@ from ..serving.bootstrap import (
     ENV_SHARED_DIR,
 )
 from ..tritonserver.sagemaker import MME_ENV
+from . import operations, security
 from .assets import Asset, MMEAssets
 from .config import DeployConfig
 from .images import inference_ami, triton_image_uri, triton_python
@@ -29,6 +30,7 @@ from .resources import (
     scaling_policy,
     shared_object,
 )
+from .throughput import mme_scaling, serving_cost
 
 # Scale out fast (a cold user model loads in seconds), in slowly (a scaled-in instance drops
 # every user model it had loaded).
@@ -73,6 +75,14 @@ def plan_mme(
     if assets.env is None:
         blockers.append(assets.env_problem)
     role, role_resource = execution_role(cfg, "mme", acct, create_role, blockers)
+    scaling = mme_scaling(cfg.mme_instance_type, cfg.mme_invocations_per_instance)
+    if scaling["target"] is None:
+        blockers.append(
+            f"no measured throughput for {cfg.mme_instance_type} (one GPU of a known kind): set "
+            "deploy.mme_invocations_per_instance, the invocations per minute an instance should "
+            "carry before autoscaling adds one"
+        )
+    key = security.key_id(cfg)
 
     def model(a: str) -> dict[str, Any]:
         return {
@@ -83,6 +93,7 @@ def plan_mme(
                 "ModelDataUrl": cfg.models_prefix,
                 "Environment": mme_environment(cfg, s3_uri(base_obj), s3_uri(env_obj), assets.env),
             },
+            **security.vpc_config(cfg),
         }
 
     def endpoint_config(model_name: str, a: str) -> dict[str, Any]:
@@ -95,16 +106,21 @@ def plan_mme(
                     "InitialInstanceCount": cfg.mme_min_instances,
                     **ami,
                 }
-            ]
+            ],
+            **security.volume_key(cfg),
         }
 
     trio = endpoint_trio(cfg, "mme", acct, model, endpoint_config)
     endpoint = cfg.mme_endpoint_name
+    alarms = operations.mme_alarms(cfg)
     resources = [
         bucket(cfg),
+        *security.kms_resources(cfg, acct),
+        operations.lifecycle(cfg),
         base_obj,
         env_obj,
         *([role_resource] if role_resource else []),
+        operations.log_group(cfg, endpoint),
         *trio,
         scalable_target(endpoint, cfg.mme_min_instances, cfg.mme_max_instances),
         scaling_policy(
@@ -112,7 +128,7 @@ def plan_mme(
             f"{endpoint}-invocations",
             "TargetTrackingScaling",
             {
-                "TargetValue": float(cfg.mme_invocations_per_instance),
+                "TargetValue": float(scaling["target"] or 1),
                 "PredefinedMetricSpecification": {
                     "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
                 },
@@ -120,7 +136,12 @@ def plan_mme(
                 "ScaleInCooldown": MME_SCALE_IN_COOLDOWN_S,
             },
         ),
+        *operations.operations(cfg, key, alarms),
     ]
+    cost = cost_line(cfg.mme_instance_type, cfg.mme_min_instances, cfg.mme_max_instances)
+    cost["per_images"] = serving_cost(
+        cfg.mme_instance_type, scaling["throughput"], scaling["target"]
+    )
     facts = {
         "image": {
             "uri": image,
@@ -139,13 +160,17 @@ def plan_mme(
         },
         "s3": {"models": cfg.models_prefix, "shared": cfg.shared_prefix},
         "endpoint": endpoint,
-        "cost": cost_line(cfg.mme_instance_type, cfg.mme_min_instances, cfg.mme_max_instances),
+        "scaling": scaling,
+        "cost": cost,
+        "security": security.facts(cfg, "mme", cfg.mme_instance_type),
+        **operations.facts(cfg, alarms),
         "execution_role": role(acct),
         "policies": {"mme": {"trust": trust_policy(), "permissions": mme_policy(cfg, acct)}},
     }
     notes = [
         f"user models go to {cfg.models_prefix}<user>.tar.gz; the endpoint loads one on its "
         "first request (TargetModel=<user>.tar.gz)",
+        *security.notes(cfg),
     ]
     plan = Plan("mme", cfg.name, cfg.region, account, resources, facts, blockers, notes)
     return finish(plan, cfg, state, "mme")

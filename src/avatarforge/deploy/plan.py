@@ -92,11 +92,13 @@ def variant_resource_id(endpoint: str) -> str:
     return f"endpoint/{endpoint}/variant/{VARIANT}"
 
 
-def plan_destroy(config: DeployConfig, found: list[Resource], *, account: str = "") -> Plan:
+def plan_destroy(
+    config: DeployConfig, found: list[Resource], *, account: str = "", notes: list[str] = ()
+) -> Plan:
     """Delete what was found carrying our tag (found by avatarforge.deploy.state.discover)."""
     for r in found:
         r.action = "delete"
-    notes = [f"only resources tagged {config.tag['Key']}={config.tag['Value']} are listed"]
+    notes = [f"only resources tagged {config.tag['Key']}={config.tag['Value']} are listed", *notes]
     return Plan("destroy", config.name, config.region, account, found, {}, [], notes)
 
 
@@ -139,6 +141,7 @@ def _resolve(value: Any, arns: dict[tuple[str, str], str]) -> Any:
 
 
 _TAGGED = {
+    "kms_key",
     "iam_role",
     "sagemaker_model",
     "endpoint_config",
@@ -147,6 +150,11 @@ _TAGGED = {
     "cloudwatch_alarm",
 }
 _COMPARED = {
+    "kms_key",
+    "s3_bucket_encryption",
+    "s3_lifecycle",
+    "sns_topic",
+    "log_group",
     "iam_role",
     "endpoint",
     "scalable_target",
@@ -168,13 +176,30 @@ def diff(
     for r in desired:
         have = state.get((r.kind, r.name))
         if have is None:
-            r.action = "create"
+            # no lifecycle rules wanted on a bucket that does not exist yet: nothing to make
+            empty = r.kind == "s3_lifecycle" and not r.attrs["Rules"]
+            r.action = "unchanged" if empty else "create"
             out.append(r)
             continue
         r.arn = have.arn
         if r.kind in _TAGGED and (have.tags or {}).get(tag_key) != tag_value:
             r.action = "conflict"
             r.changes = [f"exists but is not tagged {tag_key}={tag_value}: not ours, not touched"]
+        elif r.kind == "kms_key" and have.attrs.get("_State") != "Enabled":
+            r.action = "conflict"
+            r.changes = [
+                f"the key under {r.name} is {have.attrs.get('_State')}: enable it (or cancel its "
+                "deletion), or delete the alias so that deploy makes a new key"
+            ]
+        elif r.kind == "s3_bucket_encryption" and (have.tags or {}).get(tag_key) != tag_value:
+            # not our bucket: its default encryption is its owner's; equal is fine
+            r.changes = _differences(_resolve(r.attrs, arns), have.attrs)
+            r.action = "conflict" if r.changes else "unchanged"
+            if r.changes:
+                r.changes.append(
+                    "the bucket's default encryption is its owner's, not deploy's: set it to "
+                    "the deployment's key yourself, or use a bucket deploy creates"
+                )
         elif r.kind == "endpoint" and have.attrs.get("_Status") == "Failed":
             r.action = "conflict"
             r.changes = [
@@ -224,7 +249,13 @@ def _superseded(
     wanted = {(r.kind, r.name) for r in desired}
     prefix = f"{config.name}-{component}-"
     tag_key, tag_value = config.tag["Key"], config.tag["Value"]
-    old = []
+    old = [  # subscriptions of our alarm topic that the config no longer names
+        Resource(k, name, have.attrs, action="delete", arn=have.arn,
+                 changes=["not in deploy.alarm_subscriptions"])
+        for (k, name), have in sorted(state.items())
+        if k == "sns_subscription" and (k, name) not in wanted
+        and not have.attrs.get("_Pending")  # SNS removes unconfirmed ones after 3 days itself
+    ]  # fmt: skip
     for kind in ("endpoint_config", "sagemaker_model"):  # configs first: they name the models
         for (k, name), have in sorted(state.items()):
             if k != kind or (k, name) in wanted or not name.startswith(prefix):

@@ -2,10 +2,13 @@
 
 Each role may read and write only under the deployment's own S3 prefixes, publish only to its
 two topics, pull only the one image repository it runs, and write logs only to its endpoint's
-log group. Two actions AWS does not scope to resources take ``"Resource": "*"``:
-``ecr:GetAuthorizationToken`` (an ECR login is account-wide) and ``cloudwatch:PutMetricData``
-(limited instead by a condition on the metric namespace). :data:`UNSCOPED_ACTIONS` lists them;
-the tests check that nothing else is unscoped.
+log group. With a KMS key (``kms_key``) each role may use only that key; in a VPC
+(``vpc_subnets``) each may make network interfaces only in the deployment's subnets and security
+groups. Actions AWS does not scope to resources take ``"Resource": "*"``:
+``ecr:GetAuthorizationToken`` (an ECR login is account-wide), ``cloudwatch:PutMetricData``
+(limited instead by a condition on the metric namespace) and, in a VPC, the EC2 ``Describe*``
+calls SageMaker makes to attach the endpoint to it. :data:`UNSCOPED_ACTIONS` lists them; the
+tests check that nothing else is unscoped.
 
 ``account`` is the AWS account id where known (a real run reads it from STS); a dry run has
 none and writes ``*`` in the account field of the ARNs, which IAM accepts as-is.
@@ -17,9 +20,19 @@ from typing import Any
 
 from .config import DeployConfig
 from .images import ecr_repository_arn, image_repository_arn, parse_ecr_uri, triton_image_uri
+from .security import key_id
 
 VERSION = "2012-10-17"
-UNSCOPED_ACTIONS = frozenset({"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData"})
+_EC2_DESCRIBE = [
+    "ec2:DescribeDhcpOptions",
+    "ec2:DescribeNetworkInterfaces",
+    "ec2:DescribeSecurityGroups",
+    "ec2:DescribeSubnets",
+    "ec2:DescribeVpcs",
+]
+UNSCOPED_ACTIONS = frozenset(
+    {"ecr:GetAuthorizationToken", "cloudwatch:PutMetricData", *_EC2_DESCRIBE}
+)
 # The repository name written into the training policy while no training image is configured.
 TRAINING_REPOSITORY_PLACEHOLDER = "avatarforge-training"
 _ECR_PULL = ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"]
@@ -94,6 +107,59 @@ def _common(config: DeployConfig, account: str, endpoint: str, repository_arn: s
     ]
 
 
+def _key_and_network(config: DeployConfig, account: str, *, writes: bool) -> list[Policy]:
+    """Use of the deployment's KMS key (read; write too for the training role, which writes
+    objects and its SNS notifications), and SageMaker's network interfaces in its VPC."""
+    out: list[Policy] = []
+    if config.kms_key:
+        actions = ["kms:Decrypt", "kms:DescribeKey"] + (["kms:GenerateDataKey"] if writes else [])
+        out.append(
+            {"Sid": "UseTheDeploymentKey", "Effect": "Allow", "Action": actions,
+             "Resource": [key_id(config)]}
+        )  # fmt: skip
+        out.append(
+            {
+                "Sid": "EncryptTheEndpointVolumes",
+                "Effect": "Allow",
+                "Action": ["kms:CreateGrant"],
+                "Resource": [key_id(config)],
+                "Condition": {"Bool": {"kms:GrantIsForAWSResource": "true"}},
+            }
+        )
+    if config.subnets:
+        ec2 = f"arn:aws:ec2:{config.region}:{account}"
+        interfaces = f"{ec2}:network-interface/*"
+        out += [
+            {
+                "Sid": "EndpointNetworkInterfaces",
+                "Effect": "Allow",
+                "Action": ["ec2:CreateNetworkInterface"],
+                "Resource": [
+                    interfaces,
+                    *(f"{ec2}:subnet/{s}" for s in config.subnets),
+                    *(f"{ec2}:security-group/{g}" for g in config.security_groups),
+                ],
+            },
+            {
+                "Sid": "ManageEndpointNetworkInterfaces",
+                "Effect": "Allow",
+                "Action": [
+                    "ec2:CreateNetworkInterfacePermission",
+                    "ec2:DeleteNetworkInterface",
+                    "ec2:DeleteNetworkInterfacePermission",
+                ],
+                "Resource": [interfaces],
+            },
+            {
+                "Sid": "DescribeTheNetworkIsAccountWide",
+                "Effect": "Allow",
+                "Action": list(_EC2_DESCRIBE),
+                "Resource": "*",
+            },
+        ]
+    return out
+
+
 def _list_bucket(config: DeployConfig, folders: list[str]) -> Policy:
     return {
         "Sid": "ListOurPrefixes",
@@ -119,6 +185,7 @@ def mme_policy(config: DeployConfig, account: str = "*") -> Policy:
             },
             _list_bucket(config, ["models/", "shared/"]),
             *_common(config, account, config.mme_endpoint_name, triton_repo),
+            *_key_and_network(config, account, writes=False),
         ],
     }
 
@@ -176,5 +243,6 @@ def training_policy(config: DeployConfig, account: str = "*") -> Policy:
                 config.training_endpoint_name,
                 training_repository_arn(config, account),
             ),
+            *_key_and_network(config, account, writes=True),
         ],
     }

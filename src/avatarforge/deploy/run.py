@@ -34,8 +34,8 @@ def make_plan(
         if clients is None:
             raise ValueError("destroy lists what exists: it needs AWS clients")
         account = account_id(clients)
-        found = discover(clients, config, account, delete_data=delete_data)
-        return plan_destroy(config, found, account=account)
+        found, notes = discover(clients, config, account, delete_data=delete_data)
+        return plan_destroy(config, found, account=account, notes=notes)
     if command == "mme":
         assets = prepare_mme_assets(config)
 

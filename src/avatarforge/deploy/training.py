@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from . import operations, security
 from .assets import Asset
 from .config import DeployConfig
 from .images import inference_ami, lmi_image_uri
@@ -21,6 +22,7 @@ from .resources import (
     scaling_policy,
     shared_object,
 )
+from .throughput import training_cost
 
 # The training service reads its settings from AVATARFORGE_SERVICE_<FIELD> (fields of
 # avatarforge.jobs.ServiceConfig; not imported here: that package imports the trainer).
@@ -72,6 +74,7 @@ def plan_training(
     base_obj = shared_object(cfg, base, "base")
     role, role_resource = execution_role(cfg, "training", acct, create_role, blockers)
     success, error = cfg.success_topic_name, cfg.error_topic_name
+    key = security.key_id(cfg)
 
     def model(a: str) -> dict[str, Any]:
         return {
@@ -81,6 +84,7 @@ def plan_training(
                 "Mode": "SingleModel",
                 "Environment": training_environment(cfg, s3_uri(base_obj)),
             },
+            **security.vpc_config(cfg),
         }
 
     def endpoint_config(model_name: str, a: str) -> dict[str, Any]:
@@ -104,20 +108,26 @@ def plan_training(
                         "SuccessTopic": topic_arn(cfg, success, a),
                         "ErrorTopic": topic_arn(cfg, error, a),
                     },
+                    **security.volume_key(cfg),  # the outputs, encrypted with the key
                 },
             },
+            **security.volume_key(cfg),
         }
 
     trio = endpoint_trio(cfg, "training", acct, model, endpoint_config)
     endpoint = cfg.training_endpoint_name
     wake = f"{endpoint}-wake-on-backlog"
     dims = [{"Name": "EndpointName", "Value": endpoint}]
+    alarms = operations.training_alarms(cfg)
     resources = [
         bucket(cfg),
+        *security.kms_resources(cfg, acct),
+        operations.lifecycle(cfg),
         base_obj,
-        Resource("sns_topic", success, {"Name": success}),
-        Resource("sns_topic", error, {"Name": error}),
+        Resource("sns_topic", success, {"Name": success, "KmsMasterKeyId": key}),
+        Resource("sns_topic", error, {"Name": error, "KmsMasterKeyId": key}),
         *([role_resource] if role_resource else []),
+        operations.log_group(cfg, endpoint),
         *trio,
         scalable_target(endpoint, 0, cfg.training_max_instances),
         scaling_policy(
@@ -168,6 +178,7 @@ def plan_training(
                 "AlarmActions": [ref("scaling_policy", wake)],
             },
         ),
+        *operations.operations(cfg, key, alarms),
     ]
     facts = {
         "image": {
@@ -190,7 +201,12 @@ def plan_training(
         "invocation_timeout_s": cfg.training_timeout_s,
         "request_ttl_s": cfg.training_request_ttl_s,
         "service_deadline_s": cfg.training_deadline_s,
-        "cost": cost_line(cfg.training_instance_type, 0, cfg.training_max_instances),
+        "cost": {
+            **cost_line(cfg.training_instance_type, 0, cfg.training_max_instances),
+            "per_job": training_cost(cfg.training_instance_type),
+        },
+        "security": security.facts(cfg, "training", cfg.training_instance_type),
+        **operations.facts(cfg, alarms),
         "execution_role": role(acct),
         "policies": {
             "training": {"trust": trust_policy(), "permissions": training_policy(cfg, acct)}
@@ -202,6 +218,7 @@ def plan_training(
         f"clients send InvocationTimeoutSeconds={cfg.training_timeout_s} and "
         f"RequestTTLSeconds={cfg.training_request_ttl_s} with each job (InvokeEndpointAsync "
         "takes them per request; the endpoint config has no such fields)",
+        *security.notes(cfg),
     ]
     plan = Plan("training", cfg.name, cfg.region, account, resources, facts, blockers, notes)
     return finish(plan, cfg, state, "training")

@@ -41,6 +41,7 @@ from avatarforge.jobs.progress import ProgressReport
 from avatarforge.jobs.request import JobRequest
 from avatarforge.names import InvalidNameError, check_user_id
 from avatarforge.storage import list_prefix
+from avatarforge.train.loop import StepInfo
 
 pytestmark = pytest.mark.integration
 
@@ -91,7 +92,7 @@ class Trainer:
         progress = ProgressReport(job, min_interval_s=0)
         progress.stage("fetch")
         progress.stage("train")
-        progress.step(type("Step", (), {"step": 3, "total": 8})())
+        progress.step(StepInfo(3, 8, 0.1, 0.5))
         self.gate.wait(30)
         if self.fail is not None:
             raise self.fail
@@ -145,7 +146,7 @@ class Receiver:
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 (http.server's name)
+            def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.got.append((dict(self.headers), body))
                 code = outer.codes.pop(0) if outer.codes else 200
@@ -555,3 +556,103 @@ def test_the_page_is_self_contained(client) -> None:
     assert "http" not in page.text.replace('"http', "")  # nothing from elsewhere
     script = client.get("/static/app.js").text
     assert "innerHTML" not in script and "eval(" not in script
+
+
+# ------------------------------------------------------------------------------ progress
+
+
+def test_a_job_writes_its_progress_and_contact_sheet_where_the_api_reads_them(
+    s3_bucket, sample_dataset, sample_manifest
+) -> None:
+    """The training service's ProgressReport: stages, steps at most every min_interval_s (and
+    the last), what preprocessing kept and rejected with reasons, and its contact sheet."""
+    from avatarforge.storage import read_bytes
+
+    prefix = f"s3://{s3_bucket}/avatarforge/"
+    job = JobRequest("j1", "alice", prefix + "photos/alice/", prefix + "models/", prefix + "jobs/")
+    now = [0.0]
+    report = ProgressReport(job, min_interval_s=5, clock=lambda: now[0])
+
+    def progress() -> dict:
+        return json.loads(read_bytes(prefix + "jobs/j1/progress.json")[0])
+
+    report.stage("fetch")
+    assert progress()["stage"] == "fetch"
+    report.preprocessed(sample_manifest, sample_dataset)
+    found = progress()
+    assert found["photos"]["kept"] == sample_manifest.kept_sources
+    assert [r["source"] for r in found["photos"]["rejected"]] == [
+        i.source for i in sample_manifest.rejected
+    ]
+    sheet = read_bytes(prefix + "jobs/j1/contact_sheet.png", max_bytes=2**24)[0]
+    assert sheet == (sample_dataset / "contact_sheet.png").read_bytes()
+    report.stage("train")
+    for i, at in ((1, 1.0), (2, 2.0), (3, 7.0), (4, 8.0)):
+        now[0] = at
+        report.step(StepInfo(i, 5, 0.1, 0.5))
+    assert progress()["step"] == 3  # 4 came within 5 s of 3
+    report.step(StepInfo(5, 5, 0.1, 0.5))  # the last step is always written
+    assert (progress()["step"], progress()["total"]) == (5, 5)
+
+
+def test_a_training_whose_submission_failed_is_forgotten_too(client, cloud_config) -> None:
+    """The API's record is written before the submission: alone, it still names the user."""
+    from avatarforge.storage import write_bytes
+
+    record = {"job_id": "appa-t1", "namespace": "appa", "user": "appa-alice"}
+    write_bytes(cloud_config.jobs_prefix + "appa-t1/api.json", json.dumps(record).encode())
+    report = client.delete("/v1/users/alice", headers=auth()).json()
+    assert [r["what"] for r in report["removals"]] == ["job records"]
+    assert not list_prefix(cloud_config.jobs_prefix)
+
+
+# ------------------------------------------------------------------------------ deploy, CLI
+
+
+def test_the_api_role_is_limited_to_what_the_api_calls() -> None:
+    from avatarforge.deploy.api import api_policy
+    from avatarforge.deploy.config import DeployConfig
+    from avatarforge.deploy.run import make_plan
+
+    config = DeployConfig(name="af", bucket="my-bucket", prefix="avatarforge/")
+    plan = make_plan("api", config, create_role=True)
+    assert [(r.kind, r.name) for r in plan.resources] == [("iam_role", "af-api")]
+    assert make_plan("api", config).resources == []  # optional: nothing unless asked
+    actions = {}
+    for statement in api_policy(config, "123456789012")["Statement"]:
+        assert statement["Effect"] == "Allow" and statement["Resource"] != "*"
+        for action in statement["Action"]:
+            actions.setdefault(action, []).extend(statement["Resource"])
+    assert set(actions) == {
+        "s3:GetObject", "s3:GetObjectVersion", "s3:PutObject", "s3:DeleteObject",
+        "s3:DeleteObjectVersion", "s3:ListBucket", "s3:ListBucketVersions",
+        "s3:GetBucketVersioning", "sagemaker:InvokeEndpoint", "sagemaker:InvokeEndpointAsync",
+    }  # fmt: skip
+    for action, resources in actions.items():
+        for arn in resources:
+            if action.startswith("s3:") and "Bucket" not in action:
+                assert arn.startswith("arn:aws:s3:::my-bucket/avatarforge/"), arn
+    assert actions["sagemaker:InvokeEndpoint"] == [
+        "arn:aws:sagemaker:us-east-1:123456789012:endpoint/af-mme"
+    ]
+    assert actions["sagemaker:InvokeEndpointAsync"] == [
+        "arn:aws:sagemaker:us-east-1:123456789012:endpoint/af-training"
+    ]
+    # the API never writes models or async outputs (the training service does)
+    assert not any("models/" in a or "async/" in a for a in actions["s3:PutObject"])
+
+
+def test_cli_makes_keys_and_prints_the_plan() -> None:
+    from typer.testing import CliRunner
+
+    from avatarforge.cli import app
+
+    made = CliRunner().invoke(app, ["api", "new-key", "Photo-App"])
+    assert made.exit_code == 0, made.output
+    key = made.output.split("key (shown once): ")[1].split()[0]
+    entry = json.loads(made.output.strip().splitlines()[-1])
+    assert entry == {"name": "Photo-App", "sha256": hash_key(key), "namespace": "photoapp"}
+    assert ApiConfig.from_dict({"keys": [entry]}).keys[0].namespace == "photoapp"
+    plan = CliRunner().invoke(app, ["api", "plan", "--bucket", "my-bucket", "--json"])
+    assert plan.exit_code == 0, plan.output
+    assert json.loads(plan.output)["facts"]["policies"]["api"]["permissions"]["Statement"]

@@ -74,6 +74,7 @@ class ApiService:
     preprocess: Any = None  # a PreprocessConfig: intake's limits (default: its defaults)
     invoke_timeout_s: float = 70.0  # read timeout of one InvokeEndpoint (a CPU stack: more)
     mme_sagemaker_url: str | None = None  # a local MME to unload forgotten users from
+    endpoint: str | None = None  # the MME endpoint's name, when not the deployment's
     session: Any = None  # boto3 session (default: the environment's)
 
     def __post_init__(self) -> None:
@@ -454,7 +455,8 @@ class ApiService:
         for text, negative, args, labels in items:
             try:
                 jpegs = cloud_generate(
-                    self.deployment, stored_user, text, negative, args,
+                    self.endpoint or self.deployment, stored_user, text, negative, args,
+                    region=self.deployment.region, models_prefix=self.deployment.models_prefix,
                     retry=retry, session=self.session,
                 )  # fmt: skip
             except NoModelError:

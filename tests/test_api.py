@@ -10,6 +10,7 @@ Webhooks go to a real HTTP server on loopback (allowed by ``webhook_allow_privat
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import http.server
 import io
@@ -656,3 +657,68 @@ def test_cli_makes_keys_and_prints_the_plan() -> None:
     plan = CliRunner().invoke(app, ["api", "plan", "--bucket", "my-bucket", "--json"])
     assert plan.exit_code == 0, plan.output
     assert json.loads(plan.output)["facts"]["policies"]["api"]["permissions"]["Statement"]
+
+
+# ------------------------------------------------------------------------------ predictions (MME)
+
+
+@pytest.fixture
+def mme_client(cloud_config, make_loader, start_runtime, trainer, tmp_path, monkeypatch):
+    """The API with the deployment's MME on the local runtime: tritonserver's SageMaker front
+    end, TargetModels from the models prefix in moto, ModelNotReadyException while one loads.
+    Key A's users ``quick`` (loads at once) and ``slow`` (2 s in initialize())."""
+    from fixtures.cloud import jpeg_model_archive
+
+    from avatarforge.mme.front import Invoker
+    from avatarforge.storage import publish
+
+    for user, delay in (("quick", 0.0), ("slow", 2.0)):
+        archive = jpeg_model_archive(tmp_path / "models", f"appa-{user}", load_delay=delay)
+        publish(archive, cloud_config.models_prefix + archive.name)
+    invoker = Invoker(make_loader(cloud_config.models_prefix), not_ready_while_loading=True)
+    start_runtime(trainer, realtime={cloud_config.mme_endpoint_name: invoker})
+    monkeypatch.setenv("AVATARFORGE_PACKS", str(tmp_path / "no-user-packs"))
+    try:
+        yield TestClient(create_app(ApiService(cloud_config, api_config()), watch=False))
+    finally:
+        invoker.close()
+
+
+def _when_loaded(client, body, timeout=60.0):
+    """POST the prediction again while it is answered 503 (as a client honouring Retry-After,
+    only sooner)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = client.post("/v1/predictions", json=body, headers=auth())
+        if answer.status_code != 503 or time.monotonic() > deadline:
+            return answer
+        time.sleep(0.5)
+
+
+def test_predictions_answer_images_or_503_while_the_model_loads(mme_client) -> None:
+    from fixtures.cloud import prompt_color
+
+    body = {"user": "slow", "prompt": "a photo of <<TOK>> person", "gen_args": {"num_images": 2}}
+    first = mme_client.post("/v1/predictions", json=body, headers=auth())
+    assert first.status_code == 503, first.text  # 2 s of loading > predict_wait_s (0.5 s)
+    assert int(first.headers["Retry-After"]) == 10 and "loading" in first.json()["error"]
+    answer = _when_loaded(mme_client, body)
+    assert answer.status_code == 200, answer.text
+    avatar = answer.json()["avatars"][0]
+    assert len(avatar["images"]) == 2 and avatar["gen_args"]["num_images"] == 2
+    with Image.open(io.BytesIO(base64.b64decode(avatar["images"][0]))) as image:
+        assert image.format == "JPEG"
+        got = image.convert("RGB").getpixel((8, 8))
+    assert max(abs(a - b) for a, b in zip(got, prompt_color(body["prompt"]), strict=True)) <= 3
+    # a style pack: every avatar, one request each; another key's "quick" is not A's
+    pack = {"user": "quick", "pack": "professional", "gen_args": {"steps": 2}}
+    answer = _when_loaded(mme_client, pack).json()
+    styles = [(a["style"], a["framing"]) for a in answer["avatars"]]
+    assert styles == [
+        (style, framing)
+        for style in ("studio", "office", "outdoors")
+        for framing in ("headshot", "square-crop")
+    ]
+    assert all(len(a["images"]) == 1 for a in answer["avatars"])
+    theirs = mme_client.post("/v1/predictions", json=pack, headers=auth(KEY_B))
+    assert theirs.status_code == 404 and "has no model yet" in theirs.json()["error"]

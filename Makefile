@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 LINT_DIRS := $(wildcard src tests bench model_repository training_container conda_envs)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo demo-service demo-cloud test test-fast lint clean base env package export local-triton local-mme \
+.PHONY: help setup demo demo-service demo-cloud api test test-fast lint clean base env package export local-triton local-mme \
         deploy-mme deploy-training destroy training-image bench bench-gpu gpu-bundle bench-quality reliability
 
 help:  ## list the verbs
@@ -45,7 +45,7 @@ demo: $(STAMP)  ## run the whole path on the tiny base and sample photos; result
 lint: $(STAMP)  ## ruff + hadolint
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
-	$(VENV)/bin/hadolint $(wildcard training_container/Dockerfile conda_envs/Dockerfile)
+	$(VENV)/bin/hadolint $(wildcard training_container/Dockerfile conda_envs/Dockerfile api_container/Dockerfile)
 
 test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration with real servers)
 	$(PY) -m pytest $(PYTEST_ARGS)
@@ -107,6 +107,9 @@ demo-service: $(STAMP)  ## one training job against a local S3 (moto), then its 
 
 demo-cloud: $(STAMP)  ## the whole system locally: moto S3/SNS/SQS, async training runner, MME; submit -> generate
 	$(AF) demo-cloud
+
+api: $(STAMP)  ## the HTTP API + its web page on 127.0.0.1:8800, on the demo-cloud stack (CONFIG=deploy.json API_CONFIG=api.json: a deployment)
+	$(AF) api $(if $(PORT),--port $(PORT)) $(if $(CONFIG),--config $(CONFIG)) $(if $(API_CONFIG),--api-config $(API_CONFIG))
 
 # CONFIG=deploy.json holds the deployment description; DRY_RUN=1 prints the plan and touches
 # nothing (no AWS account needed); CREATE_ROLE=1 creates the least-privilege roles too

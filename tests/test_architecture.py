@@ -45,6 +45,9 @@ ALLOWED: dict[str, set[str]] = {
     "deploy": {"base", "serving", "envs", "tritonserver"},  # the MME env tritonserver runs with
     "cloud": {"generate", "serving", "mme", "jobs", "deploy"},
     "forget": {"serving", "mme", "tritonserver", "deploy"},  # finds a user everywhere
+    # the HTTP API: the cloud client's calls, the service's request check and progress,
+    # intake's photo check, packs, forget
+    "api": {"cloud", "jobs", "deploy", "forget", "packs", "preprocess", "generate"},
     "testing": set(),  # sample photos, a small dataset, moto: for tests, bench and the demos
     "demos": {"*", "testing"},
     "cli": {"*", "testing", "demos"},

@@ -189,7 +189,10 @@ def test_no_usable_face_fails_with_the_reasons_and_writes_nothing(
     assert error.details["kept"] == ["astronaut.jpg"]
     assert {r["source"] for r in error.details["rejected"]} == {"no_face.jpg", "small_face.jpg"}
     assert s3_keys(s3_bucket, "af/models/") == []
-    assert s3_keys(s3_bucket, "af/jobs/") == ["af/jobs/job-c/claim.json"]  # given back
+    # the claim given back; the progress and contact sheet show why (the HTTP API reads them)
+    assert s3_keys(s3_bucket, "af/jobs/") == [
+        f"af/jobs/job-c/{name}" for name in ("claim.json", "contact_sheet.png", "progress.json")
+    ]
     assert list(service_config.work_path().iterdir()) == []
     # the user's photos are untouched
     assert s3_keys(s3_bucket, "af/photos/carol/") == [f"af/photos/carol/{p.name}" for p in photos]

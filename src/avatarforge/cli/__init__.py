@@ -8,6 +8,7 @@ import typer
 
 from .. import __version__
 from . import (
+    api,
     avatars,
     base,
     cloud,
@@ -79,6 +80,7 @@ for _module in (
     deploy,
     cloud,
     demo,
+    api,
     config,
 ):
     _module.register(app)

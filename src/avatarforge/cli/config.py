@@ -20,6 +20,7 @@ CONFIGS = (
     ("avatarforge.mme.loader", "MMEConfig"),
     ("avatarforge.jobs", "ServiceConfig"),
     ("avatarforge.deploy.config", "DeployConfig"),
+    ("avatarforge.api.config", "ApiConfig"),
 )
 
 

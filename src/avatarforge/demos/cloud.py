@@ -23,7 +23,7 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,7 @@ class CloudDemo:
     status: Any = None  # JobStatus
     images: list[list[Path]] = field(default_factory=list)  # per prompt
     measured: dict[str, Any] = field(default_factory=dict)
+    sagemaker_url: str = ""  # the MME's tritonserver SageMaker front end (forget unloads there)
 
 
 def _step_aws(demo: CloudDemo) -> str:
@@ -117,6 +118,7 @@ def _step_runtime(demo: CloudDemo) -> str:
     )
     stack.enter_context(environ(dict(demo.runtime.env())))
     demo.measured["tritonserver_start_s"] = round(server.start_seconds, 2)
+    demo.sagemaker_url = server.sagemaker_url
     return (
         f"SageMaker runtime at {demo.runtime.url}: {config.training_endpoint_name} (async, "
         f"{endpoint.max_concurrent} at once) and {config.mme_endpoint_name} (MME, TargetModels "
@@ -261,6 +263,32 @@ STEPS: tuple[tuple[str, Callable[[CloudDemo], str]], ...] = (
     ("generate: InvokeEndpoint with TargetModel=demo.tar.gz", _step_generate),
     ("draw the contact sheet", _step_contact_sheet),
 )
+
+
+@contextlib.contextmanager
+def local_stack(
+    mme_env: dict[str, str], out: Path | None = None, *, service: Any = None
+) -> Iterator[CloudDemo]:
+    """The deployment ``make demo-cloud`` runs, without its client's steps, for the block:
+    moto (the bucket, topics and a subscribed queue), the async training endpoint and the MME
+    on the local SageMaker runtime, boto3 of this process pointed at them. Every server is
+    stopped after. What ``avatarforge api`` serves when no deployment is named."""
+    from ..testing.aws_local import dummy_aws_env, moto_server
+
+    out = (out or build_dir() / "api").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if service is None:
+        from .service import service_config
+
+        service = service_config(out)
+    demo = CloudDemo(out=out, mme_env=mme_env, service=service, prompts=(), gen_args={})
+    with demo.stack as stack:
+        endpoint = stack.enter_context(moto_server(log_path=out / "moto_server.log"))
+        masked: dict[str, str | None] = {k: None for k in os.environ if k.startswith("AWS_")}
+        stack.enter_context(environ({**masked, **dummy_aws_env(endpoint)}))
+        _step_aws(demo)
+        _step_runtime(demo)
+        yield demo
 
 
 def run_demo_cloud(

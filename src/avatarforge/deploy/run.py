@@ -15,7 +15,7 @@ from .plan import Plan, plan_destroy
 from .state import discover, read_state
 from .training import plan_training
 
-COMMANDS = ("mme", "training", "destroy")
+COMMANDS = ("mme", "training", "api", "destroy")
 
 
 def make_plan(
@@ -46,6 +46,11 @@ def make_plan(
 
         def build(state=None, account=""):
             return plan_training(config, base, state, account=account, create_role=create_role)
+    elif command == "api":  # the optional HTTP API: its IAM role (deploy/api.py)
+        from .api import plan_api
+
+        def build(state=None, account=""):
+            return plan_api(config, state, account=account, create_role=create_role)
     else:
         raise ValueError(f"unknown deploy command {command!r} (one of {', '.join(COMMANDS)})")
     if clients is None:

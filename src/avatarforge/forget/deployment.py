@@ -35,8 +35,9 @@ from .report import DELETED, FAILED, Report
 
 WHERE = "s3"
 # The documents that name a job's user, in the order they are read (the first found decides):
-# the client's request and submission, the service's result, the service's claim.
-RECORDS = ("request.json", "submission.json", "result.json", "claim.json")
+# the client's request and submission, the service's result, the service's claim, the HTTP
+# API's record (written first: alone when a submission failed).
+RECORDS = ("request.json", "submission.json", "result.json", "claim.json", "api.json")
 READERS = 16  # job records read at once (boto3 clients are thread-safe)
 
 

@@ -34,6 +34,7 @@ from ..hashing import sha256_file
 from .claim import LEASE_GRACE_S, check_same_request, claimed, instance_id, read_claim
 from .config import ServiceConfig
 from .errors import JobError, JobTimeoutError
+from .progress import ProgressReport
 from .request import JobRequest, preprocess_config, train_config
 from .result import JobResult
 from .slots import SlotTimeout, job_is_running, job_lock, training_slot
@@ -166,6 +167,7 @@ class _Job:
         self.stop_at = self.started + config.deadline_s - config.finish_reserve_s
         self.work_root = config.work_path()
         self.seconds: dict[str, float] = {}
+        self.progress = ProgressReport(request)  # progress.json beside the job's records
 
     # ------------------------------------------------------------ around the work
 
@@ -272,19 +274,23 @@ class _Job:
 
         request, store = self.request, JobStore(self.request, scratch / "store")
         t = self.clock()
+        self.progress.stage("fetch")
         base = base or resolve_service_base(self.config)
         photos = self.fetch_photos(scratch / "photos")
         self.timed("fetch", t)
 
         t = self.clock()
+        self.progress.stage("preprocess")
         manifest = self.preprocess(photos, scratch / "dataset")
         self.timed("preprocess", t)
 
         t = self.clock()
+        self.progress.stage("train")
         trained = self.train(manifest, scratch / "train", base, store)
         self.timed("train", t)
 
         t = self.clock()
+        self.progress.stage("package")
         try:
             tarball = package_user(
                 request.user, trained.adapter_dir, scratch / "package", base=base
@@ -294,6 +300,7 @@ class _Job:
         self.timed("package", t)
 
         t = self.clock()
+        self.progress.stage("upload")
         try:
             upload_package(tarball, request.model_uri)  # one PUT, its sha256 in it
         except storage.StorageError as exc:
@@ -370,9 +377,11 @@ class _Job:
 
         pconfig = preprocess_config(self.request, self.config)
         try:
-            return preprocess_dir(photos, dataset, pconfig)
+            manifest = preprocess_dir(photos, dataset, pconfig)
         except NotEnoughPhotosError as exc:
             manifest = exc.manifest
+            if manifest is not None:
+                self.progress.preprocessed(manifest, dataset)
             kept = manifest.kept_sources if manifest is not None else []
             rejected = (
                 [{"source": i.source, "reason": i.reason} for i in manifest.rejected]
@@ -388,6 +397,8 @@ class _Job:
             ) from exc
         except PreprocessError as exc:
             raise JobError(f"job {self.request.job_id}: preprocessing failed: {exc}") from exc
+        self.progress.preprocessed(manifest, dataset)
+        return manifest
 
     def train(self, manifest, out: Path, base: BaseInfo, store: JobStore):
         from ..train import TrainingError, TrainingStopped, train
@@ -425,6 +436,7 @@ class _Job:
                 base,
                 should_stop=lambda: self.clock() >= self.stop_at,
                 on_checkpoint=on_checkpoint,
+                on_step=self.progress.step,
             )
         except TrainingStopped as exc:
             raise self.timeout(exc.step, exc.total, "") from exc

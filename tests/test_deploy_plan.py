@@ -558,7 +558,17 @@ def test_real_run_without_credentials_is_a_clear_error(no_aws, monkeypatch):
     assert "no AWS credentials found" in result.output and "Traceback" not in result.output
 
 
-@pytest.mark.parametrize("command", ["mme", "training", "destroy"])
+def test_the_optional_api_has_its_place_in_the_deploy_commands(no_aws, tmp_path):
+    result = runner.invoke(app, ["deploy", "api", "--dry-run", "--json", "--bucket", TEST_BUCKET])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    statements = plan["facts"]["policies"]["api"]["permissions"]["Statement"]
+    actions = {a for statement in statements for a in statement["Action"]}
+    assert "sagemaker:InvokeEndpointAsync" in actions and "s3:*" not in actions
+    assert not any(a.startswith("iam:") for a in actions)  # it calls, it never grants
+
+
+@pytest.mark.parametrize("command", ["mme", "training", "api", "destroy"])
 def test_deploy_commands_explain_themselves(command):
     result = runner.invoke(app, ["deploy", command, "--help"])
     assert result.exit_code == 0 and "--dry-run" in result.output and "--config" in result.output

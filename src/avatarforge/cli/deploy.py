@@ -322,6 +322,12 @@ def _print_next_steps(command: str, config: DeployConfig, plan: Plan, out: Conso
             "--photos <dir>",
             soft_wrap=True,
         )
+    elif command == "api":
+        out.print(
+            "[bold]the API's role is in place.[/] Run api_container/'s image (or avatarforge "
+            "api) as that role, behind your load balancer or API gateway",
+            soft_wrap=True,
+        )
     else:
         out.print(f"removed {len(plan.changes)} resource(s) of deployment {config.name}")
 
@@ -356,6 +362,22 @@ def training(
     failure paths, jobs per instance, and scale to zero (min 0, backlog target tracking, an
     alarm + step policy that wakes it for the first job after idle)."""
     _run("training", ctx, config_file, dry_run, as_json, options, create_role=create_role)
+
+
+@deploy_app.command("api")
+@config_options(DeployConfig)
+def api(
+    ctx: typer.Context,
+    config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),
+    dry_run: bool = typer.Option(False, "--dry-run", help=DRY_RUN_HELP),
+    as_json: bool = typer.Option(False, "--json", help=JSON_HELP),
+    create_role: bool = typer.Option(False, "--create-role", help=CREATE_ROLE_HELP),
+    **options: Any,
+) -> None:
+    """Optional: the HTTP API's IAM role (`avatarforge api`, api_container/), limited to the
+    S3 prefixes and endpoints it calls; the API itself runs behind your own load balancer or
+    API gateway."""
+    _run("api", ctx, config_file, dry_run, as_json, options, create_role=create_role)
 
 
 _IMAGE_FIELDS = ("region", "triton_image_tag", "mme_instance_type", "lmi_image_tag")

@@ -51,7 +51,7 @@ test: $(STAMP) lint  ## lint, then the whole pytest suite (unit + integration wi
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP) lint  ## day-to-day lane: lint, then the suite without the slow tests (CI runs make test)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	AVATARFORGE_TEST_LANE=fast $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 clean:  ## remove build/ (keeps .venv)
 	rm -rf build .pytest_cache .ruff_cache

@@ -28,3 +28,24 @@ pytest_plugins = [
 @pytest.fixture(scope="session")
 def repo_root() -> Path:
     return REPO
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m and -k deselect: every module is seen whole
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The fast lane (tests/fixtures/lanes.py): a test that starts a server is slow unless it is
+    its module's ``smoke`` test; every module keeps at least one test that is not slow."""
+    modules: dict[Path, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("smoke"):
+            item.add_marker(pytest.mark.slow)
+        modules.setdefault(item.path, []).append(item)
+    lonely = sorted(
+        path.name
+        for path, tests in modules.items()
+        if all(test.get_closest_marker("slow") for test in tests)
+    )
+    if lonely:
+        raise pytest.UsageError(
+            f"{', '.join(lonely)}: every test is slow, so `make test-fast` would skip the module; "
+            "mark its quickest test @pytest.mark.smoke (and not slow)"
+        )

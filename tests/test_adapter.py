@@ -98,6 +98,7 @@ def test_stock_diffusers_loads_it_changes_output_and_unload_restores(trained_ada
     assert np.array_equal(_latents(pipe), before)
 
 
+@pytest.mark.slow
 def test_load_and_unload_adapter_restore_the_base_exactly(trained_adapter, tiny_base):
     pipe = load_pipeline(tiny_base, device="cpu")
     before = _latents(pipe)

@@ -208,6 +208,7 @@ def test_every_v1_route_needs_a_known_key(client) -> None:
     assert client.get("/docs").status_code == 404  # it would load scripts from a CDN
 
 
+@pytest.mark.smoke
 def test_keys_are_kept_hashed_and_refused_when_malformed() -> None:
     key = new_key()
     assert key.startswith("afk_") and len(key) == 47
@@ -245,6 +246,7 @@ def test_the_rate_limit_is_per_key_with_retry_after(service) -> None:
 # ------------------------------------------------------------------------------ names
 
 
+@pytest.mark.smoke
 def test_a_namespace_keeps_every_user_id_apart_and_within_the_rule() -> None:
     assert internal_user("appa", "alice") == "appa-alice"
     longest = "a" * 63
@@ -610,6 +612,7 @@ def test_a_training_whose_submission_failed_is_forgotten_too(client, cloud_confi
 # ------------------------------------------------------------------------------ deploy, CLI
 
 
+@pytest.mark.smoke
 def test_the_api_role_is_limited_to_what_the_api_calls() -> None:
     from avatarforge.deploy.api import api_policy
     from avatarforge.deploy.config import DeployConfig

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 
@@ -24,8 +25,6 @@ from avatarforge.jobs import ServiceConfig
 from avatarforge.netutil import free_port
 from avatarforge.serving.config import local_instance_env
 from avatarforge.testing.samples import write_samples
-
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SMALL = {"steps": 2, "height": 64, "width": 64, "seed": 3}
 
@@ -145,6 +144,43 @@ def served_api(tiny_base, tmp_path, monkeypatch):
             thread.join(30)
 
 
+def _page_calls(script: str) -> set[tuple[str, str]]:
+    """(method, path) of each api("METHOD", <path expression>, ...) call in the page's script;
+    a part of the path that is not a string literal (encodeURIComponent(...)) becomes {}."""
+    calls = set()
+    for match in re.finditer(r'\bapi\("([A-Z]+)", ', script):
+        depth, end = 0, match.end()
+        while depth or script[end] not in ",)":  # the argument, up to its own comma
+            depth += {"(": 1, ")": -1}.get(script[end], 0)
+            end += 1
+        parts = script[match.end() : end].split(" + ")
+        path = "".join(p.strip('"') if p.startswith('"') else "{}" for p in parts)
+        if path != "{}":  # a whole path the API handed out (view.contact_sheet): its own
+            calls.add((match.group(1).lower(), path))
+    return calls
+
+
+def test_every_call_the_page_makes_is_a_route_of_the_app() -> None:
+    """The page and the API drift apart without a browser noticing until someone clicks: each
+    api(...) call in app.js must name a method and path the app's OpenAPI document has."""
+    from importlib import resources
+
+    from avatarforge.deploy.config import DeployConfig
+
+    script = resources.files("avatarforge").joinpath("data", "api_web", "app.js").read_text()
+    calls = _page_calls(script)
+    assert len(calls) >= 5, calls  # packs, photos, trainings (new, view), predictions
+    app = create_app(ApiService(DeployConfig(bucket="page-bucket"), ApiConfig()), watch=False)
+    routes = {
+        (method, re.sub(r"\{[^}]+\}", "{}", path))
+        for path, operations in app.openapi()["paths"].items()
+        for method in operations
+    }
+    assert calls <= routes, calls - routes
+
+
+@pytest.mark.integration
+@pytest.mark.slow
 def test_the_page_takes_selfies_to_a_gallery_in_chromium(served_api, tmp_path) -> None:
     url, key = served_api
     photos = write_samples(tmp_path / "photos")[:10]  # "drop 10-12 selfies"

@@ -16,6 +16,7 @@ import string
 import pytest
 from fastapi.testclient import TestClient
 from fixtures.cloud import echo
+from fixtures.lanes import examples
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
@@ -35,7 +36,7 @@ users = st.one_of(
 namespaces = st.text(alphabet=string.ascii_lowercase + string.digits, min_size=1, max_size=12)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(namespaces, users, namespaces, users)
 @example("ab", "c-d", "a", "bc-d")
 @example("a", "x" * 63, "a", "x" * 62 + "y")
@@ -61,7 +62,7 @@ def _address() -> st.SearchStrategy[str]:
     return st.one_of(v4, v6)
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(
     st.one_of(
         st.text(max_size=60),
@@ -96,7 +97,7 @@ def test_webhook_urls_are_checked_or_refused_naming_the_field(url, addresses, pr
             assert ip.is_global and not ip.is_multicast
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.one_of(st.none(), st.text(max_size=120)), st.binary(max_size=64))
 @example("t=1,v1=00", b"{}")
 @example("t=99999999999999999999999,v1=", b"")
@@ -171,7 +172,7 @@ def _refused_well(answer) -> None:
         assert body["client_fault"] is True and isinstance(body["error"], str) and body["error"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=FUNCTION_FIXTURES)
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=FUNCTION_FIXTURES)
 @given(training_bodies)
 @example({"user": "alice", "preset": "default"})  # valid, but no photos: a 400
 def test_training_bodies_are_answered_4xx_naming_the_field(client, body) -> None:
@@ -184,7 +185,7 @@ def test_training_bodies_are_answered_4xx_naming_the_field(client, body) -> None
     assert answer.status_code != 202  # no user of these has photos
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=FUNCTION_FIXTURES)
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=FUNCTION_FIXTURES)
 @given(prediction_bodies)
 def test_prediction_bodies_are_answered_4xx_naming_the_field(client, body) -> None:
     answer = client.post(
@@ -198,7 +199,7 @@ def test_prediction_bodies_are_answered_4xx_naming_the_field(client, body) -> No
         assert "has no model yet" in answer.json()["error"]
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=FUNCTION_FIXTURES)
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=FUNCTION_FIXTURES)
 @given(st.text(alphabet=ID_CHARS + "./%~ é", min_size=1, max_size=70))
 def test_ids_in_paths_are_answered_without_a_500(client, name) -> None:
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -206,7 +207,7 @@ def test_ids_in_paths_are_answered_without_a_500(client, name) -> None:
         _refused_well(client.get(path, headers=headers))
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=FUNCTION_FIXTURES)
+@settings(max_examples=examples(100), deadline=None, suppress_health_check=FUNCTION_FIXTURES)
 @given(st.lists(st.tuples(st.text(max_size=30), st.binary(max_size=300)), min_size=1, max_size=3))
 def test_uploaded_bytes_are_stored_or_refused_with_a_reason(client, files) -> None:
     answer = client.post(

@@ -174,6 +174,7 @@ def test_quality_bench_unknown_variant_is_refused():
     assert out.returncode == 2 and "unknown variant(s) rank-3" in out.stderr
 
 
+@pytest.mark.slow
 def test_quality_bench_tiny_end_to_end(tmp_path):
     out = _run(
         "bench/quality.py", "--tiny", "--only", "default,text-encoder-off",

@@ -80,6 +80,7 @@ def test_status_exit_codes_for_failed_and_pending(cloud_config, start_runtime, t
     assert runner.invoke(app, ["status", "late-1", *where(cloud_config)]).exit_code == 0
 
 
+@pytest.mark.smoke
 def test_clear_errors_without_a_traceback(cloud_config, start_runtime, tmp_path) -> None:
     start_runtime(succeed)
     cases = [

@@ -139,6 +139,7 @@ def test_runtime_errors_are_sagemakers_through_botocore(cloud_config, mme_runtim
         )
 
 
+@pytest.mark.smoke
 def test_jpegs_from_response_refuses_what_is_not_a_jpeg() -> None:
     from avatarforge.cloud import ResponseError
 

@@ -1,12 +1,26 @@
-"""`make demo` end to end: samples -> preprocess -> train -> package -> tritonserver -> sheet."""
+"""The three demos end to end: `make demo` (samples -> preprocess -> train -> package ->
+tritonserver -> sheet), `make demo-service` (one job against moto S3, then the local MME serves
+the tarball the job wrote, from its S3 key) and `make demo-cloud` (the whole system on this
+machine: moto S3/SNS/SQS, the real training service behind the local async runner, the real
+tritonserver MME fed from the models prefix the job wrote, and the cloud client driving it:
+sample selfies -> submit -> SNS notification in SQS -> status -> generate -> JPEGs and a contact
+sheet), with tiny training settings."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from fixtures.jobs import SERVICE_TRAIN
+from fixtures.train import FIXTURE_TRAIN
 from PIL import Image
 
+from avatarforge.demos import cloud, service
 from avatarforge.demos.local import PROMPTS, run_demo
+from avatarforge.jobs import ServiceConfig
+from avatarforge.serving.config import local_instance_env
 
 
 @pytest.mark.integration
@@ -62,3 +76,80 @@ def test_generating_in_the_demo_reports_progress(monkeypatch, tmp_path, tiny_bas
     counted = [(done, of) for done, of, _ in heard if of]
     assert counted == [(i, total) for i in range(1, total + 1)]
     assert heard[-1][2] == f"adapter: image {len(PROMPTS)} of {len(PROMPTS)}"
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_service_serves_the_jobs_tarball_from_s3(tmp_path: Path, tiny_base) -> None:
+    steps: list[str] = []
+    demo = service.run_service_demo(
+        local_instance_env(tiny_base.path, tmp_path / "shared"),
+        tmp_path / "demo",
+        train_defaults=SERVICE_TRAIN,
+        on_step=lambda i, title: steps.append(title),
+    )
+    assert len(steps) == 4
+    result = json.loads((demo.out / "result.json").read_text())
+    assert result["status"] == "succeeded" and result["user"] == service.DEMO_USER
+    # the MME loaded the TargetModel from the prefix the job wrote it under
+    assert demo.measured["mme"]["source"] + result["target_model"] == result["model_uri"]
+    assert len(demo.images) == 3
+    for path in demo.images:
+        with Image.open(path) as image:
+            assert image.size == (256, 256)
+    assert (demo.out / "contact_sheet.png").is_file()
+    summary = json.loads((demo.out / "demo_service.json").read_text())
+    assert summary["result"] == result and summary["measured"]["mme"]["first_request_s"] > 0
+
+
+CLOUD_ARGS = {"steps": 2, "height": 64, "width": 64, "seed": 7}
+CLOUD_PROMPTS = ("a photo of <<TOK>> person", "an oil painting of <<TOK>> person")
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_demo_cloud_runs_submit_to_generate(tiny_base, tmp_path) -> None:
+    train = {k: v for k, v in FIXTURE_TRAIN.items() if k != "progress"}  # the job sets it
+    settings = ServiceConfig(
+        base_source=str(tiny_base.path),
+        work_dir=str(tmp_path / "service" / "work"),
+        slots_dir=str(tmp_path / "service" / "slots"),
+        shared_dir=str(tmp_path / "service" / "shared"),
+        train_defaults=train,
+        preprocess_defaults={"backgrounds": 0},
+    )
+    env = local_instance_env(tiny_base.path, tmp_path / "mme-shared")
+    done: list[int] = []
+    demo = cloud.run_demo_cloud(
+        env,
+        tmp_path / "demo",
+        service=settings,
+        prompts=CLOUD_PROMPTS,
+        gen_args=CLOUD_ARGS,
+        on_done=lambda i, what, seconds: done.append(i),
+    )
+    assert done == list(range(1, len(cloud.STEPS) + 1))
+    sub = demo.submission
+    # the notification came from the success topic through SQS, for this job
+    assert demo.notification["invocationStatus"] == "Completed"
+    assert demo.notification["inferenceId"] == sub.inference_id == sub.job_id
+    assert demo.notification["responseParameters"]["outputLocation"] == sub.output_location
+    result = demo.status.result
+    assert demo.status.state == "succeeded"
+    assert result["model_uri"] == f"{demo.config.models_prefix}{cloud.DEMO_USER}.tar.gz"
+    assert result["steps"] == FIXTURE_TRAIN["steps"] and result["photos"]["kept"]
+    # images: one JPEG per prompt, as the endpoint sent them, different prompts differ
+    assert [len(paths) for paths in demo.images] == [1, 1]
+    jpegs = [paths[0].read_bytes() for paths in demo.images]
+    assert all(data.startswith(b"\xff\xd8\xff") for data in jpegs) and jpegs[0] != jpegs[1]
+    with Image.open(demo.images[0][0]) as image:
+        assert image.size == (64, 64)
+    # the first request met a loading model and was retried; the runtime saw it all
+    ops = [(r.operation, r.error_code or r.status) for r in demo.runtime.requests()]
+    assert ops[0] == ("InvokeEndpointAsync", 202)
+    assert ("InvokeEndpoint", "ModelNotReadyException") in ops
+    assert ops[-2:] == [("InvokeEndpoint", 200)] * 2
+    summary = json.loads((demo.out / "demo_cloud.json").read_text())
+    assert summary["result"] == result and len(summary["images"]) == 2
+    assert (demo.out / "contact_sheet.png").is_file()
+    assert set(summary["measured"]["step_s"]) == {title for title, _ in cloud.STEPS}

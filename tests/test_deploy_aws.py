@@ -231,6 +231,7 @@ def test_training_deploy_async_endpoint_scales_to_zero(deploy_aws, deploy_config
     assert again == [] and clients.mutations == []
 
 
+@pytest.mark.smoke
 def test_training_needs_an_image_and_mme_refuses_an_env_for_another_python(
     deploy_aws, deploy_config, env_tarball
 ):

@@ -186,6 +186,7 @@ def test_a_server_killed_while_loading_a_user_serves_that_user_after_a_restart(
     assert image.size == (64, 64)
 
 
+@pytest.mark.smoke
 def test_an_upload_killed_half_way_leaves_nothing_under_the_key(s3_bucket, tmp_path):
     # a 64 MiB package goes up as a multipart upload; its process is SIGKILLed once parts are
     # on their way: S3 shows no object under the key (and a later upload completes normally)

@@ -9,7 +9,8 @@ Fuzzed: the gen_args JSON (``GenArgs.parse``) and the request tensors of a serve
 The property, for each: the parser returns a valid value (its bounds hold; it round-trips where
 the module offers a way back) or raises its documented error with a message naming the field;
 never another exception type, never a hang. deadline=None: the first examples pay for imports;
-a hang shows as the file's runtime instead (about 30 s on 2 cores; max_examples set per test).
+a hang shows as the file's runtime instead (about 30 s on 2 cores; max_examples set per test, a
+tenth of it in `make test-fast`: tests/fixtures/lanes.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from fixtures.jobs import S3_PREFIX, make_service_config
+from fixtures.lanes import examples
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -165,7 +167,7 @@ def assert_valid_gen_args(args: GenArgs) -> None:
     assert GenArgs.parse(json.dumps(args.to_dict())) == args
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=examples(500), deadline=None)
 @given(text=GEN_TEXTS | st.binary(max_size=40))
 @example(text='{"steps": 1' + "0" * 400 + "}")  # past float range: was OverflowError
 @example(text="[" * 3000)  # past the recursion limit: was RecursionError
@@ -237,7 +239,7 @@ def _fake_generate(prompt, negative, args, adapter):
     return [Image.new("RGB", (8, 8), (args.seed % 256, 0, 0))] * args.num_images
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(inputs=request_inputs())
 @example(inputs={"prompt": np.empty((0, 1), dtype=object)})  # zero rows: was an internal error
 @example(
@@ -298,7 +300,7 @@ TARGETS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(name=TARGETS)
 @example(name="alice.tar.gz\n")  # '$' matches before a final newline: was accepted
 @example(name="a" * 1018 + ".tar.gz")
@@ -329,7 +331,7 @@ def _error_body(status: int, body: bytes, headers: dict[str, str]) -> dict:
     return data
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(name=TARGETS, body=st.binary(max_size=64), content_type=st.none() | st.text(max_size=10))
 @example(name="a" * 300 + ".tar.gz", body=b"{}", content_type=None)  # past NAME_MAX: was 500
 def test_invoker_refuses_every_target_model_it_cannot_serve(
@@ -365,7 +367,7 @@ CONTENT_LENGTHS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     raw=CONTENT_LENGTHS | st.text(max_size=6) | st.sampled_from([str(MAX_BODY_BYTES), "0012"]),
     body=st.binary(max_size=100),
@@ -407,7 +409,7 @@ PATHS = st.one_of(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=examples(150), deadline=None)
 @given(
     path=PATHS,
     name=st.none() | TARGETS.map(str.strip).filter(header_safe),
@@ -617,7 +619,7 @@ def _check_extraction(tar_path: Path, root: Path, overwrite: bool, judge: bool =
                 assert (dest / rel).read_bytes() == tar.extractfile(member).read()
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(
     members=archive_members(),
     compression=COMPRESSIONS,
@@ -682,7 +684,7 @@ def _overwritten(data: bytes, at: int, value: int) -> bytes:
     return data[:at] + bytes([value]) + data[at + 1 :]
 
 
-@settings(max_examples=250, deadline=None)
+@settings(max_examples=examples(250), deadline=None)
 @given(data=mutated_bytes(list(GOOD_ARCHIVES.values())) | st.binary(max_size=200))
 @example(data=_overwritten(GOOD_ARCHIVES["xz"], 24, 0xFF))  # was lzma.LZMAError
 @example(data=_overwritten(GOOD_ARCHIVES["bz2"], 10, 0x00))  # was OSError("Invalid data stream")
@@ -727,7 +729,7 @@ REAL_IMAGES = _real_images(40)  # accepted
 REFUSED_IMAGES = _real_images(8) + _real_images(72)  # too small, too many pixels
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(
     data=st.one_of(
         mutated_bytes(REAL_IMAGES + REFUSED_IMAGES),
@@ -787,7 +789,7 @@ IDS = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(user=IDS, field=st.sampled_from(["user", "job.user", "owner"]))
 @example(user="alice\n", field="user")  # '$' matches before a final newline: was accepted
 def test_user_ids_follow_the_one_rule(user: object, field: str) -> None:
@@ -804,7 +806,7 @@ def test_user_ids_follow_the_one_rule(user: object, field: str) -> None:
     assert check_target_model(f"{user}.tar.gz")
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=examples(200), deadline=None)
 @given(job_id=IDS)
 @example(job_id="job-1\n")
 def test_job_ids_follow_the_one_rule(job_id: object) -> None:
@@ -971,7 +973,7 @@ def assert_valid_job(request: JobRequest, config) -> None:
     assert parse_job_request(json.dumps(request.to_dict()), config) == request
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=examples(400), deadline=None)
 @given(body=JOB_BODIES)
 @example(body=json.dumps(VALID_JOB | {"train": {"steps": 10**400}}))  # was OverflowError
 @example(body="[" * 3000)  # was RecursionError
@@ -1064,7 +1066,7 @@ def pack_texts(draw: st.DrawFn) -> str:
     return "\n".join(lines) + "\n"
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(text=pack_texts(), name=weighted((6, st.just("mine")), (1, st.text(max_size=8))))
 @example(text='[[styles]]\nname = "a"\nprompt = "{token"\n[[framings]]\nname = "b"\ntext = "x"\n',
          name="mine")  # fmt: skip

@@ -198,6 +198,7 @@ def test_no_usable_face_fails_with_the_reasons_and_writes_nothing(
     assert s3_keys(s3_bucket, "af/photos/carol/") == [f"af/photos/carol/{p.name}" for p in photos]
 
 
+@pytest.mark.smoke
 def test_photo_limits_are_checked_on_the_listing_before_any_download(
     s3_bucket, tmp_path, job_photos
 ) -> None:

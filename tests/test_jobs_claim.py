@@ -88,6 +88,7 @@ def test_an_unreadable_claim_is_our_failure_not_a_run(request_, s3_bucket) -> No
     assert info.value.status == 500
 
 
+@pytest.mark.smoke
 def test_instance_id_is_one_per_slots_folder(tmp_path: Path) -> None:
     first = instance_id(tmp_path / "slots")
     assert first == instance_id(tmp_path / "slots") and len(first) == 16

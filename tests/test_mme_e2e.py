@@ -156,6 +156,7 @@ def test_two_users_load_invoke_unload_and_reload(
     assert log.count(f"successfully loaded '{base}'") == 1
 
 
+@pytest.mark.smoke
 def test_unknown_target_model_is_a_clear_not_found(sd_loader, prompt):
     with pytest.raises(UnknownTargetModelError, match="'carol.tar.gz' not found in"):
         sd_loader.invoke("carol.tar.gz", generate_request(prompt, gen_args=SMALL))

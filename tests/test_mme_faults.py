@@ -86,6 +86,7 @@ def _ping(url: str) -> int | str:
         return type(exc).__name__
 
 
+@pytest.mark.smoke
 def test_mme_serve_fails_ping_and_exits_when_its_tritonserver_dies(mme_source, tmp_path):
     # scale models are no avatarforge packages (mme serve refuses them): /ping is what matters
     port = free_port()

@@ -133,6 +133,7 @@ def _listening_addresses(port: int) -> list[str]:
     return found
 
 
+@pytest.mark.smoke
 def test_the_sagemaker_port_listens_on_loopback_only(sagemaker_server):
     # tritonserver binds it on every interface, unauthenticated: anyone could POST /models
     port = int(sagemaker_server.sagemaker_url.rsplit(":", 1)[1])

@@ -47,6 +47,7 @@ def test_keys_that_name_no_file_are_refused_never_written(tmp_path, s3_bucket, d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "tmp"]
 
 
+@pytest.mark.smoke
 def test_a_key_too_long_for_a_file_name_is_refused(tmp_path, s3_bucket, downloads):
     photo = write_samples(tmp_path / "photos")[0]
     _upload(s3_bucket, ["u/bob/a.jpg", "u/bob/" + "x" * 300 + ".jpg"], photo)

@@ -197,6 +197,7 @@ def test_references_errors(tmp_path):
 SMALL = {"prompts": 2, "seeds": 1, "steps": 2, "size": 64, "max_references": 3}
 
 
+@pytest.mark.slow
 def test_eval_on_the_tiny_base_says_it_measures_nothing(trained_adapter, train_dataset, tmp_path):
     result = evaluate(
         "alice", trained_adapter, train_dataset, tmp_path / "eval", EvalConfig(**SMALL)

@@ -34,6 +34,7 @@ from avatarforge.testing.aws_local import dummy_aws_env
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.smoke
 def test_parse_and_join_uris() -> None:
     uri = parse_s3_uri("s3://bucket/a/b.tar.gz")
     assert (uri.bucket, uri.key, str(uri)) == ("bucket", "a/b.tar.gz", "s3://bucket/a/b.tar.gz")
@@ -44,6 +45,7 @@ def test_parse_and_join_uris() -> None:
     assert join_uri("/data/models", "x.tar.gz") == "/data/models/x.tar.gz"
 
 
+@pytest.mark.smoke
 def test_fetch_local_path_and_file_uri(tmp_path: Path) -> None:
     src = tmp_path / "src" / "a b.bin"
     src.parent.mkdir()
@@ -55,6 +57,7 @@ def test_fetch_local_path_and_file_uri(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["1.bin", "2.bin"]
 
 
+@pytest.mark.smoke
 def test_fetch_errors_leave_nothing(tmp_path: Path) -> None:
     src = tmp_path / "src.bin"
     src.write_bytes(b"payload")
@@ -68,6 +71,7 @@ def test_fetch_errors_leave_nothing(tmp_path: Path) -> None:
     assert list(out.iterdir()) == []
 
 
+@pytest.mark.smoke
 def test_fetch_keeps_old_file_until_new_one_is_complete(tmp_path: Path) -> None:
     dest = tmp_path / "x.bin"
     dest.write_bytes(b"old")
@@ -147,6 +151,7 @@ def test_fetch_published_refuses_what_came_without_its_digest_or_with_another(
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["c"]
 
 
+@pytest.mark.smoke
 def test_publish_local_is_one_rename_with_the_digest_in_an_attribute(tmp_path) -> None:
     dest = tmp_path / "alice.tar.gz"
     for i in range(2):

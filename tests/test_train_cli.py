@@ -211,6 +211,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_the_same_adapter(
     assert _files(tmp_path / "adapter") == _files(uninterrupted)  # as if never stopped
 
 
+@pytest.mark.slow
 def test_a_full_disk_is_a_clear_failure_and_no_earlier_adapter_looks_like_the_result(
     uninterrupted, train_dataset, tmp_path
 ):

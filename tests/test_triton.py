@@ -155,6 +155,7 @@ def test_bad_request_in_a_batch_fails_alone(server, prompt):
         bad.get_result()
 
 
+@pytest.mark.smoke
 def test_unknown_user_is_a_clear_not_found(server, prompt):
     with pytest.raises(client.ModelNotFoundError, match="carol"):
         client.generate(server.url, "carol", prompt, gen_args=SMALL)

@@ -18,8 +18,6 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.integration
-
 SERVE = textwrap.dedent(
     """
     import json, sys
@@ -76,6 +74,28 @@ def _run(venv: Path, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def test_every_file_the_package_reads_is_shipped_in_the_wheel(repo_root) -> None:
+    """The wheel holds the Python modules and what pyproject's package-data names: a template,
+    web page or model file put anywhere else works from the checkout and is missing from the
+    installed package (the serving env, the LMI image)."""
+    import tomllib
+
+    config = tomllib.loads((repo_root / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["avatarforge"]
+    package = repo_root / "src" / "avatarforge"
+    data = [
+        p.relative_to(package).as_posix()
+        for p in package.rglob("*")
+        if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts
+    ]
+    assert data, "no package data found"
+    # setuptools reads the patterns as globs ("**": any folders, none included), as pathlib does
+    shipped = {p.relative_to(package).as_posix() for pat in patterns for p in package.glob(pat)}
+    unshipped = [f for f in data if f not in shipped]
+    assert unshipped == [], f"add these to [tool.setuptools.package-data]: {unshipped}"
+
+
+@pytest.mark.integration
 def test_wheel_packages_and_serves_a_user_outside_the_checkout(
     wheel_venv, trained_adapter, tiny_base, tmp_path
 ):

@@ -115,8 +115,10 @@ class BodyLimit:
             await too_large(scope, receive, send)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(AvatarforgeError):
+    """A request body over the upload limit, found while it streams in."""
+
+    status = 413
 
 
 def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> ApiKey:

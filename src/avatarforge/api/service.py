@@ -439,11 +439,15 @@ class ApiService:
             if text is not None and len(text) > limit:
                 raise ApiError(f"{name}: {len(text)} characters, more than {limit}", 400)
         if pack is not None:
-            from ..packs import load_pack
+            from ..packs import UnknownPackError, load_pack
 
+            try:
+                chosen = load_pack(pack)
+            except UnknownPackError as exc:  # a field of the body, not a resource of the path
+                raise ApiError(f"pack: {exc}", 400) from None
             items = [
                 (i.prompt, i.negative_prompt or None, i.gen_args, _labels(i))
-                for i in load_pack(pack).items(override=gen_args)
+                for i in chosen.items(override=gen_args)
             ]
         else:
             args = GenArgs.parse(gen_args).to_dict() if gen_args is not None else None

@@ -9,10 +9,12 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
 import pytest
+from fixtures.load import busy_cpu
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -115,6 +117,21 @@ def test_the_curl_example_runs_as_written(server, tmp_path):
         assert image.format == "JPEG" and image.size == TINY_CPU_SIZE
 
 
+@pytest.mark.integration
+def test_what_the_readme_sends_is_served_by_a_busy_cpu(server):
+    # the README's `avatarforge generate --url ... --user alice --prompt ...`: no gen_args,
+    # two busy loops beside the server. Before: 512 px and 30 steps, over 60 s there (503 "the
+    # server was busy"); now the tiny base on a CPU answers with its 256 px, 12-step default
+    from avatarforge.serving import client
+
+    with busy_cpu(2):
+        started = time.monotonic()
+        (image,) = client.generate(server.url, "alice", "an oil painting of <<TOK>> person")
+        took = time.monotonic() - started
+    assert image.size == TINY_CPU_SIZE
+    print(f"\nthe README's request beside two busy loops: {took:.1f} s")
+
+
 def _post(url: str, body: dict) -> tuple[int, dict]:
     request = urllib.request.Request(
         url, json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -145,3 +162,35 @@ def test_what_the_contract_says_is_refused_is_refused(server):
     bad = text("gen_args", '{"steps": 0}', [1, 1])
     status, answer = _post(url, {"inputs": [text("prompt", prompt, [1, 1]), bad]})
     assert status >= 400 and "gen_args.steps: must be >= 1 (got 0)" in answer["error"]
+
+
+@pytest.mark.integration
+def test_a_request_the_server_cannot_finish_in_time_is_refused_with_what_fits(server):
+    # 150 steps at 1024 px: ~145 s of the tiny base on this CPU, more than the 60 s of the
+    # request timeout. Before: each try ran 60 s and was answered 503 "the server was busy", and
+    # clients sent it again. Now a try stops after a few steps with the pace it measured and
+    # what fits; once two tries measured that pace, the request is refused before any work
+    from avatarforge.serving import client
+
+    client.generate(server.url, "alice", "a photo", gen_args={"steps": 1, "height": 64})  # up
+    url = f"http://{server.url}/v2/models/alice/infer"
+    body = {
+        "inputs": [
+            {"name": "prompt", "datatype": "BYTES", "shape": [1, 1], "data": ["a photo"]},
+            {"name": "gen_args", "datatype": "BYTES", "shape": [1, 1],
+             "data": ['{"steps": 150, "height": 1024, "width": 1024}']},
+        ]
+    }  # fmt: skip
+    for steps in (3, 1):  # its own first step and two timed; then the pace of the first try
+        started = time.monotonic()
+        status, answer = _post(url, body)
+        assert status == 503 and f"stopped after {steps} of 150 denoising" in answer["error"]
+        assert "busy" not in answer["error"] and "steps at this size" in answer["error"]
+        assert time.monotonic() - started < 45  # not the whole 60 s
+    started = time.monotonic()
+    status, answer = _post(url, body)
+    assert status == 400, answer
+    message = answer["error"]
+    assert message.startswith("invalid request: request: needs at least") and "steps at" in message
+    assert "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S" in message
+    assert time.monotonic() - started < 5

@@ -83,12 +83,17 @@ class DeadlineExceeded(RequestError):
 
 def too_long_advice(timeout_s: float, steps: int | None = None) -> str:
     """What to change for a request that needs more than ``timeout_s`` (``steps``: how many
-    fit at this size)."""
-    fewer = f"at most {steps} steps at this size" if steps else "fewer steps"
+    fit at this size; None: not known)."""
+    if steps is None:
+        fewer = "fewer steps, smaller or fewer images"
+    elif steps == 0:
+        fewer = "smaller or fewer images (not one step of this size fits)"
+    else:
+        plural = "s" if steps > 1 else ""
+        fewer = f"at most {steps} step{plural} at this size, smaller or fewer images"
     return (
         f"more than the instance's serving.request_timeout_s of {timeout_s:.0f} s: ask for "
-        f"{fewer}, smaller or fewer images, or raise AVATARFORGE_SERVING_REQUEST_TIMEOUT_S on "
-        "the instance"
+        f"{fewer}, or raise AVATARFORGE_SERVING_REQUEST_TIMEOUT_S on the instance"
     )
 
 
@@ -253,7 +258,7 @@ class TimeBudget:
         if need <= self.timeout_s:
             return
         step_s = max(self.pace.step_s(shape, PROBE_S) or 0.0 for shape, _ in calls)
-        fits = max(1, int(self.timeout_s / step_s)) if len(calls) == 1 and step_s else None
+        fits = int(self.timeout_s / step_s) if len(calls) == 1 and step_s else None
         minutes = self.pace.memory_s / 60
         raise RequestError(
             f"request: needs at least {need:.0f} s of denoising at {step_s:.2f} s a step (the "

@@ -1,7 +1,8 @@
 """How fast the shared base denoises, and whether a request can be done within its time.
 
 Every pipeline call of the shared base times its denoising steps (the pipeline's per-step
-callback) and leaves its fastest step here, under the shape of its work (:class:`StepShape`).
+callback) and leaves its fastest step here (its first, which also encodes the prompt, when it
+ran no other), under the shape of its work (:class:`StepShape`).
 From these, :meth:`Pace.least_seconds` bounds from below what a request still needs, which
 :mod:`.handler` compares with its time: over ``serving.request_timeout_s`` it is refused before
 any work (400, naming what to change); over what is left of its time when its turn comes it is
@@ -92,6 +93,13 @@ class Pace:
         known = [fastest[s] for s, n in calls.items() if n >= self.evidence and newest[s] >= recent]
         return max(known) if known else None
 
+    def fastest(self, shape: StepShape) -> float | None:
+        """The fastest step measured for exactly ``shape`` in the last ``memory_s`` (None:
+        none): what a run of that shape may hope for while load slows it."""
+        since = self.clock() - self.memory_s
+        steps = [s for at, measured, s in self._samples if at >= since and measured == shape]
+        return min(steps) if steps else None
+
     def least_seconds(
         self, calls: Sequence[tuple[StepShape, int]], measured_within: float | None = None
     ) -> float:
@@ -103,23 +111,35 @@ class Pace:
 class RunClock:
     """One pipeline call's steps as they happen: its fastest step so far, and whether it can
     still end before ``deadline`` (unix time) at the better of that pace and ``known_step_s``
-    (what :class:`Pace` knew before it started)."""
+    (:meth:`Pace.fastest` of its shape before it started: a run slowed by a load spike is not
+    stopped if the same work once went faster; smaller work's pace says nothing here)."""
 
     def __init__(self, deadline: float | None, known_step_s: float | None = None) -> None:
         self.deadline, self.known_step_s = deadline, known_step_s
-        self.started = time.time()
         self.done, self.total = 0, 0
-        self._last = time.monotonic()
         self.fastest: float | None = None  # fastest step interval, the first step excluded
+        self.first_s: float | None = None  # the first step, with the prompt's encoding
         self.intervals = 0
+        self.begin()
+
+    def begin(self) -> None:
+        """The pipeline call starts now."""
+        self.started, self._last = time.time(), time.monotonic()
 
     def step(self, done: int, total: int) -> None:
         now = time.monotonic()
-        if self.done:  # the first step also holds the prompt's encoding
+        if self.done:
             interval = now - self._last
             self.fastest = interval if self.fastest is None else min(self.fastest, interval)
             self.intervals += 1
+        else:
+            self.first_s = now - self._last
         self._last, self.done, self.total = now, done, total
+
+    def measured_s(self) -> float | None:
+        """What this run tells :class:`Pace`: its fastest step, or its first (a little longer:
+        it also encodes the prompt) when it ran no other."""
+        return self.fastest if self.fastest is not None else self.first_s
 
     def pace_s(self) -> float | None:
         """The best step time to judge the rest by (None: not known yet)."""

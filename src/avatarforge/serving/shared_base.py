@@ -197,17 +197,19 @@ class SharedBase:
         deadlines = [job.deadline for job in jobs]
         last = None if None in deadlines else max(deadlines)
         shape = StepShape.of([job.row.args for job in jobs])
-        clock = RunClock(last, self.budget.pace.step_s(shape))
+        clock = RunClock(last, self.budget.pace.fastest(shape))
         stop = None if last is None else (lambda: past(last) or clock.hopeless())
         try:
             if len(jobs) == 1:
                 (job,) = jobs
                 self.cache.activate(job.adapter)
                 row = job.row
+                clock.begin()
                 return [generate_images(self.pipe, row.prompt, row.negative_prompt, row.args,
                                         stop=stop, on_step=clock.step)]  # fmt: skip
             rows = [(job.row.prompt, job.row.negative_prompt, job.row.args) for job in jobs]
             with self.cache.rows([job.adapter for job in jobs], jobs[0].row.args.num_images):
+                clock.begin()
                 return generate_batch(self.pipe, rows, stop=stop, on_step=clock.step)
         except GenerationStopped:
             raise self._stopped(clock) from None
@@ -215,8 +217,8 @@ class SharedBase:
             self._record(shape, clock)
 
     def _record(self, shape: StepShape, clock: RunClock) -> None:
-        if clock.fastest is not None:
-            self.budget.pace.record(shape, clock.fastest)
+        if (step_s := clock.measured_s()) is not None:
+            self.budget.pace.record(shape, step_s)
 
     def _stopped(self, clock: RunClock) -> DeadlineExceeded:
         """What a call stopped between two steps answers: how far it got, after how long a
@@ -239,7 +241,7 @@ class SharedBase:
             )
         pace = clock.pace_s() or clock.fastest
         if pace is not None and clock.total * pace > timeout_s:
-            fits = max(1, int(timeout_s / pace))
+            fits = int(timeout_s / pace)
             advice = (
                 f"at this pace the request needs about {clock.total * pace:.0f} s, "
                 f"{too_long_advice(timeout_s, fits)}"

@@ -46,6 +46,7 @@ from avatarforge.serving.triton_config import (
     to_pbtxt,
     user_model_config,
 )
+from avatarforge.settings import ConfigError
 from avatarforge.testing.aws_local import dummy_aws_env
 
 # ---------------------------------------------------------------- schema and configs
@@ -879,3 +880,189 @@ def test_a_shared_base_that_cannot_start_is_tried_again_only_after_a_while(tmp_p
     starter.since -= bootstrap.RESTART_AFTER_S
     starter.start()
     assert starter.state in ("starting", "failed") and len(logged) <= 2
+
+
+# ---------------------------------------------------------------- defaults and time
+
+
+def test_an_instance_fills_in_the_size_and_steps_a_request_leaves_out():
+    # the tiny base on a CPU: 256 px, 12 steps (512 px and 30 steps took over 60 s on a busy
+    # 2-core CPU); what a request sends is kept; an instance may set its own
+    tiny = ServingConfig().gen_defaults(tiny_on_cpu=True)
+    assert (tiny.height, tiny.width, tiny.steps) == (256, 256, 12)
+    assert ServingConfig().gen_defaults(tiny_on_cpu=False) == GenArgs()  # GPU: 512 px, 30
+    parsed = parse_request(
+        _req(prompt=["a", "b"], gen_args=['{"seed": 3}', '{"height": 512, "steps": 2}']),
+        defaults=tiny,
+    )
+    assert parsed.rows[0].args == GenArgs(steps=12, height=256, width=256, seed=3)
+    assert parsed.rows[1].args == GenArgs(steps=2, height=512, width=256)
+    assert parse_request(_req(prompt=["a"]), defaults=tiny).rows[0].args == tiny
+    set_here = ServingConfig.from_env(
+        {"AVATARFORGE_SERVING_DEFAULT_STEPS": "20", "AVATARFORGE_SERVING_DEFAULT_SIZE": "384"}
+    ).gen_defaults(tiny_on_cpu=True)
+    assert (set_here.height, set_here.width, set_here.steps) == (384, 384, 20)
+    with pytest.raises(ConfigError, match="AVATARFORGE_SERVING_DEFAULT_SIZE"):
+        ServingConfig.from_env({"AVATARFORGE_SERVING_DEFAULT_SIZE": "100"})
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_pace_counts_the_fastest_step_of_a_shape_two_calls_measured():
+    from avatarforge.serving.pace import PACE_MEMORY_S, Pace, StepShape
+
+    clock = Clock()
+    pace = Pace(clock)
+    small, large = StepShape(256 * 256, 2), StepShape(512 * 512, 2)
+    pace.record(small, 0.5)
+    assert pace.step_s(small) is None  # one call proves nothing
+    pace.record(small, 0.2)
+    assert pace.step_s(small) == 0.2  # the fastest, not the latest
+    assert pace.step_s(large) == 0.2  # a larger step takes at least as long
+    assert pace.step_s(StepShape(128 * 128, 2)) is None  # a smaller one: not known
+    assert pace.step_s(StepShape(256 * 256, 1)) is None
+    assert pace.least_seconds([(large, 30), (small, 10)]) == pytest.approx(8.0)
+    pace.record(large, 1.0)
+    pace.record(large, 1.5)
+    assert pace.step_s(large) == 1.0  # the slowest of the shapes' fastest steps within it
+    clock.now += PACE_MEMORY_S + 1
+    assert pace.step_s(large) is None  # forgotten
+
+
+def test_a_load_spike_does_not_refuse_what_the_quiet_pace_finishes():
+    # measured on this 2-core CPU: a 512 px step of the tiny base 0.10 s quiet, 0.3-1.2 s
+    # beside two busy loops. The quiet steps stay remembered: a request that finishes at that
+    # pace runs; one that cannot finish even at that pace is refused with what fits
+    from avatarforge.serving.handler import TimeBudget
+    from avatarforge.serving.pace import PROBE_S, Pace, StepShape
+
+    clock = Clock()
+    budget = TimeBudget(60, Pace(clock))
+    shape = StepShape(512 * 512, 2)
+    for seconds in (0.12, 0.10):  # quiet
+        budget.pace.record(shape, seconds)
+    clock.now += 30
+    for seconds in (1.2, 0.9, 1.1, 1.0):  # a busy minute
+        budget.pace.record(shape, seconds)
+        clock.now += 10
+    budget.refuse_if_too_long([(shape, 150)])  # 15 s at the quiet pace: it may run (not 150 s)
+    with pytest.raises(RequestError) as refused:
+        budget.refuse_if_too_long([(shape, 150)] * 5)  # 75 s even at the quiet pace
+    assert refused.value.client_fault and refused.value.status == 400
+    assert "needs at least 75 s" in str(refused.value) and "0.10 s a step" in str(refused.value)
+    assert "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S" in str(refused.value)
+    slow = TimeBudget(10, budget.pace)  # an instance with 10 s: 100 steps fit
+    with pytest.raises(RequestError, match="at most 100 steps at this size"):
+        slow.refuse_if_too_long([(shape, 150)])
+    # no request of the shape was measured for a minute (they were refused): one runs again
+    clock.now += PROBE_S + 1
+    slow.refuse_if_too_long([(shape, 150)])
+
+
+def test_one_slow_call_refuses_nothing():
+    from avatarforge.serving.handler import TimeBudget
+    from avatarforge.serving.pace import Pace, StepShape
+
+    budget = TimeBudget(60, Pace(Clock()))
+    shape = StepShape(512 * 512, 2)
+    budget.pace.record(shape, 30.0)  # e.g. a first call that also loaded something
+    budget.refuse_if_too_long([(shape, 150)])
+    budget.pace.record(shape, 25.0)  # a second call confirms it
+    with pytest.raises(RequestError, match="at most 2 steps at this size"):
+        budget.refuse_if_too_long([(shape, 150)])
+
+
+def test_work_that_cannot_end_in_the_time_left_is_skipped_and_too_much_is_refused():
+    from PIL import Image
+
+    from avatarforge.serving.handler import TimeBudget, handle_batched
+    from avatarforge.serving.pace import Pace, StepShape
+
+    ran = []
+
+    def run(jobs):
+        ran.extend(jobs)
+        return [[Image.new("RGB", (j.row.args.width, j.row.args.height))] for j in jobs]
+
+    budget = TimeBudget(60, Pace())
+    step = StepShape(256 * 256, 2)  # 256 px, one image, guidance on
+    budget.pace.record(step, 1.0)
+    budget.pace.record(step, 1.5)
+
+    def request(steps, left_s):
+        return {
+            "prompt": np.array([[b"a photo"]], dtype=object),
+            "gen_args": np.array([[json.dumps({"steps": steps}).encode()]], dtype=object),
+            "deadline": np.array([[f"{time.time() + left_s:.3f}".encode()]], dtype=object),
+        }
+
+    tiny = GenArgs(steps=12, height=256, width=256)
+    waited, too_long, fits = handle_batched(
+        [request(30, 10), request(90, 60), request(30, 60)], run, lambda a: True,
+        defaults=tiny, budget=budget,
+    )  # fmt: skip
+    assert waited.status == 503 and "skipped: its turn came 50 s after its arrival" in str(waited)
+    assert "needs at least 30 s" in str(waited) and str(waited).endswith("; retry")
+    assert too_long.status == 400 and "at most 60 steps at this size" in str(too_long)
+    assert [job.request for job in ran] == [2] and ran[0].row.args.height == 256
+    assert from_jpeg_base64(fits[0][0]).size == (256, 256)  # the instance's defaults
+    # the old words: "the server was busy" for a request that was simply too big
+    for answer in (waited, too_long):
+        assert "the server was busy and the client has stopped waiting" not in str(answer)
+
+
+@pytest.fixture(scope="module")
+def cpu_shared_base(tiny_base):
+    from avatarforge.base.pipeline import load_pipeline
+    from avatarforge.serving.shared_base import SharedBase
+
+    defaults = ServingConfig().gen_defaults(tiny_on_cpu=True)
+    return SharedBase(load_pipeline(tiny_base, device="cpu"), tiny_base, defaults=defaults,
+                      request_timeout_s=20)  # fmt: skip
+
+
+def test_a_run_that_cannot_end_in_time_stops_after_a_few_steps_and_then_is_refused(
+    cpu_shared_base,
+):
+    # 150 steps at 768 px need ~45 s on a quiet 2-core CPU (0.3 s a step), more under load;
+    # the instance's clients wait 20 s. Before: every try ran 20 s and was answered "the
+    # server was busy"; now a try stops once its pace shows it cannot end, says what fits,
+    # and once two tries measured it, the next is refused before any work
+    from avatarforge.serving.handler import handle_batched
+
+    shared = cpu_shared_base
+    big = json.dumps({"steps": 150, "height": 768, "width": 768})
+
+    def send():
+        request = _req(prompt=["a photo"], gen_args=[big], deadline=[f"{time.time() + 20:.3f}"])
+        started = time.monotonic()
+        (answer,) = handle_batched([request], shared.generate_jobs, lambda a: True,
+                                   defaults=shared.defaults, budget=shared.budget)  # fmt: skip
+        return answer, time.monotonic() - started
+
+    for steps in (3, 1):  # its own first step and two timed; then the pace of the first try
+        answer, took = send()
+        assert answer.status == 503, answer
+        message = str(answer)
+        assert message.startswith("not done within serving.request_timeout_s (20 s)"), message
+        assert f"stopped after {steps} of 150 denoising steps" in message
+        assert "the rest needs at least" in message and "busy" not in message
+        assert (
+            "steps at this size" in message and "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S" in message
+        )
+        assert took < 15, took  # not the whole 20 s
+    answer, took = send()
+    assert answer.status == 400 and "needs at least" in str(answer), answer
+    assert took < 1
+    # what fits still runs, at the instance's default size
+    (fits,) = handle_batched([_req(prompt=["a photo"], gen_args=['{"steps": 2}'],
+                                   deadline=[f"{time.time() + 20:.3f}"])],
+                             shared.generate_jobs, lambda a: True, defaults=shared.defaults,
+                             budget=shared.budget)  # fmt: skip
+    assert from_jpeg_base64(fits[0][0]).size == (256, 256)

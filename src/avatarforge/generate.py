@@ -70,10 +70,14 @@ class GenArgs(Settings):
                 raise ConfigError(f"gen_args.{name}: must be a multiple of 8 (got {value})")
 
     @classmethod
-    def parse(cls, text: str | bytes | dict[str, Any] | None) -> GenArgs:
-        """From a request's JSON text (empty or None -> defaults); errors name the field."""
+    def parse(
+        cls, text: str | bytes | dict[str, Any] | None, defaults: GenArgs | None = None
+    ) -> GenArgs:
+        """From a request's JSON text (empty or None -> defaults); errors name the field.
+        ``defaults``: what an omitted field takes (a serving instance's: :func:`serving_defaults`);
+        None: the fields' own."""
         if text is None or (isinstance(text, str | bytes) and not text.strip()):
-            return cls()
+            return defaults or cls()
         if isinstance(text, dict):
             data = text
         else:
@@ -85,6 +89,8 @@ class GenArgs(Settings):
                 raise ConfigError(f"gen_args: not valid JSON ({exc})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"gen_args: must be a JSON object (got {type(data).__name__})")
+        if defaults is not None:
+            return cls.from_dict({**defaults.to_dict(), **canonical_fields(data)})
         return cls.from_dict(data)
 
     @classmethod
@@ -92,6 +98,28 @@ class GenArgs(Settings):
         """Like :meth:`Settings.from_dict`, also accepting :attr:`ALIASES`; an unknown field's
         error suggests the closest known name ("did you mean ...")."""
         return super().from_dict(canonical_fields(data))
+
+
+# What a served request that leaves its size or steps out gets (serving.default_size and
+# serving.default_steps at 0, "by device and base"): GenArgs' own 512 px and 30 steps (SD 2.1
+# base's size; about a second on a GPU), except for the embedded tiny base on a CPU. There one
+# 512 px, 30-step image took 3 s on a quiet 2-core CPU and 42 s to over 60 s on a busy one
+# (serving.request_timeout_s is 60 s); 256 px and 12 steps took 0.4 s quiet and under 30 s
+# with two busy loops beside the demo (2.4 s a step): its path, not its pixels, is what the
+# tiny base shows.
+TINY_CPU_DEFAULTS: dict[str, int] = {"steps": 12, "height": 256, "width": 256}
+
+
+def serving_defaults(*, tiny_on_cpu: bool, steps: int = 0, size: int = 0) -> GenArgs:
+    """What an omitted gen_args field takes on a serving instance: the instance's
+    ``serving.default_steps`` and ``serving.default_size`` where set (not 0), else by device and
+    base (:data:`TINY_CPU_DEFAULTS` for the tiny base on a CPU, else GenArgs' own)."""
+    values = dict(TINY_CPU_DEFAULTS) if tiny_on_cpu else {}
+    if steps:
+        values["steps"] = steps
+    if size:
+        values["height"] = values["width"] = size
+    return GenArgs(**values)
 
 
 def canonical_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -220,10 +248,15 @@ def batch_key(args: GenArgs) -> tuple | None:
 
 
 def generate_batch(
-    pipe, rows: list[tuple[str, str | None, GenArgs]], *, stop: Callable[[], bool] | None = None
+    pipe,
+    rows: list[tuple[str, str | None, GenArgs]],
+    *,
+    stop: Callable[[], bool] | None = None,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> list[list[Image.Image]]:
     """Several (prompt, negative_prompt, args) rows with one :func:`batch_key` as ONE pipeline
-    call (one UNet batch); returns each row's images. ``stop``: as for :func:`generate_images`.
+    call (one UNet batch); returns each row's images. ``stop``, ``on_step``: as for
+    :func:`generate_images`.
 
     Per row, as :func:`generate_images` would: a CPU generator seeded with the row's seed draws
     its initial latents (passed in as ``latents``) and any later noise of its images; an omitted
@@ -269,7 +302,7 @@ def generate_batch(
         num_images_per_prompt=n,
         generator=generators,
         latents=torch.cat(latents),
-        **_stop_hook(stop),
+        **_stop_hook(stop, on_step),
     )
     images = list(result.images)
     return [images[i * n : (i + 1) * n] for i in range(len(rows))]

@@ -117,7 +117,7 @@ def _print_urls(server, names: list[str], repo: Path, port: int) -> None:
     example = names[0] if names else "USER"
     say(
         f"try: avatarforge generate --url {server.url} --user {example} "
-        "--prompt 'a photo of <<TOK>> person' --gen-args '{\"num_inference_steps\": 20}'"
+        "--prompt 'a photo of <<TOK>> person' --gen-args '{\"seed\": 1}'"
     )
     say(f"add a newly packaged user: avatarforge serve load USER --url {server.url}")
     say(

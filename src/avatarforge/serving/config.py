@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..generate import GenArgs, serving_defaults
 from ..names import SHARED_BASE_PREFIX
 from ..settings import ConfigError, Settings, setting
 from . import bootstrap, schema
@@ -76,6 +77,21 @@ class ServingConfig(Settings):
         "where clients wait longer (a CPU serving full-size SD)",
         ge=1,
         le=86400,
+    )
+    default_steps: int = setting(
+        0,
+        "denoising steps of a request that leaves gen_args.steps out; 0: by device and base "
+        "(30, the SD 2.1 base's; 12 for the embedded tiny base on a CPU, which a busy 2-core "
+        "CPU finishes within the 60 s of request_timeout_s)",
+        ge=0,
+        le=150,
+    )
+    default_size: int = setting(
+        0,
+        "height and width (pixels, a multiple of 8) of a request that leaves them out; 0: by "
+        "device and base (512; 256 for the embedded tiny base on a CPU)",
+        ge=0,
+        le=1024,
     )
     max_response_bytes: int = setting(
         MAX_RESPONSE_BYTES,
@@ -138,6 +154,17 @@ class ServingConfig(Settings):
     def validate(self) -> None:
         if not isinstance(self.batching, bool):
             raise ConfigError(f"serving.batching: must be true or false (got {self.batching!r})")
+        if self.default_size and (self.default_size < 64 or self.default_size % 8):
+            raise ConfigError(
+                "serving.default_size: 0 (by device and base) or a multiple of 8 from 64 "
+                f"(got {self.default_size})"
+            )
+
+    def gen_defaults(self, *, tiny_on_cpu: bool) -> GenArgs:
+        """What an omitted gen_args field takes on this instance (:func:`serving_defaults`)."""
+        return serving_defaults(
+            tiny_on_cpu=tiny_on_cpu, steps=self.default_steps, size=self.default_size
+        )
 
     @staticmethod
     def env_name(field: str) -> str:

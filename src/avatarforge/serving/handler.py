@@ -26,7 +26,8 @@ from ..generate import GenArgs, batch_key, to_jpeg_base64
 from ..settings import ConfigError
 from . import schema
 from .bootstrap import TIMED_OUT
-from .config import MAX_REQUEST_COST, MAX_RESPONSE_BYTES
+from .config import MAX_REQUEST_COST, MAX_RESPONSE_BYTES, REQUEST_TIMEOUT_S
+from .pace import PROBE_S, Pace, StepShape
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,39 @@ class InternalError(RequestError):
 
 
 class DeadlineExceeded(RequestError):
-    """The client stopped waiting (its deadline passed) before the work was done: work not
-    started is skipped, work under way stops between two denoising steps. HTTP 503: retry."""
+    """Not done within the instance's request timeout: skipped before its turn, or stopped
+    between two denoising steps once it could no longer end in time. HTTP 503: retry. The
+    message says which, and why: the time it waited for its turn (the server was busy), or a
+    pace at which the request needs more than the whole timeout (then what to change)."""
 
     status = 503
     client_fault = False
 
-    def __init__(self, detail: str = "") -> None:
-        super().__init__(
-            f"{TIMED_OUT} of its arrival ({detail or 'skipped'}): the server was busy and the "
-            "client has stopped waiting; retry later (the instance's limit: "
-            "AVATARFORGE_SERVING_REQUEST_TIMEOUT_S)"
-        )
+    def __init__(self, what: str, advice: str = "retry", timeout_s: float = REQUEST_TIMEOUT_S):
+        super().__init__(f"{TIMED_OUT} ({timeout_s:.0f} s) of its arrival: {what}; {advice}")
+
+
+def too_long_advice(timeout_s: float, steps: int | None = None) -> str:
+    """What to change for a request that needs more than ``timeout_s`` (``steps``: how many
+    fit at this size; None: not known)."""
+    if steps is None:
+        fewer = "fewer steps, smaller or fewer images"
+    elif steps == 0:
+        fewer = "smaller or fewer images (not one step of this size fits)"
+    else:
+        plural = "s" if steps > 1 else ""
+        fewer = f"at most {steps} step{plural} at this size, smaller or fewer images"
+    return (
+        f"more than the instance's serving.request_timeout_s of {timeout_s:.0f} s: ask for "
+        f"{fewer}, or raise AVATARFORGE_SERVING_REQUEST_TIMEOUT_S on the instance"
+    )
+
+
+def waited_words(waited_s: float) -> str:
+    return (
+        f"its turn came {waited_s:.0f} s after its arrival (the server was busy with other "
+        "requests, or its shared base was starting)"
+    )
 
 
 @dataclass(frozen=True)
@@ -94,9 +116,6 @@ class ParsedRequest:
     rows: list[Row]
     adapter: str | None  # adapter folder (shared base only); None: the base alone
     deadline: float | None = None  # unix time; past it nobody waits for the answer
-
-    def expired(self) -> bool:
-        return past(self.deadline)
 
 
 def past(deadline: float | None) -> bool:
@@ -146,12 +165,15 @@ def parse_request(
     *,
     max_cost: float = MAX_REQUEST_COST,
     max_response_bytes: int = MAX_RESPONSE_BYTES,
+    defaults: GenArgs | None = None,
 ) -> ParsedRequest:
-    """Validate one request's inputs; raises RequestError naming the field. Refused before any
-    work: a request whose :func:`request_cost` is over ``max_cost`` (one in-bounds request, 8
-    rows x 8 images x 1024 px x 150 steps, would hold the shared base for many minutes), and one
-    whose answer could be larger than ``max_response_bytes`` (:func:`response_bytes`:
-    SageMaker's InvokeEndpoint drops a response Body over 6 MB)."""
+    """Validate one request's inputs; raises RequestError naming the field. A gen_args field
+    left out takes ``defaults``' value (the instance's: :func:`~avatarforge.generate.
+    serving_defaults`; None: GenArgs' own). Refused before any work: a request whose
+    :func:`request_cost` is over ``max_cost`` (one in-bounds request, 8 rows x 8 images x
+    1024 px x 150 steps, would hold the shared base for many minutes), and one whose answer
+    could be larger than ``max_response_bytes`` (:func:`response_bytes`: SageMaker's
+    InvokeEndpoint drops a response Body over 6 MB)."""
     texts: dict[str, list[str] | None] = {}
     rows = None
     for spec in specs:
@@ -178,7 +200,7 @@ def parse_request(
     parsed = []
     for i in range(rows):
         try:
-            args = GenArgs.parse(gen_args[i] if gen_args else None)
+            args = GenArgs.parse(gen_args[i] if gen_args else None, defaults)
         except ConfigError as exc:
             raise RequestError(str(exc)) from None
         prompt = texts[schema.PROMPT.name][i]  # type: ignore[index]
@@ -218,6 +240,63 @@ def _deadline(texts: list[str] | None) -> float | None:
     return values.pop()
 
 
+@dataclass(frozen=True)
+class TimeBudget:
+    """The time each request has from its arrival at its user model (the instance's
+    ``serving.request_timeout_s``; its deadline is that arrival plus this), and the pace of the
+    shared base it is judged by (:class:`~.pace.Pace`)."""
+
+    timeout_s: float
+    pace: Pace
+
+    def refuse_if_too_long(self, calls: Sequence[tuple[StepShape, int]]) -> None:
+        """RequestError (400) for pipeline calls (shape, steps) that need more than the whole
+        timeout even at the fastest pace measured for work of their size: sent again, they
+        would only fail again (:mod:`.pace` says which measurements count: enough calls, one
+        of them in the last PROBE_S)."""
+        need = self.pace.least_seconds(calls, PROBE_S)
+        if need <= self.timeout_s:
+            return
+        step_s = max(self.pace.step_s(shape, PROBE_S) or 0.0 for shape, _ in calls)
+        fits = int(self.timeout_s / step_s) if len(calls) == 1 and step_s else None
+        minutes = self.pace.memory_s / 60
+        raise RequestError(
+            f"request: needs at least {need:.0f} s of denoising at {step_s:.2f} s a step (the "
+            f"fastest step this server made in the last {minutes:.0f} minutes for work of its "
+            f"size or less), {too_long_advice(self.timeout_s, fits)}"
+        )
+
+    def skip(self, deadline: float | None, calls: Sequence[tuple[StepShape, int]]):
+        """The DeadlineExceeded to answer, instead of running, work with ``deadline`` that
+        cannot end by then at the fastest pace measured; None: run it."""
+        if deadline is None:
+            return None
+        now = time.time()
+        waited = now - (deadline - self.timeout_s)
+        if now > deadline:
+            return DeadlineExceeded(
+                f"skipped: {waited_words(waited)}", "retry", timeout_s=self.timeout_s
+            )
+        need = self.pace.least_seconds(calls)
+        if now + need <= deadline:
+            return None
+        return DeadlineExceeded(
+            f"skipped: {waited_words(waited)}, and it needs at least {need:.0f} s at the "
+            f"fastest pace measured here, {deadline - now:.0f} s were left",
+            "retry",
+            timeout_s=self.timeout_s,
+        )
+
+
+# a TimeBudget's pace that knows nothing: only deadlines that passed skip work
+NO_PACE = TimeBudget(REQUEST_TIMEOUT_S, Pace())
+
+
+def row_calls(rows: Sequence[Row]) -> list[tuple[StepShape, int]]:
+    """Each row as a pipeline call of its own: (shape, steps)."""
+    return [(StepShape.of([r.args]), r.args.steps) for r in rows]
+
+
 def answer(parsed: ParsedRequest, generate: Generate) -> np.ndarray:
     """generated_image for every row: shape (rows, num_images), base64 JPEG bytes."""
     return encode_rows(
@@ -243,16 +322,21 @@ def handle_requests(
     *,
     max_cost: float = MAX_REQUEST_COST,
     max_response_bytes: int = MAX_RESPONSE_BYTES,
+    defaults: GenArgs | None = None,
+    budget: TimeBudget = NO_PACE,
 ) -> list[np.ndarray | RequestError]:
-    """One result per request, in order: the output array or the RequestError to send."""
+    """One result per request, in order: the output array or the RequestError to send. A
+    request that cannot end within ``budget``'s timeout is refused, one that cannot end by its
+    deadline skipped (:class:`TimeBudget`)."""
+    limits = {"max_cost": max_cost, "max_response_bytes": max_response_bytes, "defaults": defaults}
     results: list[np.ndarray | RequestError] = []
     for inputs in requests:
         try:
-            parsed = parse_request(
-                inputs, specs, max_cost=max_cost, max_response_bytes=max_response_bytes
-            )
-            if parsed.expired():
-                raise DeadlineExceeded()
+            parsed = parse_request(inputs, specs, **limits)
+            calls = row_calls(parsed.rows)
+            budget.refuse_if_too_long(calls)
+            if (skipped := budget.skip(parsed.deadline, calls)) is not None:
+                raise skipped
             results.append(answer(parsed, generate))
         except Exception as exc:  # one broken request must not take the batch down with it
             results.append(as_request_error(exc, client_errors))
@@ -327,18 +411,27 @@ def handle_batched(
     max_adapters: int = 8,
     max_cost: float = MAX_REQUEST_COST,
     max_response_bytes: int = MAX_RESPONSE_BYTES,
+    defaults: GenArgs | None = None,
+    budget: TimeBudget = NO_PACE,
 ) -> list[np.ndarray | RequestError]:
     """As :func:`handle_requests`, with the rows of all requests run in as few pipeline calls as
     their settings allow. Each adapter is prepared once, before anything runs, so a broken one
     fails its requests alone; a call that fails is retried row by row, so that only the
-    requests whose rows fail alone get the error."""
+    requests whose rows fail alone get the error. ``run`` stops a call itself once nobody
+    waits for it (its jobs' deadlines)."""
+    limits = {"max_cost": max_cost, "max_response_bytes": max_response_bytes, "defaults": defaults}
     errors: dict[int, RequestError] = {}
     parsed: dict[int, ParsedRequest] = {}
     for i, inputs in enumerate(requests):
         try:
-            parsed[i] = parse_request(
-                inputs, specs, max_cost=max_cost, max_response_bytes=max_response_bytes
-            )
+            request = parse_request(inputs, specs, **limits)
+            # its own calls, as if alone: the least it needs, however it is batched
+            alone = [Job(0, k, row, request.adapter) for k, row in enumerate(request.rows)]
+            budget.refuse_if_too_long(
+                [(StepShape.of([j.row.args for j in call]), call[0].row.args.steps)
+                 for call in plan_batches(alone, max_images, max_adapters)]
+            )  # fmt: skip
+            parsed[i] = request
         except Exception as exc:
             errors[i] = as_request_error(exc, client_errors)
     together: dict[str | None, bool] = {}
@@ -379,8 +472,10 @@ def handle_batched(
 
     for call in calls:
         for job in call:
-            if past(job.deadline):
-                errors.setdefault(job.request, DeadlineExceeded())  # nobody waits: skip
+            # nobody waits for it, or it cannot end while they do: skip
+            skipped = budget.skip(job.deadline, row_calls([job.row]))
+            if skipped is not None:
+                errors.setdefault(job.request, skipped)
         call = [job for job in call if job.request not in errors]  # a failed request stops
         if call and (exc := attempt(call)) is not None and len(call) > 1:
             log.warning("a batch of %d rows failed (%r); one at a time now", len(call), exc)

@@ -84,14 +84,17 @@ EXAMPLE_URL, EXAMPLE_USER = "127.0.0.1:8000", "alice"  # local-triton's default 
 TRITONCLIENT_EXAMPLE = f"""\
 import base64
 import json
+import time
 
 import numpy as np
 import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
 
 URL, USER = "{EXAMPLE_URL}", "{EXAMPLE_USER}"
-GEN_ARGS = {{"num_inference_steps": 20, "seed": 1}}
+GEN_ARGS = {{"seed": 1}}  # steps and size left out: the instance's defaults
 
-# A user's first request starts its model and the shared base: allow more than the default 60 s.
+# The server answers within its request timeout (60 s by default), but a denoising step under
+# way is finished first, and one step of a full-size base on a CPU takes a minute: wait longer.
 client = httpclient.InferenceServerClient(URL, network_timeout=600.0)
 
 
@@ -110,23 +113,31 @@ inputs = [
     text_input("gen_args", [json.dumps(GEN_ARGS)] * len(prompts)),
 ]
 output = httpclient.InferRequestedOutput("generated_image")
-result = client.infer(USER, inputs, outputs=[output])
+for attempt in range(20):
+    try:
+        result = client.infer(USER, inputs, outputs=[output])
+        break
+    except InferenceServerException as exc:  # 400: fix the request; 500: see the server's log
+        if str(exc.status()) != "503" or attempt == 19:
+            raise
+        time.sleep(5)  # 503: send it again (e.g. while a fresh server starts the shared base)
 for row, images in enumerate(result.as_numpy("generated_image")):  # [rows, num_images]
     for i, jpeg in enumerate(images):
         with open(f"{{USER}}-{{row}}-{{i}}.jpg", "wb") as f:
             f.write(base64.b64decode(jpeg))
 """
 
-# The user in the URL and the file name, and the URL, are EXAMPLE_USER and EXAMPLE_URL.
+# The user in the URL and the file names, and the URL, are EXAMPLE_USER and EXAMPLE_URL.
+# --retry sends it again on a 503 (curl writes -o anew for each try; to stdout it would append).
 CURL_EXAMPLE = r"""
-curl -s http://127.0.0.1:8000/v2/models/alice/infer \
+curl -s --retry 10 --retry-delay 5 -o alice.json http://127.0.0.1:8000/v2/models/alice/infer \
   -H 'Content-Type: application/json' -d '{"inputs": [
     {"name": "prompt", "datatype": "BYTES", "shape": [1, 1],
      "data": ["a photo of <<TOK>> person"]},
     {"name": "gen_args", "datatype": "BYTES", "shape": [1, 1],
-     "data": ["{\"num_inference_steps\": 20, \"seed\": 1}"]}]}' \
-  | python3 -c 'import base64, json, sys
-r = json.load(sys.stdin)
+     "data": ["{\"seed\": 1}"]}]}'
+python3 -c 'import base64, json, sys
+r = json.load(open("alice.json"))
 if "error" in r: sys.exit(r["error"])
 open("alice.jpg", "wb").write(base64.b64decode(r["outputs"][0]["data"][0]))'
 """.lstrip("\n")
@@ -151,12 +162,13 @@ def contract_markdown() -> str:
     import dataclasses
     import typing
 
-    from ..generate import GenArgs
+    from ..generate import TINY_CPU_DEFAULTS, GenArgs
     from .config import (  # here: config imports this module
         MAX_REQUEST_COST,
         MAX_RESPONSE_BYTES,
         REQUEST_TIMEOUT_S,
     )
+    from .pace import EVIDENCE_CALLS, PACE_MEMORY_S
 
     rows = [
         f"| `{s.name}` | `{s.wire_type}` | `{_shape(s)}` | {'no' if s.optional else 'yes'} "
@@ -168,11 +180,14 @@ def contract_markdown() -> str:
     for alias, name in GenArgs.ALIASES.items():
         aliases.setdefault(name, []).append(f"`{alias}`")
     hints = typing.get_type_hints(GenArgs)
+    instance = " (the instance's: see below)"  # serving.default_steps / default_size
     fields = [
-        f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}` | {_bounds(f.metadata)} "
+        f"| `{f.name}` | {hints[f.name].__name__} | `{f.default!r}`"
+        f"{instance if f.name in TINY_CPU_DEFAULTS else ''} | {_bounds(f.metadata)} "
         f"| {', '.join(aliases.get(f.name, []))} | {f.metadata['help']} |"
         for f in dataclasses.fields(GenArgs)
     ]
+    tiny = TINY_CPU_DEFAULTS
     elsewhere = ", ".join(f"`{k}`" for k in GenArgs.NOT_HERE)
     return "\n".join(
         [
@@ -202,20 +217,34 @@ def contract_markdown() -> str:
             "base64 JPEGs at up to 1.5 bytes a pixel (what noise takes at quality 95) plus JSON, "
             f"at most {MAX_RESPONSE_BYTES} bytes (`serving.max_response_bytes`: the 6 MB of "
             "SageMaker's InvokeEndpoint response), e.g. two 1024 x 1024 images or eight of "
-            "512 x 512, not three of 1024. A bad row fails its request with HTTP 400 and an "
-            'error that names the field (`{"error": "invalid request: gen_args.steps: must be '
-            '>= 1 (got 0)"}`). What passes is UNAVAILABLE, `unavailable: ...` (HTTP 503 from '
-            "tritonserver; through an MME front, 503 with Retry-After): send the request again "
-            "a few seconds later. It is the answer while a fresh instance starts the shared base "
-            f"(a request waits for it up to 90% of `serving.request_timeout_s`, {REQUEST_TIMEOUT_S}"
-            " s), when the shared base restarts, and for work not done within that timeout. A "
-            "failure of the server is a 500 with a reference to its log.",
+            "512 x 512, not three of 1024. It is also held to its time, "
+            f"`serving.request_timeout_s` ({REQUEST_TIMEOUT_S} s from its arrival): a request "
+            "that needs longer even at the fastest pace the shared base reached for work of its "
+            f"size or less in the last {PACE_MEMORY_S / 60:.0f} minutes (measured by at least "
+            f"{EVIDENCE_CALLS} calls) is refused with the steps that fit and what to change. A "
+            "bad row fails its request with HTTP 400 and an error that names the field "
+            '(`{"error": "invalid request: gen_args.steps: must be >= 1 (got 0)"}`). What '
+            "passes is UNAVAILABLE, `unavailable: ...` (HTTP 503 from tritonserver; through an "
+            "MME front, 503 with Retry-After): send the request again a few seconds later. It "
+            "is the answer while a fresh instance starts the shared base (a request waits for "
+            "it up to 90% of the timeout), when the shared base restarts, and for work not done "
+            "within the timeout: it says whether the request waited for its turn (retry) or "
+            "ran at a pace that needs more than the timeout (then, what to change). A failure "
+            "of the server is a 500 with a reference to its log.",
             "",
             "`gen_args` is a JSON object; every field is optional:",
             "",
             "| field | type | default | allowed | also accepted as | meaning |",
             "|---|---|---|---|---|---|",
             *fields,
+            "",
+            "A request that leaves out `steps`, `height` or `width` gets the instance's "
+            "defaults, `serving.default_steps` and `serving.default_size` "
+            "(`AVATARFORGE_SERVING_DEFAULT_STEPS`, `..._DEFAULT_SIZE`), by device and base "
+            "where they are 0: the table's on a GPU and for a full-size base; "
+            f"{tiny['steps']} steps at {tiny['width']} x {tiny['height']} for the embedded tiny "
+            "base on a CPU, which a busy 2-core CPU finishes within the timeout. Send them to "
+            "get the same image from every instance.",
             "",
             "An unknown field is refused with the closest known name (`did you mean ...`); "
             f"{elsewhere} do not belong in gen_args (the negative prompt is its own input).",

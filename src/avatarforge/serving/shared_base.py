@@ -16,12 +16,14 @@ row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
 
 from ..adapter import AdapterError
 from ..base.identity import BaseError
+from ..base.tiny import TINY_ID_PREFIX
 from ..generate import GenArgs, GenerationStopped, generate_batch, generate_images
 from . import bootstrap, schema
 from .adapter_cache import SlotAdapterCache
@@ -32,6 +34,7 @@ from .config import (
     BATCH_MAX_IMAGES,
     MAX_REQUEST_COST,
     MAX_RESPONSE_BYTES,
+    REQUEST_TIMEOUT_S,
     ModelParams,
     ServingConfig,
 )
@@ -41,16 +44,36 @@ from .handler import (
     InternalError,
     Job,
     RequestError,
+    TimeBudget,
     as_request_error,
     handle_batched,
     handle_requests,
     past,
+    too_long_advice,
+    waited_words,
 )
+from .pace import Pace, RunClock, StepShape
 
 log = logging.getLogger(__name__)
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
 BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
+
+# On a CPU, torch's OpenMP threads wait for each other at every parallel region; spinning (the
+# default) is catastrophic on a CPU shared with other work, where a waiting thread spins while
+# the one it waits for is descheduled. The tiny base's 256 px, 12-step image on this 2-core
+# CPU, median of 3: 0.8 s on one thread, 5.7 s on two spinning threads beside others' load
+# (load average ~2.5), 90 s beside two busy loops as well; waiting passively, two threads:
+# 0.7 s and 1.5 s. Read when torch loads, so set before; the instance's own value wins.
+CPU_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def quiet_cpu_threads(environ=None) -> None:
+    """Make torch's CPU threads, once it loads in this process, wait without spinning
+    (:data:`CPU_THREAD_ENV`, unless the environment sets them)."""
+    environ = os.environ if environ is None else environ
+    for name, value in CPU_THREAD_ENV.items():
+        environ.setdefault(name, value)
 
 
 class SharedBase:
@@ -67,10 +90,17 @@ class SharedBase:
         max_response_bytes: int = MAX_RESPONSE_BYTES,
         callers: Callers | None = None,
         counters: bootstrap.RequestCounters | None = None,
+        defaults: GenArgs | None = None,
+        request_timeout_s: float = REQUEST_TIMEOUT_S,
+        pace: Pace | None = None,
     ) -> None:
         self.pipe, self.base = pipe, base
         self.compile_seconds = 0.0  # the UNet's compile at start (from_params)
         self.max_request_cost, self.max_response_bytes = max_request_cost, max_response_bytes
+        # what a request's omitted gen_args fields take (None: GenArgs' own), and the time it
+        # has, judged by the pace this base's pipeline calls measure
+        self.defaults = defaults
+        self.budget = TimeBudget(request_timeout_s, pace or Pace())
         # None: anyone may call (a SharedBase in this process, as the tests and benches use it)
         self.callers, self.counters = callers, counters
         self.batching, self.batch_max_images = batching, batch_max_images
@@ -111,8 +141,18 @@ class SharedBase:
         present = time.monotonic()
         log.info("base %s present and verified in %.1f s", base.base_id, present - started)
         device = _device(serving.device, instance_kind, device_id)
+        if device == "cpu":
+            quiet_cpu_threads()  # before torch loads (load_pipeline)
         pipe = load_pipeline(base, device)
         log.info("pipeline loaded on %s in %.1f s", device, time.monotonic() - present)
+        tiny_on_cpu = device == "cpu" and base.base_id.startswith(TINY_ID_PREFIX)
+        defaults = serving.gen_defaults(tiny_on_cpu=tiny_on_cpu)
+        log.info(
+            "a request that leaves them out gets %d x %d px and %d steps (serving.default_size "
+            "and default_steps: %s)",
+            defaults.width, defaults.height, defaults.steps,
+            "set" if serving.default_size or serving.default_steps else "by device and base",
+        )  # fmt: skip
         shared = cls(
             pipe,
             base,
@@ -128,6 +168,8 @@ class SharedBase:
                 serving.request_timeout_s,
             ),
             counters=bootstrap.RequestCounters(pb_utils, serving.metrics_log_s),
+            defaults=defaults,
+            request_timeout_s=serving.request_timeout_s,
         )
         # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
         # warmed up with the bare base's plan (the graph of every user); the kernels cached
@@ -142,28 +184,71 @@ class SharedBase:
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):
         self.cache.activate(adapter)
-        return generate_images(self.pipe, prompt, negative, args)
+        clock = RunClock(None)
+        try:
+            return generate_images(self.pipe, prompt, negative, args, on_step=clock.step)
+        finally:
+            self._record(StepShape.of([args]), clock)
 
     def generate_jobs(self, jobs: list[Job]) -> list[list]:
         """Rows sharing a batch key as one pipeline call (one row: exactly `generate`). It
-        stops between two steps when every client of the call has stopped waiting."""
+        stops between two steps once every client of the call has stopped waiting, or once
+        the rest cannot end before then at the fastest pace known (:class:`.pace.RunClock`)."""
         deadlines = [job.deadline for job in jobs]
-        stop = None
-        if None not in deadlines:
-            last = max(deadlines)
-            stop = lambda: past(last)  # noqa: E731
+        last = None if None in deadlines else max(deadlines)
+        shape = StepShape.of([job.row.args for job in jobs])
+        clock = RunClock(last, self.budget.pace.fastest(shape))
+        stop = None if last is None else (lambda: past(last) or clock.hopeless())
         try:
             if len(jobs) == 1:
                 (job,) = jobs
                 self.cache.activate(job.adapter)
                 row = job.row
+                clock.begin()
                 return [generate_images(self.pipe, row.prompt, row.negative_prompt, row.args,
-                                        stop=stop)]  # fmt: skip
+                                        stop=stop, on_step=clock.step)]  # fmt: skip
             rows = [(job.row.prompt, job.row.negative_prompt, job.row.args) for job in jobs]
             with self.cache.rows([job.adapter for job in jobs], jobs[0].row.args.num_images):
-                return generate_batch(self.pipe, rows, stop=stop)
-        except GenerationStopped as exc:
-            raise DeadlineExceeded(str(exc)) from None
+                clock.begin()
+                return generate_batch(self.pipe, rows, stop=stop, on_step=clock.step)
+        except GenerationStopped:
+            raise self._stopped(clock) from None
+        finally:
+            self._record(shape, clock)
+
+    def _record(self, shape: StepShape, clock: RunClock) -> None:
+        if (step_s := clock.measured_s()) is not None:
+            self.budget.pace.record(shape, step_s)
+
+    def _stopped(self, clock: RunClock) -> DeadlineExceeded:
+        """What a call stopped between two steps answers: how far it got, after how long a
+        wait, and, when its pace needs more than the whole timeout, what to change."""
+        timeout_s = self.budget.timeout_s
+        assert clock.deadline is not None  # only a call with a deadline is stopped
+        waited = clock.started - (clock.deadline - timeout_s)
+        elapsed = clock.elapsed_s()
+        what = (
+            f"stopped after {clock.done} of {clock.total} denoising steps, {elapsed:.0f} s after "
+            f"it started ({elapsed / max(clock.done, 1):.2f} s a step)"
+        )
+        if waited >= 1:
+            what += f"; {waited_words(waited)}"
+        rest = clock.least_rest_s()
+        if not past(clock.deadline) and rest is not None:
+            what += (
+                f": the rest needs at least {rest:.0f} s at the fastest pace known, "
+                f"{clock.deadline - time.time():.0f} s were left"
+            )
+        pace = clock.pace_s() or clock.fastest
+        if pace is not None and clock.total * pace > timeout_s:
+            fits = int(timeout_s / pace)
+            advice = (
+                f"at this pace the request needs about {clock.total * pace:.0f} s, "
+                f"{too_long_advice(timeout_s, fits)}"
+            )
+        else:
+            advice = "retry"
+        return DeadlineExceeded(what, advice, timeout_s=timeout_s)
 
     def handle(self, requests) -> list:
         """One result per request, in order (the output array or the RequestError to send);
@@ -188,7 +273,12 @@ class SharedBase:
     def _handle(self, requests) -> list:
         if not requests:
             return []
-        limits = {"max_cost": self.max_request_cost, "max_response_bytes": self.max_response_bytes}
+        limits = {
+            "max_cost": self.max_request_cost,
+            "max_response_bytes": self.max_response_bytes,
+            "defaults": self.defaults,
+            "budget": self.budget,
+        }
         if not self.batching:
             return handle_requests(
                 requests, self.generate, schema.BASE_INPUTS, BASE_CLIENT_ERRORS, **limits

@@ -19,7 +19,7 @@ SRC = REPO / "src" / "avatarforge"
 # processes, ports, archives, storage (local + S3), images.
 FOUNDATION = {
     "errors", "settings", "paths", "fsutil", "hashing", "names", "netutil", "subprocesses",
-    "safe_tar", "storage", "imaging",
+    "safe_tar", "storage", "imaging", "cpu_threads",
 }  # fmt: skip
 MODEL = {"base", "adapter", "generate"}
 # Layer -> the layers (or dotted modules) it may import besides itself and FOUNDATION. In the

@@ -7,6 +7,7 @@ import logging
 import typer
 
 from .. import __version__
+from ..cpu_threads import quiet_cpu_threads
 from . import (
     api,
     avatars,
@@ -87,4 +88,5 @@ for _module in (
 
 
 def main() -> None:
+    quiet_cpu_threads()  # before any command loads torch (training, diffusers, the demos)
     app()

@@ -20,9 +20,7 @@ def demo(
     minute on a 2-core CPU.
     """
     from ..demos.local import STEPS, run_demo
-    from ..serving.shared_base import quiet_cpu_threads
 
-    quiet_cpu_threads()  # before torch loads: training and diffusers in this process
     began = time.perf_counter()
     bar = Bar()  # within a step: images, denoising steps, photos (training shows its own)
     on_step, on_done = step_printers(len(STEPS), bar)

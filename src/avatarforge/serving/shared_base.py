@@ -16,7 +16,6 @@ row alone runs exactly as ``generate_images`` with its adapter loaded. Off: one 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -24,6 +23,7 @@ from collections.abc import Callable
 from ..adapter import AdapterError
 from ..base.identity import BaseError
 from ..base.tiny import TINY_ID_PREFIX
+from ..cpu_threads import quiet_cpu_threads
 from ..generate import GenArgs, GenerationStopped, generate_batch, generate_images
 from . import bootstrap, schema
 from .adapter_cache import SlotAdapterCache
@@ -58,22 +58,6 @@ log = logging.getLogger(__name__)
 
 # An adapter that is missing, broken or trained on another base is the caller's problem.
 BASE_CLIENT_ERRORS = (*CLIENT_ERRORS, AdapterError, BaseError)
-
-# On a CPU, torch's OpenMP threads wait for each other at every parallel region; spinning (the
-# default) is catastrophic on a CPU shared with other work, where a waiting thread spins while
-# the one it waits for is descheduled. The tiny base's 256 px, 12-step image on this 2-core
-# CPU, median of 3: 0.8 s on one thread, 5.7 s on two spinning threads beside others' load
-# (load average ~2.5), 90 s beside two busy loops as well; waiting passively, two threads:
-# 0.7 s and 1.5 s. Read when torch loads, so set before; the instance's own value wins.
-CPU_THREAD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
-
-
-def quiet_cpu_threads(environ=None) -> None:
-    """Make torch's CPU threads, once it loads in this process, wait without spinning
-    (:data:`CPU_THREAD_ENV`, unless the environment sets them)."""
-    environ = os.environ if environ is None else environ
-    for name, value in CPU_THREAD_ENV.items():
-        environ.setdefault(name, value)
 
 
 class SharedBase:

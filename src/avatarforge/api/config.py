@@ -29,7 +29,6 @@ from typing import Any
 from ..settings import ConfigError, Settings, setting
 
 KEY_PREFIX = "afk_"
-_KEY = re.compile(r"^afk_[A-Za-z0-9_-]{43}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # A namespace starts every user id of its key (<namespace>-<user>): no '-' or '_' in it, so
 # the first '-' of an internal id always ends the namespace (no two keys share an id).
@@ -46,10 +45,6 @@ def new_key() -> str:
 def hash_key(key: str) -> str:
     """What the configuration keeps of a key: its sha256, hex."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def looks_like_key(text: str) -> bool:
-    return bool(_KEY.fullmatch(text))
 
 
 @dataclass(frozen=True)

@@ -54,12 +54,8 @@ def serve(
     if ctx.invoked_subcommand is not None:
         return
     from ..api import ApiConfig, hash_key, new_key
-    from ..settings import ConfigError
 
-    try:
-        settings = ApiConfig.read(api_config) if api_config else None
-    except ConfigError as exc:
-        fail(str(exc))
+    settings = ApiConfig.read(api_config) if api_config else None
     port = usable_port(port, "the API", {"the API": "--port"}, host)
     if endpoint or config:
         if settings is None:

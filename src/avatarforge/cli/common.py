@@ -280,9 +280,12 @@ def _option(f: dataclasses.Field, kind: type, panel: str):
     )
 
 
-def config_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+def config_options(
+    cls: type, *, skip: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+) -> Callable[[Callable], Callable]:
     """Give a command one ``--option`` per field of the Settings dataclass ``cls`` (default, help,
     bounds from :func:`~avatarforge.settings.setting`); the command takes them as ``**options``.
+    ``skip``: fields left out; ``only``: the fields given (the rest left out).
 
     Typer reads the command's signature, so the fields are added to it in place of ``**options``.
     """
@@ -292,7 +295,7 @@ def config_options(cls: type, *, skip: tuple[str, ...] = ()) -> Callable[[Callab
         sig = inspect.signature(func)
         params = [p for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
         for f in dataclasses.fields(cls):
-            if f.name in skip:
+            if f.name in skip or (only is not None and f.name not in only):
                 continue
             option = _option(f, hints[f.name], cls.section)
             params.append(

@@ -12,7 +12,6 @@ from rich.console import Console
 
 from ..deploy import DeployConfig, Plan, execute, make_clients, make_plan
 from ..deploy.security import KEY_DELETION_WINDOW_DAYS
-from ..settings import ConfigError
 from .common import config_options, console, fail
 
 deploy_app = typer.Typer(
@@ -380,13 +379,9 @@ def api(
     _run("api", ctx, config_file, dry_run, as_json, options, create_role=create_role)
 
 
-_IMAGE_FIELDS = ("region", "triton_image_tag", "mme_instance_type", "lmi_image_tag")
-
-
 @deploy_app.command("images")
 @config_options(
-    DeployConfig,
-    skip=tuple(f for f in DeployConfig.__dataclass_fields__ if f not in _IMAGE_FIELDS),
+    DeployConfig, only=("region", "triton_image_tag", "mme_instance_type", "lmi_image_tag")
 )
 def images(
     ctx: typer.Context,
@@ -399,22 +394,13 @@ def images(
 
     config = load_config(ctx, config_file, options)
     _quiet_libraries()
-    try:
-        triton = triton_image_uri(config.region, config.triton_image_tag, config.mme_instance_type)
-        lmi = lmi_image_uri(config.region, config.lmi_image_tag)
-    except ConfigError as exc:
-        fail(str(exc))
+    triton = triton_image_uri(config.region, config.triton_image_tag, config.mme_instance_type)
+    lmi = lmi_image_uri(config.region, config.lmi_image_tag)
     print(f"triton {triton}\nlmi {lmi}")
 
 
-_DESTROY_FIELDS = ("name", "region", "bucket", "prefix")
-
-
 @deploy_app.command("destroy")
-@config_options(
-    DeployConfig,
-    skip=tuple(f for f in DeployConfig.__dataclass_fields__ if f not in _DESTROY_FIELDS),
-)
+@config_options(DeployConfig, only=("name", "region", "bucket", "prefix"))
 def destroy(
     ctx: typer.Context,
     config_file: Path = typer.Option(None, "--config", help=CONFIG_HELP),

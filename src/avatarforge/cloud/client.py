@@ -228,11 +228,6 @@ class JobStatus:
         return self.state != PENDING
 
 
-def load_submission(config: DeployConfig, job_id: str, *, session: Any = None) -> Submission:
-    s3 = _session(session).client("s3", region_name=config.region)
-    return _load_submission(s3, config, job_id)
-
-
 def status(
     config: DeployConfig,
     job_id: str,

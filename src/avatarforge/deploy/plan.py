@@ -22,7 +22,6 @@ from .config import DeployConfig
 
 VARIANT = "AllTraffic"
 SCALABLE_DIMENSION = "sagemaker:variant:DesiredInstanceCount"
-ACTIONS = ("create", "update", "unchanged", "delete", "conflict")
 RESCALE_NOTE = "re-registered: SageMaker refuses an instance type change under autoscaling"
 
 

@@ -24,7 +24,6 @@ import numpy as np
 from .faces import Box
 
 _PAD = {"edge": "edge", "reflect": "symmetric", "constant": "constant", "blur": "symmetric"}
-PAD_MODES = tuple(_PAD)
 RAISE = 0.1  # the face box is centred on eyes-nose-mouth; the head extends further up
 # "blur": (distance from the photo, Gaussian sigma), both as fractions of the output side;
 # between two stops the two blurs are mixed. Past FADE_FROM the fill fades into the border's

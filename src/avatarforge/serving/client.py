@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from ..errors import AvatarforgeError
-from ..generate import from_jpeg_base64
 from . import schema
 
 
@@ -70,11 +69,6 @@ def build_inputs(
         item.set_data_from_numpy(data)
         inputs.append(item)
     return inputs
-
-
-def decode_images(output: np.ndarray) -> list[list[Image.Image]]:
-    """generated_image (rows, num_images) -> images per row."""
-    return [[from_jpeg_base64(b) for b in row] for row in np.asarray(output, dtype=object)]
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"

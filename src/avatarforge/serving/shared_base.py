@@ -79,7 +79,6 @@ class SharedBase:
         pace: Pace | None = None,
     ) -> None:
         self.pipe, self.base = pipe, base
-        self.compile_seconds = 0.0  # the UNet's compile at start (from_params)
         self.max_request_cost, self.max_response_bytes = max_request_cost, max_response_bytes
         # what a request's omitted gen_args fields take (None: GenArgs' own), and the time it
         # has, judged by the pace this base's pipeline calls measure
@@ -158,12 +157,14 @@ class SharedBase:
         # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
         # warmed up with the bare base's plan (the graph of every user); the kernels cached
         # in the shared dir, so a restart or a second instance reuses them
-        shared.compile_seconds = prepare_for_serving(
+        seconds = prepare_for_serving(
             shared.pipe,
             serving.torch_compile,
             instance.shared_dir / INDUCTOR_CACHE,
             before_warm_up=lambda: shared.cache.activate(None),
         )
+        if seconds:
+            log.info("UNet compiled and warmed up in %.1f s (serving.torch_compile)", seconds)
         return shared
 
     def generate(self, prompt: str, negative: str | None, args: GenArgs, adapter: str | None):

@@ -19,7 +19,7 @@ invoke_endpoint`); the retries are counted by kind, and an answer that is still 
 them counts as an error, by kind ("HTTP 400 ModelError", "OSError", ...). When any request
 failed, tritonserver's log and the loader's are kept under build/bench/reliability-logs/<time>/.
 
-Prints the table the README shows and writes build/bench/reliability.json.
+Prints the table docs/reliability.md shows and writes build/bench/reliability.json.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The layout's rules, checked on the source (ast, nothing imported): what each layer of
 ``src/avatarforge`` may import, that nothing ships test code, and that only the CLI prints.
 
-README.md's "Architecture" section says the same in words; a new package or a new dependency
+docs/architecture.md's "Layers" says the same in words; a new package or a new dependency
 between layers is a decision: make it here, and there.
 """
 

@@ -1,4 +1,4 @@
-"""The request contract, written once for people (README.md, `avatarforge contract`) from the
+"""The request contract, written once for people (docs/request.md, `avatarforge contract`) from the
 schema; its curl and tritonclient examples run as written against the real tritonserver."""
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def test_contract_command_prints_the_markdown():
     assert result.exit_code == 0 and "generated_image" in result.output
 
 
-def test_readme_holds_the_contract_the_code_prints(repo_root):
-    readme = (repo_root / "README.md").read_text()
-    assert schema.contract_markdown() in readme, "run: avatarforge contract --markdown"
+def test_docs_hold_the_contract_the_code_prints(repo_root):
+    page = (repo_root / "docs" / "request.md").read_text()
+    assert schema.contract_markdown() in page, "run: avatarforge contract --markdown"
 
 
 @pytest.fixture(scope="module")

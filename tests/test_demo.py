@@ -159,3 +159,53 @@ def test_demo_cloud_runs_submit_to_generate(tiny_base, tmp_path) -> None:
     assert summary["result"] == result and len(summary["images"]) == 2
     assert (demo.out / "contact_sheet.png").is_file()
     assert set(summary["measured"]["step_s"]) == {title for title, _ in cloud.STEPS}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_readme_python_api_example_runs_as_written(repo_root, tiny_base, tmp_path) -> None:
+    # README.md's Python example for an app's backend, its text as it stands (read by its
+    # marker, nothing in it replaced), run against the deployment `make demo-cloud` runs here:
+    # moto (S3, SNS, SQS), the real training service behind the local async endpoint, the MME on
+    # the real tritonserver, the local SageMaker runtime. What the example reads, the test
+    # writes where it looks: deploy.json (the local stack's name, bucket and region) and
+    # selfies/alice (the sample selfies). The service trains with the tests' small settings.
+    import subprocess
+    import sys
+
+    from fixtures.markdown import block_run_by
+
+    from avatarforge.testing.samples import write_samples
+
+    readme = (repo_root / "README.md").read_text()
+    block = block_run_by(readme, "test_the_readme_python_api_example_runs_as_written")
+    assert block.lang == "python"
+    train = {k: v for k, v in FIXTURE_TRAIN.items() if k != "progress"}  # the job sets it
+    settings = ServiceConfig(
+        base_source=str(tiny_base.path),
+        work_dir=str(tmp_path / "service" / "work"),
+        slots_dir=str(tmp_path / "service" / "slots"),
+        shared_dir=str(tmp_path / "service" / "shared"),
+        train_defaults=train,
+        preprocess_defaults={"backgrounds": 0},
+    )
+    env = local_instance_env(tiny_base.path, tmp_path / "mme-shared")
+    app = tmp_path / "app"
+    write_samples(app / "selfies" / "alice")
+    (app / "example.py").write_text(block.text)
+    with cloud.local_stack(env, tmp_path / "stack", service=settings) as stack:
+        config = stack.config
+        deployment = {"name": config.name, "bucket": config.bucket, "region": config.region}
+        (app / "deploy.json").write_text(json.dumps(deployment))
+        # boto3 of the example finds moto and the runtime in the environment local_stack set
+        run = subprocess.run(
+            [sys.executable, "example.py"], cwd=app, capture_output=True, text=True, timeout=900
+        )
+        ops = [(r.operation, r.error_code or r.status) for r in stack.runtime.requests()]
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.startswith("training alice-"), run.stdout
+    assert f"model {config.models_prefix}alice.tar.gz" in run.stdout
+    (jpeg,) = app.glob("alice-*.jpg")  # one prompt, one image, as the endpoint sent it
+    with Image.open(jpeg) as image:
+        assert image.format == "JPEG" and image.size == (256, 256)  # the tiny base's on a CPU
+    assert ops[0] == ("InvokeEndpointAsync", 202) and ops[-1] == ("InvokeEndpoint", 200)

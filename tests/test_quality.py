@@ -225,11 +225,12 @@ def test_eval_on_the_tiny_base_says_it_measures_nothing(trained_adapter, train_d
 runner = CliRunner()
 
 
-def test_eval_cli(trained_adapter, train_dataset, tmp_path):
+def test_eval_cli(trained_adapter, train_dataset, tiny_base, tmp_path):
     out = tmp_path / "eval"
+    # --base: where the base is (an imported base's adapter records its id, not its folder)
     args = ["eval", "alice", "--adapter", str(trained_adapter), "--dataset", str(train_dataset),
             "--out", str(out), "--prompts", "1", "--seeds", "1", "--steps", "2",
-            "--size", "64"]  # fmt: skip
+            "--size", "64", "--base", str(tiny_base.path)]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "this measures nothing" in result.output
@@ -247,3 +248,5 @@ def test_eval_cli_unknown_user_and_bad_options(tmp_path, monkeypatch):
     assert result.exit_code == 1 and "no dataset for 'alice'" in result.output
     result = runner.invoke(app, ["eval", "alice", "--dataset", str(tmp_path), "--size", "100"])
     assert result.exit_code == 1 and "eval.size: must be a multiple of 8" in result.output
+    result = runner.invoke(app, ["eval", "alice", "--dataset", str(tmp_path), "--base", "a/b"])
+    assert result.exit_code == 1 and "`avatarforge base import a/b`" in result.output

@@ -1,12 +1,14 @@
-"""README.md as a new user meets it: every code block that can run here runs as written.
+"""README.md and docs/*.md as a new user meets them: every code block that can run here runs
+as written.
 
-The blocks run in README order in a fresh folder (with this checkout's Makefile and venv), the
-way a person copies them: shell blocks in bash, Python blocks in the venv's Python. A
+The blocks run in page order in a fresh folder per page (with this checkout's Makefile and
+venv), the way a person copies them: shell blocks in bash, Python blocks in the venv's Python. A
 `make local-triton` or `make local-mme` line keeps running while the blocks after it run (it
 is started in the background and stopped at the end, as a second shell would). The only change
 made to the text: ports 8000-8002 and 8080 become free ones, so the test cannot collide with a
 server the machine already runs. A block that cannot run here carries the comment
-``<!-- not run by the tests: why -->`` right above it.
+``<!-- not run by the tests: why -->`` right above it, or ``<!-- run by tests/x.py::test: why
+-->`` when that test runs it as written against stand-ins (tests/fixtures/markdown.py).
 """
 
 from __future__ import annotations
@@ -17,49 +19,39 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fixtures.markdown import Block, code_blocks
 from PIL import Image
 
 from avatarforge.netutil import free_port
 
-SKIP = re.compile(r"<!-- not run by the tests: (.+?) -->\s*$")
 # lines that start a server which runs until stopped
 SERVERS = ("make local-triton", "make local-mme")
-
-
-@dataclass
-class Block:
-    lang: str
-    text: str
-    line: int
-    skip: str  # why it does not run here ('' = it runs)
-
-
-def readme_blocks(readme: str) -> list[Block]:
-    blocks = []
-    for m in re.finditer(r"^```(\w*)\n(.*?)^```", readme, re.S | re.M):
-        line = readme.count("\n", 0, m.start()) + 1
-        before = readme[: m.start()].rstrip("\n").rsplit("\n", 1)[-1]
-        why = SKIP.search(before)
-        blocks.append(Block(m.group(1), m.group(2), line, why.group(1) if why else ""))
-    return blocks
+REPO = Path(__file__).resolve().parents[1]
+# generated text, whose blocks carry no marker: the test named runs them as written
+GENERATED = {"docs/request.md": "tests/test_contract.py (against a real tritonserver)"}
+DOCS = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").glob("*.md"))
 
 
 def runnable(blocks: list[Block]) -> list[Block]:
     return [b for b in blocks if b.lang in ("bash", "python") and not b.skip]
 
 
-def test_every_code_block_runs_or_says_why_not(repo_root):
-    blocks = readme_blocks((repo_root / "README.md").read_text())
+@pytest.mark.parametrize("page", ["README.md", *DOCS])
+def test_every_code_block_runs_or_says_why_not(page):
+    blocks = code_blocks((REPO / page).read_text())
     for b in blocks:
-        assert b.lang in ("", "bash", "python"), f"README.md:{b.line}: unknown language {b.lang}"
-    run = runnable(blocks)
-    assert len(run) >= 4, [b.line for b in run]  # step by step, local MME, curl, tritonclient
-    skipped = [b for b in blocks if b.skip]
-    assert all(len(b.skip) > 10 for b in skipped)  # a reason, not a placeholder
+        assert b.lang in ("", "bash", "python"), f"{page}:{b.line}: unknown language {b.lang}"
+        if b.run_by:  # the test it names exists and reads its block by that marker
+            path, name = b.run_by
+            source = (REPO / path).read_text()
+            assert f"def {name}(" in source and f'"{name}"' in source, f"{page}:{b.line}"
+    assert all(len(b.skip) > 10 for b in blocks if b.skip)  # a reason, not a placeholder
+    if page == "README.md":
+        run = runnable(blocks)
+        assert len(run) >= 4, [b.line for b in run]  # step by step, eval, local MME, forget
 
 
 class Workspace:
@@ -173,7 +165,7 @@ def _is_jpeg(path: Path) -> bool:
 @pytest.mark.integration
 @pytest.mark.slow
 def test_readme_blocks_run_as_written_on_a_fresh_folder(repo_root, tmp_path):
-    blocks = runnable(readme_blocks((repo_root / "README.md").read_text()))
+    blocks = runnable(code_blocks((repo_root / "README.md").read_text()))
     ws = Workspace(tmp_path, repo_root)
     try:
         for block in blocks:
@@ -190,8 +182,34 @@ def test_readme_blocks_run_as_written_on_a_fresh_folder(repo_root, tmp_path):
         assert [p.name for p in generated] == ["00.jpg", "01.jpg"]  # local-triton, then MME
         assert all(_is_jpeg(p) for p in generated)
         assert len(list((build / "generate-local/alice").glob("*.jpg"))) == 1
-        for name in ("alice.jpg", "alice-0-0.jpg", "alice-1-0.jpg"):  # curl, tritonclient
-            assert _is_jpeg(tmp_path / name), name
+        assert (build / "eval/alice/report.json").is_file()
+        assert (build / "avatars/alice/professional/index.html").is_file()
     finally:
         ws.stop()
     assert all(p.returncode is not None for p in ws.servers)
+
+
+def _docs_to_run() -> list[str]:
+    return [
+        page
+        for page in DOCS
+        if page not in GENERATED and runnable(code_blocks((REPO / page).read_text()))
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", _docs_to_run())
+def test_docs_blocks_run_as_written_on_a_fresh_folder(page, tmp_path):
+    # the reference pages' blocks stand alone (a style pack, forget's dry run, a webhook
+    # receiver): each page in its own fresh folder; one that starts a server is stopped after
+    blocks = runnable(code_blocks((REPO / page).read_text()))
+    ws = Workspace(tmp_path, REPO)
+    try:
+        for block in blocks:
+            where = f"{page}:{block.line}"
+            if block.lang == "bash":
+                ws.run_shell_block(block.text, where)
+            else:
+                ws.python(ws.localize(block.text), where)
+    finally:
+        ws.stop()

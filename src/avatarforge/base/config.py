@@ -44,7 +44,8 @@ def resolve_base(config: BaseConfig | None = None) -> BaseInfo:
         return read_base_info(path)
     if not config.allow_download:
         raise BaseError(
-            f"base {config.base!r} is not a local folder; set allow_download "
-            "(--allow-download) to fetch it from the hub"
+            f"base {config.base!r} is not a local folder: import it (`avatarforge base import "
+            f"{config.base}`: a hub id in the local hub cache) and give the folder it writes; "
+            "nothing is downloaded unless allow_download is set"
         )
     return read_base_info(download(config.base), base_id=config.base)

@@ -62,7 +62,9 @@ def json_settings(rows: list[tuple[str, object, str]]) -> str:
 
 def config(
     section: str = typer.Argument(None, help="one section: base, preprocess, train, ..."),
-    markdown: bool = typer.Option(False, help="print a Markdown table (as in README.md)"),
+    markdown: bool = typer.Option(
+        False, help="print a Markdown table (as in docs/configuration.md)"
+    ),
     as_json: bool = typer.Option(
         False, "--json", help='print JSON: {"section.name": {"default": ..., "meaning": ...}}'
     ),

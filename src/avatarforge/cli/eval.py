@@ -53,6 +53,11 @@ def eval_command(
     out: Path = typer.Option(
         None, "--out", help="report folder (default: build/eval/USER; replaced whole)"
     ),
+    base: str = typer.Option(
+        "",
+        "--base",
+        help="where the base is, if not where the adapter says (its hash is still checked)",
+    ),
     **options,
 ) -> None:
     """Score a user's adapter: face found, identity (distance to the user's kept photos, dlib
@@ -60,6 +65,7 @@ def eval_command(
     seeded prompt set. Writes report.json and grid.png (the images with their scores)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+    from ..base.config import BaseConfig, resolve_base
     from ..errors import AvatarforgeError
     from ..names import check_user_id
     from ..paths import build_dir
@@ -83,6 +89,8 @@ def eval_command(
     except AvatarforgeError as exc:
         fail(str(exc))
     out = out or build_dir() / "eval" / user
+    # an imported base is recorded by its id (e.g. a hub id), not by the folder it is in
+    found = resolve_base(BaseConfig(base=base)) if base else None
     total = 2 * config.prompts * config.seeds
     try:
         with Progress(
@@ -96,6 +104,7 @@ def eval_command(
                 dataset,
                 out,
                 config,
+                base=found,
                 on_image=lambda done, _: progress.update(generating, completed=done),
                 on_score=lambda done, _, __: progress.update(scoring, completed=done),
             )

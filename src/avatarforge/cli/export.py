@@ -50,7 +50,7 @@ def export_command(
         console.print(
             f"[yellow]note:[/] trained on {base_id}, a base of random weights for tests: "
             "ComfyUI and AUTOMATIC1111 need an adapter trained on real SD 2.1 weights "
-            "(see 'Using real SD 2.1 weights' in README.md)",
+            "(see 'Real weights on a GPU' in README.md)",
             soft_wrap=True,
         )
     token = result.metadata.get("modelspec.trigger_phrase", "<<TOK>>")

@@ -173,7 +173,7 @@ def load(
 
 
 def contract(
-    markdown: bool = typer.Option(False, help="print Markdown (as in README.md)"),
+    markdown: bool = typer.Option(False, help="print Markdown (as in docs/request.md)"),
 ) -> None:
     """The request a served user model takes: inputs, datatypes, shapes, gen_args fields and
     their bounds, a curl and a tritonclient example."""

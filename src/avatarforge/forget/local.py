@@ -38,7 +38,7 @@ def places(user: str, root: Path) -> Iterator[tuple[str, Path, str]]:
     """(what, folder, regex of entry names) for every default location of the user's files."""
     u = re.escape(user)
     package = f"{user}.tar.gz"
-    yield "photos", root / "photos", _exact(user)  # README: build/photos/<user>/
+    yield "photos", root / "photos", _exact(user)  # docs/privacy.md: build/photos/<user>/
     yield "dataset", root / "datasets", _exact(user)  # preprocess OUT_DIR; eval's default
     yield "training output", root / "users", _exact(user)  # adapter, checkpoints, train log
     yield "package", root / "package", _exact(package)

@@ -14,7 +14,7 @@ class Removal:
     """One thing of the user's, found and removed (or, in a dry run, that would be)."""
 
     where: str  # build, s3, local-triton, local MME
-    what: str  # photos, dataset, training output, package, ... (README: Privacy and consent)
+    what: str  # photos, dataset, training output, package, ... (docs/privacy.md)
     target: str  # a path, an s3:// URI or prefix, or server + model
     action: str  # deleted, unloaded, failed; or WOULD[...] in a dry run
     detail: str = ""  # how much (files, bytes, objects, versions), or why it failed

@@ -2,8 +2,8 @@
 
 `triton_config` renders config.pbtxt from it, the Triton models parse requests with it (through
 :mod:`.handler`), :mod:`.client` builds requests from it and :func:`contract_markdown` writes it
-for people (README.md, `avatarforge contract --markdown`), so optional inputs, types, the batch
-size and the documentation cannot drift apart (the reference implementation marked inputs
+for people (docs/request.md, `avatarforge contract --markdown`), so optional inputs, types, the
+batch size and the documentation cannot drift apart (the reference implementation marked inputs
 optional and batched 8 while its model read only ``[0][0]``).
 """
 
@@ -158,7 +158,7 @@ def _bounds(meta: dict[str, Any]) -> str:
 
 def contract_markdown() -> str:
     """The request contract of a user model as Markdown: inputs, output, gen_args fields with
-    bounds and aliases, a curl and a tritonclient example (README.md holds this text)."""
+    bounds and aliases, a curl and a tritonclient example (docs/request.md holds this text)."""
     import dataclasses
     import typing
 

@@ -584,3 +584,33 @@ def test_deploy_images_prints_the_sdks_uris_or_why_not(no_aws):
     ]
     result = runner.invoke(app, ["deploy", "images", "--lmi-image-tag", "0.37.0-lmi1-cu130"])
     assert result.exit_code == 1 and "Unsupported djl-lmi version: 0.37.0" in result.output
+
+
+def test_a_safety_checker_is_uploaded_and_named_in_the_mmes_environment(
+    deploy_config, tmp_path, monkeypatch
+):
+    from avatarforge.deploy.assets import AssetError, safety_asset
+    from avatarforge.safe_tar import safe_extract
+    from avatarforge.serving.safety import checker_folders
+    from avatarforge.testing.safety import build_tiny_safety_checker
+
+    monkeypatch.setenv("AVATARFORGE_BUILD", str(tmp_path / "build"))
+    folder = build_tiny_safety_checker(tmp_path / "checker", flag_everything=False)
+    assets = dataclasses.replace(_assets(deploy_config), safety=safety_asset(str(folder)))
+    plan = plan_mme(deploy_config, assets)
+    (obj,) = [r for r in plan.resources if r.name.endswith(assets.safety.name)]
+    assert obj.attrs["sha256"] == assets.safety.sha256
+    (model,) = [r for r in plan.resources if r.kind == "sagemaker_model"]
+    env = model.attrs["PrimaryContainer"]["Environment"]
+    assert env["AVATARFORGE_SERVING_SAFETY_CHECKER"] == f"s3://{obj.attrs['Bucket']}/{obj.name}"
+    # what the instance extracts is a checker folder again
+    safe_extract(assets.safety.path, tmp_path / "x")
+    checker_folders(tmp_path / "x" / "safety-checker")
+    # without one, nothing is uploaded and the variable is not set
+    plain = plan_mme(deploy_config, _assets(deploy_config))
+    (model,) = [r for r in plain.resources if r.kind == "sagemaker_model"]
+    assert (
+        "AVATARFORGE_SERVING_SAFETY_CHECKER" not in model.attrs["PrimaryContainer"]["Environment"]
+    )
+    with pytest.raises(AssetError, match="deploy.safety_checker: serving.safety_checker: "):
+        safety_asset(str(tmp_path))

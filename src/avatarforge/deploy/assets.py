@@ -58,6 +58,7 @@ class MMEAssets:
     base: Asset
     env: Asset | None
     env_problem: str = ""
+    safety: Asset | None = None  # deploy.safety_checker's tarball; None: no check
 
 
 def default_env_tarball() -> Path:
@@ -225,8 +226,26 @@ def env_asset(path: Path, triton_tag: str) -> Asset:
 def prepare_mme_assets(config: DeployConfig) -> MMEAssets:
     """Build/inspect what ``deploy mme`` uploads (local work only: no AWS)."""
     base = base_asset(config.base)
+    safety = safety_asset(config.safety_checker) if config.safety_checker else None
     env_path = Path(config.env_tarball) if config.env_tarball else default_env_tarball()
     try:
-        return MMEAssets(base=base, env=env_asset(env_path, config.triton_image_tag))
+        env, problem = env_asset(env_path, config.triton_image_tag), ""
     except AssetError as exc:
-        return MMEAssets(base=base, env=None, env_problem=str(exc))
+        env, problem = None, str(exc)
+    return MMEAssets(base=base, env=env, env_problem=problem, safety=safety)
+
+
+def safety_asset(folder: str) -> Asset:
+    """deploy.safety_checker as a reproducible tarball under build/deploy/, checked first."""
+    from ..serving.safety import checker_folders
+
+    path = Path(folder).expanduser()
+    try:
+        checker_folders(path)
+    except ConfigError as exc:
+        raise AssetError(f"deploy.safety_checker: {exc}") from exc
+    tarball = build_dir() / "deploy" / "safety-checker.tar.gz"
+    tarball.parent.mkdir(parents=True, exist_ok=True)
+    write_reproducible_tar(path, tarball, "safety-checker")
+    sha = sha256_file(tarball)
+    return Asset("safety", tarball, sha, tarball.stat().st_size, f"safety-{sha}.tar.gz")

@@ -123,6 +123,11 @@ class DeployConfig(Settings):
         "serving env tarball for the Triton image's Python (conda_envs/build_in_image.sh); "
         "empty: build/envs/serve.tar.gz",
     )
+    safety_checker: str = setting(
+        "",
+        "a local StableDiffusionSafetyChecker folder (serving.safety_checker): uploaded under "
+        "shared/ and checked against every image the MME answers; empty: no check",
+    )
     training_role_arn: str = setting(
         "", "IAM role of the training endpoint (empty: role_arn; least privilege: its own role)"
     )

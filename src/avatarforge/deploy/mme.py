@@ -11,6 +11,7 @@ from ..serving.bootstrap import (
     ENV_ENV_SOURCE,
     ENV_SHARED_DIR,
 )
+from ..serving.config import ServingConfig
 from ..tritonserver.sagemaker import MME_ENV
 from . import operations, security
 from .assets import Asset, MMEAssets
@@ -38,13 +39,16 @@ MME_SCALE_OUT_COOLDOWN_S, MME_SCALE_IN_COOLDOWN_S = 60, 600
 
 
 def mme_environment(
-    config: DeployConfig, base_uri: str, env_uri: str, env: Asset | None
+    config: DeployConfig, base_uri: str, env_uri: str, env: Asset | None, safety_uri: str = ""
 ) -> dict[str, str]:
     """The MME container's environment, made here and nowhere else: tritonserver's settings
     (:data:`~avatarforge.tritonserver.sagemaker.MME_ENV`: ping mode live, verbose logs off, and
     why), where the user models' bootstrap finds the shared base and serving env (see
-    avatarforge.serving.bootstrap), and the region of their S3 fetches."""
+    avatarforge.serving.bootstrap), the safety checker when there is one, and the region of
+    their S3 fetches."""
+    safety = {ServingConfig.env_name("safety_checker"): safety_uri} if safety_uri else {}
     return {
+        **safety,
         **MME_ENV,
         ENV_SHARED_DIR: config.shared_dir,
         ENV_BASE_SOURCE: base_uri,
@@ -72,6 +76,8 @@ def plan_mme(
     ami = inference_ami(cfg.inference_ami_version)
     base_obj = shared_object(cfg, assets.base, "base")
     env_obj = shared_object(cfg, assets.env, "env")
+    safety_obj = shared_object(cfg, assets.safety, "safety") if assets.safety else None
+    safety_uri = s3_uri(safety_obj) if safety_obj else ""
     if assets.env is None:
         blockers.append(assets.env_problem)
     role, role_resource = execution_role(cfg, "mme", acct, create_role, blockers)
@@ -91,7 +97,9 @@ def plan_mme(
                 "Image": image,
                 "Mode": "MultiModel",
                 "ModelDataUrl": cfg.models_prefix,
-                "Environment": mme_environment(cfg, s3_uri(base_obj), s3_uri(env_obj), assets.env),
+                "Environment": mme_environment(
+                    cfg, s3_uri(base_obj), s3_uri(env_obj), assets.env, safety_uri
+                ),
             },
             **security.vpc_config(cfg),
         }
@@ -119,6 +127,7 @@ def plan_mme(
         operations.lifecycle(cfg),
         base_obj,
         env_obj,
+        *([safety_obj] if safety_obj else []),
         *([role_resource] if role_resource else []),
         operations.log_group(cfg, endpoint),
         *trio,

@@ -840,7 +840,8 @@ def _own(message: str) -> bool:
 # ---------------------------------------------------------------- request counts
 
 METRIC_FAMILY = "avatarforge_requests_total"
-OUTCOMES = ("served", "refused", "timed_out", "failed", "unavailable")
+FLAGGED = "flagged"  # images (not requests) the safety check replaced (serving.safety_checker)
+OUTCOMES = ("served", "refused", "timed_out", "failed", "unavailable", FLAGGED)
 EMF_NAMESPACE = "avatarforge"
 
 
@@ -859,7 +860,8 @@ class RequestCounters:
             try:
                 self._family = pb_utils.MetricFamily(
                     name=METRIC_FAMILY,
-                    description="avatarforge requests answered, per user and outcome",
+                    description="avatarforge requests answered, per user and outcome "
+                    "(outcome flagged: images the safety check replaced)",
                     kind=pb_utils.MetricFamily.COUNTER,
                 )
             except Exception as exc:  # a Triton without custom metrics: the log lines remain

@@ -142,6 +142,14 @@ class ServingConfig(Settings):
         "auto (on CUDA; off on a CPU, where compiling takes minutes and saves little), on, off",
         choices=("auto", "on", "off"),
     )
+    safety_checker: str = setting(
+        "",
+        "an image safety check of every answer (avatarforge.serving.safety): a "
+        "StableDiffusionSafetyChecker folder (its config, weights and CLIP image processor), a "
+        "tarball of one, or its s3:// URI (fetched once into the shared dir); a flagged image "
+        "is replaced by a black one and counted, never returned. Empty: off, because SD 2.x "
+        "ships no checker: its training data was filtered by LAION's NSFW classifier instead",
+    )
     metrics_log_s: int = setting(
         60,
         "seconds between the shared base's log lines of request counts per user in CloudWatch "

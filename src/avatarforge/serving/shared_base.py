@@ -53,6 +53,7 @@ from .handler import (
     waited_words,
 )
 from .pace import Pace, RunClock, StepShape
+from .safety import SafetyCheck
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ class SharedBase:
         defaults: GenArgs | None = None,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
         pace: Pace | None = None,
+        safety: SafetyCheck | None = None,
     ) -> None:
         self.pipe, self.base = pipe, base
         self.max_request_cost, self.max_response_bytes = max_request_cost, max_response_bytes
@@ -86,6 +88,7 @@ class SharedBase:
         self.budget = TimeBudget(request_timeout_s, pace or Pace())
         # None: anyone may call (a SharedBase in this process, as the tests and benches use it)
         self.callers, self.counters = callers, counters
+        self.safety = safety  # None: answers are not checked (serving.safety_checker empty)
         self.batching, self.batch_max_images = batching, batch_max_images
         self.cache = SlotAdapterCache(
             pipe,
@@ -109,7 +112,7 @@ class SharedBase:
         the config names; the settings are the instance's (serving.device: Triton's instance
         kind decides where "auto" runs). ``pb_utils``: Triton's module, for its /metrics."""
         from ..base.pipeline import INDUCTOR_CACHE, load_pipeline, prepare_for_serving
-        from .shared_files import ensure_base
+        from .shared_files import ensure_base, ensure_folder
 
         instance = bootstrap.Instance(environ)
         serving = ServingConfig.from_env(environ)
@@ -128,6 +131,10 @@ class SharedBase:
             quiet_cpu_threads()  # before torch loads (load_pipeline)
         pipe = load_pipeline(base, device)
         log.info("pipeline loaded on %s in %.1f s", device, time.monotonic() - present)
+        safety = None
+        if serving.safety_checker:
+            folder = ensure_folder(serving.safety_checker, instance.shared_dir, "safety")
+            safety = SafetyCheck.load(folder, device)
         tiny_on_cpu = device == "cpu" and base.base_id.startswith(TINY_ID_PREFIX)
         defaults = serving.gen_defaults(tiny_on_cpu=tiny_on_cpu)
         log.info(
@@ -153,6 +160,7 @@ class SharedBase:
             counters=bootstrap.RequestCounters(pb_utils, serving.metrics_log_s),
             defaults=defaults,
             request_timeout_s=serving.request_timeout_s,
+            safety=safety,
         )
         # compiled once the LoRA slots hook into the UNet (later hooks would not be traced),
         # warmed up with the bare base's plan (the graph of every user); the kernels cached
@@ -250,9 +258,15 @@ class SharedBase:
         for i, result in zip(accepted, self._handle([requests[i] for i in accepted]), strict=True):
             results[i] = result
         out = [results[i] for i in range(len(requests))]
-        if self.counters is not None:
-            for user, result in zip(users, out, strict=True):
+        flagged = self.safety.screen(out) if self.safety is not None else [0] * len(out)
+        for user, count, result in zip(users, flagged, out, strict=True):
+            if count:
+                log.warning("safety check: %d of %d images for %s replaced by black images",
+                            count, result.size, user)  # fmt: skip
+            if self.counters is not None:
                 self.counters.add(user, bootstrap.outcome(error_message(result)))
+                if count:
+                    self.counters.add(user, bootstrap.FLAGGED, count)
         return out
 
     def _handle(self, requests) -> list:

@@ -127,6 +127,37 @@ def ensure_base(
     return info
 
 
+def ensure_folder(source: str, shared: Path, kind: str) -> Path:
+    """A folder named by a setting: ``source`` itself when it is a local folder, else the
+    tarball (a path, ``file://`` or ``s3://`` URI) extracted once into ``shared/<kind>/<key>``
+    under a lock, so every model and restart of the instance finds the same copy."""
+    local = Path(source).expanduser()
+    if not _is_uri(source) and local.is_dir():
+        return local
+    dest = Path(shared) / kind / _key(source)
+    if dest.is_dir():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with _lock(Path(shared), f"{kind}-{_key(source)}"):
+            if not dest.is_dir():  # a peer may have finished meanwhile
+                from ..safe_tar import safe_extract
+
+                log.info("fetching %s %s into %s", kind, source, dest)
+                tmp = Path(tempfile.mkdtemp(prefix=f".{kind}.partial-", dir=dest.parent))
+                try:
+                    safe_extract(_fetch(source, tmp / "archive.tar.gz"), tmp / "x")
+                    entries = list((tmp / "x").iterdir())
+                    # a tarball of one folder (as deploy packs it) stands for that folder
+                    root = entries[0] if len(entries) == 1 and entries[0].is_dir() else tmp / "x"
+                    os.replace(root, dest)
+                finally:
+                    shutil.rmtree(tmp, ignore_errors=True)
+    except Timeout:
+        raise SharedFilesError(f"timed out waiting for a peer to fetch {source}") from None
+    return dest
+
+
 def _discard(dest: Path) -> None:
     """Take a corrupt copy out of the way at once (a rename), then delete it."""
     if dest.is_symlink():

@@ -10,7 +10,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Slow artefacts (tiny base, sample dataset, a short training run) are cached between runs
 # under build/test-cache, keyed by their inputs; tests never write into the user's build/.
-os.environ.setdefault("AVATARFORGE_BUILD", str(REPO / "build" / "test-cache"))
+# Each pytest-xdist worker has its own (make test runs two): nothing the product or a fixture
+# writes under the build folder (caches, the local MME's models, keys) is shared between them.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+os.environ.setdefault(
+    "AVATARFORGE_BUILD", str(REPO / "build" / ("test-cache" + (f"-{_WORKER}" if _WORKER else "")))
+)
 # torch's CPU threads wait passively (avatarforge.cpu_threads: minutes on a loaded 2-core CPU);
 # set before any fixture loads torch, in this process and the commands the tests start
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

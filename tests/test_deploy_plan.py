@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -614,3 +615,34 @@ def test_a_safety_checker_is_uploaded_and_named_in_the_mmes_environment(
     )
     with pytest.raises(AssetError, match="deploy.safety_checker: serving.safety_checker: "):
         safety_asset(str(tmp_path))
+
+
+def test_the_mmes_serving_settings_come_from_the_config_file_checked_as_the_base_reads_them(
+    deploy_config, no_aws, tmp_path
+):
+    from avatarforge.serving.config import ServingConfig
+
+    config = dataclasses.replace(deploy_config, mme_serving={"request_timeout_s": 120,
+                                                             "batching": False})  # fmt: skip
+    (model,) = [r for r in plan_mme(config, _assets(config)).resources
+                if r.kind == "sagemaker_model"]  # fmt: skip
+    env = model.attrs["PrimaryContainer"]["Environment"]
+    # what the shared base on the instance reads back
+    served = ServingConfig.from_env(env)
+    assert (served.request_timeout_s, served.batching) == (120, False)
+    assert served.max_request_cost == ServingConfig().max_request_cost  # the rest: defaults
+    for bad, named in (
+        ({"max_batch_size": 2}, "max_batch_size not set here"),
+        ({"safety_checker": "/x"}, "safety_checker not set here"),
+        ({"request_timeout_s": 0}, "serving.request_timeout_s: must be >= 1"),
+        ({"nope": 1}, "serving: unknown field(s) nope"),
+    ):
+        with pytest.raises(ConfigError, match=re.escape(f"deploy.mme_serving: {named}")):
+            dataclasses.replace(deploy_config, mme_serving=bad)
+    # from a deploy.json, through the command (not an option: a JSON object)
+    path = tmp_path / "deploy.json"
+    path.write_text(
+        json.dumps({**deploy_config.to_dict(), "mme_serving": {"request_timeout_s": 0}})
+    )
+    result = CliRunner().invoke(app, ["deploy", "mme", "--config", str(path), "--dry-run"])
+    assert result.exit_code == 1 and "deploy.mme_serving" in result.output, result.output

@@ -297,6 +297,8 @@ def config_options(
         for f in dataclasses.fields(cls):
             if f.name in skip or (only is not None and f.name not in only):
                 continue
+            if hints[f.name] is dict:  # a JSON object: set in the --config file, not an option
+                continue
             option = _option(f, hints[f.name], cls.section)
             params.append(
                 inspect.Parameter(

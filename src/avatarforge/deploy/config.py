@@ -123,6 +123,13 @@ class DeployConfig(Settings):
         "serving env tarball for the Triton image's Python (conda_envs/build_in_image.sh); "
         "empty: build/envs/serve.tar.gz",
     )
+    mme_serving: dict = setting(  # noqa: RUF009
+        {},
+        "the MME instances' serving settings: serving fields as a JSON object (e.g. "
+        '{"request_timeout_s": 120}), set as AVATARFORGE_SERVING_<FIELD> in the MME\'s '
+        "environment; empty: the instance's defaults, by device (max_batch_size is a "
+        "package's, safety_checker deploy.safety_checker's)",
+    )
     safety_checker: str = setting(
         "",
         "a local StableDiffusionSafetyChecker folder (serving.safety_checker): uploaded under "
@@ -166,7 +173,27 @@ class DeployConfig(Settings):
         "https:// URLs, SQS queue ARNs",
     )
 
+    def mme_serving_env(self) -> dict[str, str]:
+        """``mme_serving`` as the MME's ``AVATARFORGE_SERVING_<FIELD>`` variables, checked as the
+        shared base will read them (a ConfigError naming the field)."""
+        from ..serving.config import PACKAGED, ServingConfig
+
+        values = self.mme_serving
+        if not isinstance(values, dict):
+            raise ConfigError(f"deploy.mme_serving: must be a JSON object (got {values!r})")
+        if taken := sorted(set(values) & {*PACKAGED, "safety_checker"}):
+            raise ConfigError(
+                f"deploy.mme_serving: {', '.join(taken)} not set here (max_batch_size is each "
+                "package's: package --max-batch-size; a checker is deploy.safety_checker)"
+            )
+        try:
+            env = ServingConfig.from_dict(values).to_env()
+        except (ConfigError, TypeError) as exc:
+            raise ConfigError(f"deploy.mme_serving: {exc}") from None
+        return {name: env[name] for name in map(ServingConfig.env_name, values)}
+
     def validate(self) -> None:
+        self.mme_serving_env()
         if self.region.startswith("cn-"):
             raise ConfigError(
                 f"deploy.region: {self.region!r} is in the China partition (arn:aws-cn), which "

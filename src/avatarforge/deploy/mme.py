@@ -44,10 +44,11 @@ def mme_environment(
     """The MME container's environment, made here and nowhere else: tritonserver's settings
     (:data:`~avatarforge.tritonserver.sagemaker.MME_ENV`: ping mode live, verbose logs off, and
     why), where the user models' bootstrap finds the shared base and serving env (see
-    avatarforge.serving.bootstrap), the safety checker when there is one, and the region of
-    their S3 fetches."""
+    avatarforge.serving.bootstrap), the shared base's settings (``deploy.mme_serving``) and
+    safety checker when there are any, and the region of their S3 fetches."""
     safety = {ServingConfig.env_name("safety_checker"): safety_uri} if safety_uri else {}
     return {
+        **config.mme_serving_env(),
         **safety,
         **MME_ENV,
         ENV_SHARED_DIR: config.shared_dir,

@@ -185,6 +185,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
         results["package_s"] = round(time.perf_counter() - t0, 1)
         env = local_instance_env(base.path, work / "shared")
         triton_log = work / "triton" / "tritonserver.log"
+        finished = False
         try:
             with sagemaker_triton(work / "triton", extra_env=env, start_timeout=120) as server:
                 triton_log = server.log_path
@@ -207,10 +208,12 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
                     print(f"memory: {results['memory']}", flush=True)
                 finally:
                     loader.unload_all()
+            finished = True
         finally:
             avatarforge_log.removeHandler(loader_log)
             loader_log.close()
-            if results.get("load", {}).get("errors", 1):  # failed: keep what the servers said
+            # a request failed, or the run itself (tritonserver died): keep what the servers said
+            if not finished or results.get("load", {}).get("errors", 1):
                 dest = keep_logs([triton_log, work / "loader.log"], root / "reliability-logs")
                 results["logs"] = str(dest)
                 print(f"requests failed: logs kept in {dest}", flush=True)

@@ -54,7 +54,7 @@ from typing import Any
 from ..errors import AvatarforgeError
 from ..paths import build_dir
 from ..safe_tar import UnsafeArchiveError, safe_extract
-from ..serving.bootstrap import RETRY_PREFIX
+from ..serving.bootstrap import RETRY_PREFIX, UNKNOWN_MODEL
 from ..serving.package_check import PackageRefusedError, check_package
 from ..settings import Settings, setting
 from ..storage import (
@@ -69,6 +69,8 @@ from .protocol import Response, SageMakerTritonClient, TritonMMEError, error_mes
 
 log = logging.getLogger(__name__)
 
+# pauses before asking Triton again for a loaded model it did not find (MultiModelLoader._invoke)
+LOOKUP_PAUSES_S = (0.05, 0.1, 0.2, 0.4)
 STAGING_PREFIX = ".staging-"  # <root>/.staging-<hash>-<random>: a model being fetched
 
 # SageMaker: TargetModel is a relative S3 key under the endpoint's prefix (≤ 1024 chars).
@@ -438,9 +440,7 @@ class MultiModelLoader:
         for attempt in range(2):
             model = self._acquire(target_model)
             try:
-                response = self.client.invoke(
-                    model.model_hash, model.triton_name, body, content_type
-                )
+                response = self._invoke(model, body, content_type)
             finally:
                 self._release(target_model)
             if response.status == 404 and attempt == 0:
@@ -466,6 +466,25 @@ class MultiModelLoader:
                 )
             return response
         raise InvokeError(f"invoke {target_model}: not found in Triton after loading it", 404)
+
+    def _invoke(self, model: LoadedModel, body: bytes, content_type: str) -> Response:
+        """Triton's answer for a loaded model. Triton 2.51's core can miss a loaded model's
+        name while another model loads or unloads (an unlocked read of its model map) and
+        answer "Request for unknown model" (400 through its SageMaker front end; make
+        reliability met it once in 800 requests): asked again after a pause, a few times; still
+        missed, a 503 for the caller to retry, never a 400."""
+        for pause in (*LOOKUP_PAUSES_S, None):
+            response = self.client.invoke(model.model_hash, model.triton_name, body, content_type)
+            if response.status == 200 or not _lookup_missed(response, model.triton_name):
+                return response
+            if pause is None:
+                break
+            log.warning("Triton did not find %s, which is loaded; asking again", model.target_model)
+            time.sleep(pause)
+        raise ModelUnavailableError(
+            f"{RETRY_PREFIX}{model.target_model}: tritonserver did not find the loaded model "
+            f"({error_message(response)}); retry"
+        )
 
     def invoke(self, target_model: str, payload: dict[str, Any]) -> dict[str, Any]:
         """KServe v2 JSON in, KServe v2 JSON out."""
@@ -605,3 +624,9 @@ class MultiModelLoader:
                     f"{client_message(exc.message or str(exc))} (reference {reference} in the "
                     "server's log)"
                 ) from exc
+
+
+def _lookup_missed(response: Response, triton_name: str) -> bool:
+    """Whether Triton answered that it knows no model of this name (its lookup, not the model)."""
+    message = error_message(response)
+    return UNKNOWN_MODEL in message and f"'{triton_name}'" in message

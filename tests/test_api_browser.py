@@ -16,12 +16,11 @@ import threading
 import time
 
 import pytest
-from fixtures.train import FIXTURE_TRAIN
+from fixtures.jobs import stack_service
 from test_gallery import _chromium
 
 from avatarforge.api import ApiConfig, ApiService, create_app, hash_key, new_key
 from avatarforge.demos.cloud import local_stack
-from avatarforge.jobs import ServiceConfig
 from avatarforge.netutil import free_port
 from avatarforge.serving.config import local_instance_env
 from avatarforge.testing.samples import write_samples
@@ -109,15 +108,7 @@ def served_api(tiny_base, tmp_path, monkeypatch):
 
     monkeypatch.setenv("AVATARFORGE_PACKS", str(tmp_path / "no-user-packs"))
     monkeypatch.setenv("AVATARFORGE_API_WEBHOOK_SECRET", "w" * 40)
-    train = {k: v for k, v in FIXTURE_TRAIN.items() if k != "progress"}
-    service = ServiceConfig(
-        base_source=str(tiny_base.path),
-        work_dir=str(tmp_path / "service" / "work"),
-        slots_dir=str(tmp_path / "service" / "slots"),
-        shared_dir=str(tmp_path / "service" / "shared"),
-        train_defaults=train,
-        preprocess_defaults={"backgrounds": 0},
-    )
+    service = stack_service(tiny_base.path, tmp_path)
     env = local_instance_env(tiny_base.path, tmp_path / "mme-shared")
     key = new_key()
     settings = ApiConfig.from_dict(

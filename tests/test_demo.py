@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.jobs import SERVICE_TRAIN
+from fixtures.jobs import SERVICE_TRAIN, stack_service
 from fixtures.load import busy_cpu
 from fixtures.train import FIXTURE_TRAIN
 from PIL import Image
 
 from avatarforge.demos import cloud, service
 from avatarforge.demos.local import PROMPTS, run_demo
-from avatarforge.jobs import ServiceConfig
 from avatarforge.serving.config import local_instance_env
 
 
@@ -115,15 +114,7 @@ CLOUD_PROMPTS = ("a photo of <<TOK>> person", "an oil painting of <<TOK>> person
 @pytest.mark.integration
 @pytest.mark.slow
 def test_demo_cloud_runs_submit_to_generate(tiny_base, tmp_path) -> None:
-    train = {k: v for k, v in FIXTURE_TRAIN.items() if k != "progress"}  # the job sets it
-    settings = ServiceConfig(
-        base_source=str(tiny_base.path),
-        work_dir=str(tmp_path / "service" / "work"),
-        slots_dir=str(tmp_path / "service" / "slots"),
-        shared_dir=str(tmp_path / "service" / "shared"),
-        train_defaults=train,
-        preprocess_defaults={"backgrounds": 0},
-    )
+    settings = stack_service(tiny_base.path, tmp_path)
     env = local_instance_env(tiny_base.path, tmp_path / "mme-shared")
     done: list[int] = []
     demo = cloud.run_demo_cloud(
@@ -180,15 +171,7 @@ def test_the_readme_python_api_example_runs_as_written(repo_root, tiny_base, tmp
     readme = (repo_root / "README.md").read_text()
     block = block_run_by(readme, "test_the_readme_python_api_example_runs_as_written")
     assert block.lang == "python"
-    train = {k: v for k, v in FIXTURE_TRAIN.items() if k != "progress"}  # the job sets it
-    settings = ServiceConfig(
-        base_source=str(tiny_base.path),
-        work_dir=str(tmp_path / "service" / "work"),
-        slots_dir=str(tmp_path / "service" / "slots"),
-        shared_dir=str(tmp_path / "service" / "shared"),
-        train_defaults=train,
-        preprocess_defaults={"backgrounds": 0},
-    )
+    settings = stack_service(tiny_base.path, tmp_path)
     env = local_instance_env(tiny_base.path, tmp_path / "mme-shared")
     app = tmp_path / "app"
     write_samples(app / "selfies" / "alice")

@@ -882,6 +882,35 @@ def test_a_shared_base_that_cannot_start_is_tried_again_only_after_a_while(tmp_p
     assert starter.state in ("starting", "failed") and len(logged) <= 2
 
 
+def test_a_user_model_loaded_beside_a_running_base_asks_triton_only_while_it_loads(tmp_path):
+    from avatarforge.serving import bootstrap
+
+    class Counting(_Core):
+        asked = 0
+
+        def is_model_ready(self, name):
+            self.asked += 1
+            return super().is_model_ready(name)
+
+    instance = Instance({"AVATARFORGE_SHARED_DIR": str(tmp_path)})
+    template = {"name": "sd_base_x", "parameters": {"BASE_HASH": {"string_value": "ab"}}}
+    up = Counting(True)
+    starter = bootstrap.BaseStarter(template, instance, up)
+    starter.start_at_load()
+    # ready when initialize() returns, and no thread left to look the base up after it: Triton
+    # replaces its model map at each load and unload, and its lookups read it without a lock
+    assert starter.state == "ready" and starter.base.name == "sd_base_x" and up.asked == 1
+    time.sleep(0.2)
+    assert up.asked == 1
+    down = Counting(False)
+    starter = bootstrap.BaseStarter(template, instance, down)
+    starter.start_at_load()  # not up: started in a thread, which goes on to load it
+    deadline = time.monotonic() + 10
+    while starter.state == "starting" and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert starter.state == "failed" and "load_model" in starter.error  # the stand-in has none
+
+
 # ---------------------------------------------------------------- defaults and time
 
 

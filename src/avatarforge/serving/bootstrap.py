@@ -177,28 +177,12 @@ def ensure_env(instance: Instance) -> str:
     pb_env.cc), which is minutes for a multi-GB CUDA env.
     """
     source = instance.env_source
-    if not source:
-        return ""
-    check_env_python(instance.env_python, source)
-    local = None
-    if source.startswith("s3://"):
-        key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
-    else:
-        local = Path(source[len("file://") :] if source.startswith("file://") else source)
-        local = local.expanduser()
-        if local.is_dir():
-            if not (local / "bin" / "activate").is_file():
-                raise BootstrapError(f"serving environment {local} has no bin/activate")
-            return str(local.resolve())
-        if not local.exists():
-            raise BootstrapError(f"serving environment {local} does not exist")
-        stat = local.stat()  # without a sha256, a rebuilt tarball is a new env (as for Triton)
-        identity = f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
-        key = instance.env_sha256[:16] or hashlib.sha256(identity.encode()).hexdigest()[:16]
-    folder = Path(os.path.abspath(instance.shared_dir / "env" / f"serve-{key}"))
-    if (folder / ENV_READY_FILE).is_file():
-        return str(folder)
-    with file_lock(instance.shared_dir, "env-" + key):
+    if source:
+        check_env_python(instance.env_python, source)
+    if (found := present_env(instance)) is not None:
+        return found
+    local, folder = _env_place(instance)
+    with file_lock(instance.shared_dir, "env-" + folder.name.removeprefix("serve-")):
         if not (folder / ENV_READY_FILE).is_file():  # a peer may have finished meanwhile
             _sweep(folder)
             tarball = local or folder.with_name(folder.name + ".tar.gz")
@@ -215,6 +199,39 @@ def ensure_env(instance: Instance) -> str:
             if local is None:
                 tarball.unlink()  # the folder is what runs; the tarball would double the disk
     return str(folder)
+
+
+def present_env(instance: Instance) -> str | None:
+    """What :func:`ensure_env` returns, when that needs no work (nothing to fetch or extract);
+    else None. A few stats: fit for a user model's ``initialize()``."""
+    local, folder = _env_place(instance)
+    if folder is None:
+        return str(local or "")
+    return str(folder) if (folder / ENV_READY_FILE).is_file() else None
+
+
+def _env_place(instance: Instance) -> tuple[Path | None, Path | None]:
+    """(the local env folder or tarball, the folder a tarball is extracted to): (None, None)
+    with no env configured, (folder, None) for a local folder used where it is."""
+    source = instance.env_source
+    if not source:
+        return None, None
+    local = None
+    if source.startswith("s3://"):
+        key = instance.env_sha256[:16] or hashlib.sha256(source.encode()).hexdigest()[:16]
+    else:
+        local = Path(source[len("file://") :] if source.startswith("file://") else source)
+        local = local.expanduser()
+        if local.is_dir():
+            if not (local / "bin" / "activate").is_file():
+                raise BootstrapError(f"serving environment {local} has no bin/activate")
+            return local.resolve(), None
+        if not local.exists():
+            raise BootstrapError(f"serving environment {local} does not exist")
+        stat = local.stat()  # without a sha256, a rebuilt tarball is a new env (as for Triton)
+        identity = f"{local.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = instance.env_sha256[:16] or hashlib.sha256(identity.encode()).hexdigest()[:16]
+    return local, Path(os.path.abspath(instance.shared_dir / "env" / f"serve-{key}"))
 
 
 def _sweep(folder: Path) -> None:
@@ -523,6 +540,29 @@ class BaseStarter:
             self.state, self.error, self.since = "starting", "", time.monotonic()
         threading.Thread(target=self._run, name="avatarforge-base-start", daemon=True).start()
 
+    def start_at_load(self) -> None:
+        """What a user model's ``initialize()`` does: when the shared base is up already (every
+        load but an instance's first), know it now; else :meth:`start` it in a thread.
+
+        Asked here, not in the thread: Triton's name lookup (core
+        ``ModelRepositoryManager::FindModelIdentifier``, 2.51 to main) reads the model map
+        without its lock while every load and unload replaces that map, and a thread's lookup
+        just after ``initialize()`` returns would race the caller's next load or unload (an
+        eviction right after a load; make reliability's load/unload cycles every time). During
+        ``initialize()`` the load's caller waits, and our loader loads and unloads one at a
+        time."""
+        try:
+            env_path = present_env(self.instance)
+            up = env_path is not None and model_ready(self.pb_utils, self.name)
+        except Exception:  # the thread meets it again and says why
+            up = False
+        if not up:
+            self.start()
+            return
+        self.base = SharedBaseModel.from_template(self.template, env_path, self.instance.shared_dir)
+        with self._lock:
+            self.state, self.error, self.since = "ready", "", time.monotonic()
+
     def lost(self) -> None:
         """The shared base is not loaded although it was (unloaded behind our back): start it
         again."""
@@ -683,7 +723,7 @@ def start(
         RequestCounters(pb_utils, instance.metrics_log_s),
     )  # fmt: skip
     if not loaded_at_start(user, cmdline):
-        starter.start()
+        starter.start_at_load()
     return model
 
 

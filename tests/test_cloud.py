@@ -264,15 +264,27 @@ def test_submit_references_an_s3_prefix_and_refuses_bad_input_before_upload(
 def test_status_reads_a_failure_from_s3_and_from_sqs(
     cloud_config, start_runtime, queue_url, tmp_path: Path
 ) -> None:
-    def slow_no_faces(body: bytes, content_type: str | None) -> bytes:
-        time.sleep(1.5)  # still running when status first looks: it waits on the queue
+    release = threading.Event()
+
+    def held_no_faces(body: bytes, content_type: str | None) -> bytes:
+        release.wait(30)  # still running when status first looks: it waits on the queue
         return no_faces(body, content_type)
 
-    _, runner = start_runtime(slow_no_faces)
+    _, runner = start_runtime(held_no_faces)
     sub = submit(cloud_config, "dave", photos(tmp_path / "p"), job_id="dave-1")
     assert status(cloud_config, "dave-1").state == "pending"
-    # from the queue: the error topic's notification for this job, then its failure object
-    found = status(cloud_config, "dave-1", wait=20, queue_url=queue_url)
+    # from the queue: the error topic's notification for this job, then its failure object.
+    # The job ends 3 s after status starts waiting (a fixed 1.5 s job ended before status
+    # first looked on a loaded machine, which then read S3)
+    waited: list = []
+    waiting = threading.Thread(
+        target=lambda: waited.append(status(cloud_config, "dave-1", wait=20, queue_url=queue_url))
+    )
+    waiting.start()
+    time.sleep(3)
+    release.set()
+    waiting.join(30)
+    (found,) = waited
     assert found.state == "failed" and found.source == "sqs"
     assert drain(queue_url) == []  # the waiting client took its notification
     assert found.reason == "no usable face in 9 photos: a.jpg: no face"

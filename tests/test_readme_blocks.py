@@ -162,18 +162,23 @@ def _is_jpeg(path: Path) -> bool:
         return image.format == "JPEG" and image.size[0] >= 64
 
 
+def _run(ws: Workspace, blocks: list[Block], page: str) -> None:
+    """Each block in turn, as a reader pastes it: bash in a shell, Python in the venv."""
+    for block in blocks:
+        where = f"{page}:{block.line}"
+        if block.lang == "bash":
+            ws.run_shell_block(block.text, where)
+        else:
+            ws.python(ws.localize(block.text), where)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_readme_blocks_run_as_written_on_a_fresh_folder(repo_root, tmp_path):
     blocks = runnable(code_blocks((repo_root / "README.md").read_text()))
     ws = Workspace(tmp_path, repo_root)
     try:
-        for block in blocks:
-            where = f"README.md:{block.line}"
-            if block.lang == "bash":
-                ws.run_shell_block(block.text, where)
-            else:
-                ws.python(ws.localize(block.text), where)
+        _run(ws, blocks, "README.md")
         # what the blocks promise, where they say it will be
         build = tmp_path / "build"
         assert (build / "users/alice/adapter/pytorch_lora_weights.safetensors").is_file()
@@ -205,11 +210,6 @@ def test_docs_blocks_run_as_written_on_a_fresh_folder(page, tmp_path):
     blocks = runnable(code_blocks((REPO / page).read_text()))
     ws = Workspace(tmp_path, REPO)
     try:
-        for block in blocks:
-            where = f"{page}:{block.line}"
-            if block.lang == "bash":
-                ws.run_shell_block(block.text, where)
-            else:
-                ws.python(ws.localize(block.text), where)
+        _run(ws, blocks, page)
     finally:
         ws.stop()
